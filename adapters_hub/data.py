@@ -1,0 +1,113 @@
+"""Text corpora and task datasets: Hugging Face `datasets` (the real hub path) or an
+offline mirror folder (LISA_HUB_DATA_DIR, layout of ../shared/data).
+
+An explicitly set mirror that holds the file wins over the hub: runs are reproducible and
+never wait on network time-outs. Without a mirror we go to the hub; when that fails too,
+`DataUnavailableError` names both options.
+
+  load_text("wikitext2")               -> str   (the test split, raw)
+  load_task_rows("gsm8k", "train")     -> list[dict]  ({"question", "answer"})
+  token_blocks(tokenizer, text, n_blocks=8, block_len=1024) -> LongTensor (n_blocks, block_len)
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adapters_hub import settings
+
+if TYPE_CHECKING:
+    import torch
+
+
+class DataUnavailableError(LookupError):
+    """Neither the offline mirror nor the Hugging Face hub could provide a dataset."""
+
+
+@dataclass(frozen=True)
+class Source:
+    hf_path: str                # Hugging Face dataset id
+    hf_config: str | None
+    text_field: str             # column holding the text (corpora) or "" (task rows)
+    mirror: dict[str, str]      # split -> file under LISA_HUB_DATA_DIR
+
+
+CORPORA: dict[str, Source] = {
+    "wikitext2": Source("Salesforce/wikitext", "wikitext-2-raw-v1", "text", {"test": "wikitext2/test.raw.txt"}),
+    "tinyshakespeare": Source("karpathy/tiny_shakespeare", None, "text", {"train": "tinyshakespeare/input.txt"}),
+}
+TASK_DATA: dict[str, Source] = {
+    "gsm8k": Source("openai/gsm8k", "main", "", {"train": "gsm8k/train.jsonl", "test": "gsm8k/test.jsonl"}),
+}
+
+
+def load_text(name: str, split: str | None = None) -> str:
+    """A whole text corpus as one string (WikiText-2 raw: lines joined as in the raw file)."""
+    source = _lookup(CORPORA, name, "corpus")
+    split = split or next(iter(source.mirror))
+    mirror = _mirror_file(source, name, split)
+    if mirror is not None:
+        return mirror.read_text(encoding="utf-8")
+    rows = _from_hub(source, name, split)
+    return "".join(row[source.text_field] for row in rows)  # raw wikitext lines keep their "\n"
+
+
+def load_task_rows(name: str, split: str) -> list[dict]:
+    """The rows of a task dataset split, as plain dicts."""
+    source = _lookup(TASK_DATA, name, "task dataset")
+    mirror = _mirror_file(source, name, split)
+    if mirror is not None:
+        with mirror.open(encoding="utf-8") as fh:
+            return [json.loads(line) for line in fh if line.strip()]
+    return [dict(row) for row in _from_hub(source, name, split)]
+
+
+def token_blocks(tokenizer, text: str, *, n_blocks: int, block_len: int) -> "torch.Tensor":
+    """The first n_blocks * block_len tokens of `text`, as non-overlapping rows (no BOS)."""
+    import torch
+
+    need = n_blocks * block_len
+    chars = need * 8  # tokenize a prefix only; grow it if it was too short
+    while True:
+        ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
+        if len(ids) > need or chars >= len(text):
+            break
+        chars *= 2
+    if len(ids) < need:
+        raise ValueError(f"text has {len(ids)} tokens, fewer than n_blocks * block_len = {need}")
+    return torch.tensor(ids[:need], dtype=torch.long).view(n_blocks, block_len)
+
+
+def _lookup(table: dict[str, Source], name: str, what: str) -> Source:
+    if name not in table:
+        raise KeyError(f"unknown {what} {name!r}; known: {', '.join(table)}")
+    return table[name]
+
+
+def _mirror_file(source: Source, name: str, split: str) -> Path | None:
+    if split not in source.mirror:
+        raise KeyError(f"{name}: no split {split!r}; known: {', '.join(source.mirror)}")
+    root = settings.data_dir()
+    if root is None:
+        return None
+    path = root / source.mirror[split]
+    return path if path.is_file() else None
+
+
+def _from_hub(source: Source, name: str, split: str):
+    try:
+        import datasets
+
+        return datasets.load_dataset(source.hf_path, source.hf_config, split=split)
+    except Exception as err:  # offline, unknown id, auth, ...: all mean "not available here"
+        root = settings.data_dir()
+        where = f"{root / source.mirror[split]} does not exist" if root else "LISA_HUB_DATA_DIR is not set"
+        raise DataUnavailableError(
+            f"dataset {name!r} ({split}) is not available: the Hugging Face hub failed "
+            f"({err.__class__.__name__}: {str(err)[:200]}) and the offline mirror is unusable ({where}). "
+            f"Set LISA_HUB_DATA_DIR to a folder holding {source.mirror[split]} (e.g. ../shared/data), "
+            "or give this machine access to the hub."
+        ) from err

