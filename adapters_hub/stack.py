@@ -1,5 +1,347 @@
-"""Local stack: a Ray head node (dashboard) and an MLflow tracking server. (in progress)"""
+"""Local stack: a real Ray head node (with its dashboard) and a real MLflow tracking server.
+
+  lisa-hub up       start both (idempotent), wait until both answer, print their URLs
+  lisa-hub status   health of each service
+  lisa-hub down     stop exactly what `up` started: the recorded process groups, nothing else
+
+Both run as child process groups of their own (start_new_session), recorded with their
+start time in LISA_HUB_HOME/run/stack.json, so `down` never touches a process it did not
+start, even when a pid was reused. Everything binds to 127.0.0.1.
+
+    Ray head      `ray start --head --block`      dashboard + job API on :8265, GCS on :6379
+    MLflow        `mlflow server` (uvicorn)       :5000, SQLite registry LISA_HUB_HOME/mlflow.db,
+                                                  artifacts proxied from LISA_HUB_HOME/mlartifacts
+
+The Ray head gets MLFLOW_TRACKING_URI, LISA_HUB_HOME and LISA_HUB_DATA_DIR in its
+environment, so jobs it runs log to this MLflow server and read the same data mirror.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from adapters_hub import settings
+
+
+class StackError(RuntimeError):
+    """A local service could not be started, reached or stopped; the message says why."""
+
+
+@dataclass
+class Ports:
+    dashboard: int = settings.RAY_DASHBOARD_PORT
+    gcs: int = settings.RAY_GCS_PORT
+    mlflow: int = settings.MLFLOW_PORT
+
+
+@dataclass
+class ServiceStatus:
+    name: str
+    url: str
+    healthy: bool
+    pid: int | None = None
+    detail: str = ""
+
+    def line(self) -> str:
+        state = "healthy" if self.healthy else "DOWN"
+        pid = f" pid {self.pid}" if self.pid else ""
+        return f"{self.name:7s} {state:8s} {self.url}{pid}  {self.detail}".rstrip()
+
+
+@dataclass
+class _Record:  # one started service, as kept in stack.json
+    pid: int
+    create_time: float
+    port: int
+    extra: dict = field(default_factory=dict)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def up(*, home: Path | None = None, ray: bool = True, mlflow: bool = True,
+       ports: Ports | None = None, timeout: float = 180.0) -> list[ServiceStatus]:
+    """Start the services that are not running yet and wait until they answer.
+
+    >>> for s in up(): print(s.line())   # doctest: +SKIP
+    ray     healthy  http://127.0.0.1:8265 pid 1234
+    mlflow  healthy  http://127.0.0.1:5000 pid 1240
+    """
+    home = Path(home) if home else settings.home()
+    ports = ports or Ports()
+    state = _load_state(home)
+    started = []
+    if mlflow and not _alive(state.get("mlflow")):
+        _require_free(ports.mlflow, "MLflow", "--mlflow-port")
+        state["mlflow"] = _start_mlflow(home, ports.mlflow)
+        started.append("mlflow")
+    if ray and not _alive(state.get("ray")):
+        _require_free(ports.dashboard, "the Ray dashboard", "--dashboard-port")
+        _require_free(ports.gcs, "the Ray GCS", "--ray-port")
+        mlflow_port = state["mlflow"].port if state.get("mlflow") else ports.mlflow
+        state["ray"] = _start_ray(home, ports, f"http://127.0.0.1:{mlflow_port}")
+        started.append("ray")
+    _save_state(home, state)
+
+    deadline = time.monotonic() + timeout
+    while True:
+        report = status(home=home)
+        wanted = [s for s in report if (s.name == "ray" and ray) or (s.name == "mlflow" and mlflow)]
+        if all(s.healthy for s in wanted):
+            return report
+        for name in started:  # a service that died while starting: say so at once
+            if not _alive(state[name]):
+                raise StackError(f"{name} exited while starting; see {_log_path(home, name)}:\n"
+                                 + _tail(_log_path(home, name)))
+        if time.monotonic() > deadline:
+            raise StackError("services did not become healthy in time: "
+                             + "; ".join(s.line() for s in wanted))
+        time.sleep(1.0)
+
+
+def status(*, home: Path | None = None) -> list[ServiceStatus]:
+    """Health of each service recorded in this LISA_HUB_HOME (answering HTTP = healthy)."""
+    home = Path(home) if home else settings.home()
+    state = _load_state(home)
+    out = []
+    for name, path in (("ray", "/api/version"), ("mlflow", "/health")):
+        rec = state.get(name)
+        port = rec.port if rec else {"ray": settings.RAY_DASHBOARD_PORT, "mlflow": settings.MLFLOW_PORT}[name]
+        url = f"http://127.0.0.1:{port}"
+        ok, detail = _http_ok(url + path)
+        pid = rec.pid if rec and _alive(rec) else None
+        if rec is None:
+            detail = "not started by lisa-hub" + (" (but something answers there)" if ok else "")
+        elif pid is None:
+            detail, ok = "recorded process is gone", False
+        out.append(ServiceStatus(name, url, ok, pid, detail))
+    return out
+
+
+def down(*, home: Path | None = None, timeout: float = 15.0) -> list[str]:
+    """Stop the process groups `up` started (SIGTERM, then SIGKILL); returns what was stopped."""
+    home = Path(home) if home else settings.home()
+    state = _load_state(home)
+    stopped = []
+    for name in ("ray", "mlflow"):  # ray first: its jobs may still log to MLflow
+        rec = state.pop(name, None)
+        if rec is None or not _alive(rec):
+            continue
+        _terminate_group(rec.pid, timeout)
+        stopped.append(f"{name} (pid {rec.pid})")
+    _save_state(home, state)
+    return stopped
+
+
+def mlflow_url(home: Path | None = None) -> str:
+    """URL of the MLflow server this stack runs (or the default)."""
+    rec = _load_state(Path(home) if home else settings.home()).get("mlflow")
+    return f"http://127.0.0.1:{rec.port if rec else settings.MLFLOW_PORT}"
+
+
+def dashboard_url(home: Path | None = None) -> str:
+    rec = _load_state(Path(home) if home else settings.home()).get("ray")
+    return f"http://127.0.0.1:{rec.port if rec else settings.RAY_DASHBOARD_PORT}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------- starting
+
+
+def _bin(name: str) -> str:
+    # The console scripts of the environment lisa-hub runs in (the repo's .venv).
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _spawn(home: Path, name: str, argv: list[str], env: dict) -> _Record:
+    log = _log_path(home, name)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as fh:
+        fh.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n".encode())
+        proc = subprocess.Popen(argv, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=home, start_new_session=True)  # own process group
+    import psutil
+
+    return _Record(pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(), port=0)
+
+
+def _start_mlflow(home: Path, port: int) -> _Record:
+    (home / "mlartifacts").mkdir(parents=True, exist_ok=True)
+    argv = [_bin("mlflow"), "server",
+            "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
+            "--artifacts-destination", str(home / "mlartifacts"),
+            "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    # MLflow's own job runner (7 huey workers) serves features lisa-hub does not use.
+    env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    rec = _spawn(home, "mlflow", argv, env)
+    rec.port = port
+    return rec
+
+
+def _start_ray(home: Path, ports: Ports, mlflow_uri: str) -> _Record:
+    env = dict(os.environ)
+    env.update(MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI", mlflow_uri),
+               LISA_HUB_HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
+    # Jobs run `python -m jobs.adapt` with the Python of the node: this environment's.
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    argv = [_bin("ray"), "start", "--head", "--block",
+            "--node-ip-address", "127.0.0.1",
+            "--port", str(ports.gcs),
+            "--include-dashboard", "true",
+            "--dashboard-host", "127.0.0.1", "--dashboard-port", str(ports.dashboard),
+            # Side ports Ray would otherwise fix (52365, 10001, ...): free ones, so that a
+            # second stack (tests) can run beside a developer's.
+            "--dashboard-agent-listen-port", str(free_port()),
+            "--ray-client-server-port", str(free_port()),
+            "--object-store-memory", str(512 * 1024**2),
+            "--disable-usage-stats"]
+    rec = _spawn(home, "ray", argv, env)
+    rec.port = ports.dashboard
+    rec.extra = {"gcs_port": ports.gcs, "gcs_address": f"127.0.0.1:{ports.gcs}"}
+    return rec
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _require_free(port: int, what: str, flag: str) -> None:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise StackError(
+                f"port {port} for {what} is already taken by another program (not started by "
+                f"lisa-hub in {settings.home()}); stop it or choose another port with {flag}"
+            ) from None
+
+
+def _alive(rec: _Record | None) -> bool:
+    if rec is None:
+        return False
+    import psutil
+
+    try:
+        proc = psutil.Process(rec.pid)
+        # Same pid AND same start time: the process we started, not a reused pid.
+        return abs(proc.create_time() - rec.create_time) < 1.0 and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _terminate_group(pid: int, timeout: float) -> None:
+    import psutil
+
+    try:
+        members = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == pid]
+        os.killpg(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    _, alive = psutil.wait_procs(members, timeout=timeout)
+    for proc in alive:  # stragglers of our own group only
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+
+
+def _pgid(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except OSError:
+        return None
+
+
+def _http_ok(url: str) -> tuple[bool, str]:
+    import requests
+
+    try:
+        resp = requests.get(url, timeout=2)
+        return resp.ok, "" if resp.ok else f"HTTP {resp.status_code}"
+    except requests.RequestException as err:
+        return False, f"no answer ({err.__class__.__name__})"
+
+
+def _state_path(home: Path) -> Path:
+    return home / "run" / "stack.json"
+
+
+def _log_path(home: Path, name: str) -> Path:
+    return home / "logs" / f"{name}.log"
+
+
+def _load_state(home: Path) -> dict[str, _Record]:
+    path = _state_path(home)
+    if not path.exists():
+        return {}
+    raw = json.loads(path.read_text())
+    return {name: _Record(**rec) for name, rec in raw.items()}
+
+
+def _save_state(home: Path, state: dict[str, _Record]) -> None:
+    path = _state_path(home)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({k: asdict(v) for k, v in state.items()}, indent=2))
+    tmp.replace(path)
+
+
+def _tail(path: Path, n: int = 20) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return ""
+
+
+# ----------------------------------------------------------------------------- CLI
 
 
 def add_commands(sub) -> None:
-    pass
+    p = sub.add_parser("up", help="start the local Ray head (dashboard) and MLflow server")
+    p.add_argument("--no-ray", action="store_true", help="start MLflow only")
+    p.add_argument("--no-mlflow", action="store_true", help="start Ray only")
+    p.add_argument("--dashboard-port", type=int, default=settings.RAY_DASHBOARD_PORT)
+    p.add_argument("--ray-port", type=int, default=settings.RAY_GCS_PORT)
+    p.add_argument("--mlflow-port", type=int, default=settings.MLFLOW_PORT)
+    p.set_defaults(func=_cmd_up)
+    p = sub.add_parser("status", help="health of the local services")
+    p.set_defaults(func=_cmd_status)
+    p = sub.add_parser("down", help="stop what `lisa-hub up` started")
+    p.set_defaults(func=_cmd_down)
+
+
+def _cmd_up(args) -> int:
+    print(f"[lisa-hub] starting the local stack in {settings.home()} (first start takes ~30 s) ...", flush=True)
+    report = up(ray=not args.no_ray, mlflow=not args.no_mlflow,
+                ports=Ports(dashboard=args.dashboard_port, gcs=args.ray_port, mlflow=args.mlflow_port))
+    for s in report:
+        print(s.line())
+    print(f"Ray dashboard: {dashboard_url()}    MLflow UI: {mlflow_url()}")
+    return 0
+
+
+def _cmd_status(args) -> int:
+    report = status()
+    for s in report:
+        print(s.line())
+    return 0 if all(s.healthy for s in report) else 1
+
+
+def _cmd_down(args) -> int:
+    stopped = down()
+    print("stopped: " + ", ".join(stopped) if stopped else "nothing to stop")
+    return 0

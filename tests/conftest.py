@@ -27,3 +27,45 @@ def tiny():
     from adapters_hub.models import load_base
 
     return load_base("tiny-llama")
+
+
+# --------------------------------------------------------------------------- real services
+# One stack home for the whole session: `mlflow_server` starts MLflow only; `ray_stack`
+# adds the Ray head to the same home (up() is idempotent per service). Free ports, so a
+# developer's own `lisa-hub up` on the default ports is left alone.
+
+@pytest.fixture(scope="session")
+def stack_home(tmp_path_factory):
+    from adapters_hub import stack
+
+    home = tmp_path_factory.mktemp("lisa-hub-home")
+    ports = stack.Ports(dashboard=stack.free_port(), gcs=stack.free_port(), mlflow=stack.free_port())
+    yield home, ports
+    stack.down(home=home)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(stack_home):
+    """Tracking URI of a real MLflow server (SQLite registry) for this test session."""
+    from adapters_hub import stack
+
+    home, ports = stack_home
+    stack.up(home=home, ray=False, ports=ports)
+    uri = stack.mlflow_url(home)
+    old = os.environ.get("MLFLOW_TRACKING_URI")
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    yield uri
+    if old is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = old
+
+
+@pytest.fixture(scope="session")
+def ray_stack(stack_home, mlflow_server):
+    """(home, dashboard URL, MLflow URI) of a real local Ray head + MLflow server."""
+    from adapters_hub import stack
+
+    home, ports = stack_home
+    stack.up(home=home, ports=ports)
+    return home, stack.dashboard_url(home), mlflow_server
