@@ -1,0 +1,399 @@
+"""Adaptation job: train one task adapter on a base model's shared-attention backbone,
+evaluate it against the base and the fresh backbone, and register it in MLflow.
+
+Run (from the repository root, with the local stack up: `lisa-hub up`):
+
+    python -m jobs.adapt --task gsm8k --base smollm2-135m --kind lisa --profile quick
+    lisa-hub adapt --task gsm8k --profile smoke --base tiny-llama      # same thing
+    sdk.submit_adaptation(task="gsm8k")                                # as a Ray job
+
+Steps: 1 task spec + profile   2 backbone plan (registry, or analyse + register)
+3 TRL SFT inside Ray Train (adapter tensors only; adapter-only checkpoints; a re-run of
+an interrupted job resumes from its last checkpoint)   4 evaluate base / fresh backbone /
+adapter   5 MLflow run (params, per-step metrics, curves, samples, adapter) + model version
+`<task>-<kind>` with alias `candidate` (and `champion` if it beats the current one).
+The last line printed is `LISA_HUB_RESULT {json}` for the SDK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+RESULT_MARKER = "LISA_HUB_RESULT "
+KINDS = ("lisa", "lora")
+
+
+@dataclass
+class AdaptSpec:
+    task: str
+    base: str | None = None            # None = the profile's default_base
+    kind: str = "lisa"
+    profile: str = "quick"
+    overrides: dict = field(default_factory=dict)   # profile fields, e.g. {"max_steps": 5}
+    fresh_start: bool = False          # ignore checkpoints of an interrupted earlier run
+
+
+def main(spec: AdaptSpec) -> dict:
+    import mlflow
+
+    from adapters_hub import registry, settings
+    from adapters_hub.backbone import backbone_plan
+    from adapters_hub.data import load_task_rows, load_text
+    from adapters_hub.tasks import load_task
+
+    t0 = time.perf_counter()
+    task = load_task(spec.task)                       # clear error: unknown task / bad spec
+    profile = _profile(task, spec)
+    if spec.kind not in KINDS:
+        raise ValueError(f"kind: unknown {spec.kind!r}; known: {', '.join(KINDS)}")
+    base = spec.base or profile.default_base
+    uri = settings.mlflow_uri()
+    registry.check_available(uri)                     # fail before any work, leave nothing behind
+    print(f"[adapt] task={task.name} kind={spec.kind} base={base} profile={profile.name} mlflow={uri}", flush=True)
+
+    plan = backbone_plan(base, tracking_uri=uri)
+    init_from = _general_adapter(task.name, spec.kind, base, uri)
+    train_rows, eval_rows = _rows(task, profile)
+    print(f"[adapt] plan {plan.hash} ({len(plan.layers)} shared layers); {len(train_rows)} train / "
+          f"{len(eval_rows)} eval rows; init={'general adapter' if init_from else 'fresh'}", flush=True)
+
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(f"lisa-hub/{task.name}")
+    with mlflow.start_run(run_name=f"{task.name}-{spec.kind}-{base}") as run:
+        mlflow.set_tags({"task": task.name, "kind": spec.kind, "base_model": base, "plan_hash": plan.hash,
+                         "profile": profile.name, "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID", "")})
+        mlflow.log_params({"task": task.name, "kind": spec.kind, "base": base, **_flat(profile.model_dump())})
+        train_cfg = {"task": task.name, "kind": spec.kind, "base": base, "plan": plan.to_dict(),
+                     "profile": profile.model_dump(), "train_rows": train_rows, "init_from": init_from,
+                     "run_id": run.info.run_id, "tracking_uri": uri}
+        adapter_dir, history, trainable = _train_on_ray(train_cfg, run_key=_run_key(spec, base, plan.hash),
+                                                        fresh_start=spec.fresh_start)
+        mlflow.log_metric("train_seconds", time.perf_counter() - t0)
+
+        metrics = _evaluate(task, profile, base, plan, spec.kind, adapter_dir, eval_rows)
+        mlflow.log_metrics(metrics)
+        _log_curve(history)
+        (adapter_dir / "README.md").write_text(_model_card(task, spec.kind, base, plan, profile, metrics, trainable))
+        registered = registry.register_adapter(
+            run_id=run.info.run_id, adapter_dir=adapter_dir, task=task.name, kind=spec.kind, base=base,
+            base_fingerprint=json.loads((adapter_dir / "adapter_config.json").read_text())["base_fingerprint"],
+            plan_hash=plan.hash, metrics=metrics, main_metric=f"adapter.{task.main_metric.value}",
+            higher_is_better=task.higher_is_better, trainable_params=trainable, tracking_uri=uri)
+        shutil.rmtree(_run_dir(_run_key(spec, base, plan.hash)), ignore_errors=True)  # done: next run starts fresh
+
+    result = {"run_id": run.info.run_id, "model_name": registered.name, "version": str(registered.version),
+              "aliases": list(registered.aliases), "metrics": metrics, "trainable_params": trainable,
+              "seconds": round(time.perf_counter() - t0, 1), "plan_hash": plan.hash, "base": base}
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _profile(task, spec: AdaptSpec):
+    from pydantic import ValidationError
+
+    profile = task.profile(spec.profile)
+    try:
+        return type(profile).model_validate({**profile.model_dump(), **spec.overrides})
+    except ValidationError as err:
+        raise ValueError(f"overrides for profile {spec.profile!r}: {err.errors()[0]['loc']}: {err.errors()[0]['msg']}") from None
+
+
+def _rows(task, profile):
+    from adapters_hub.data import load_task_rows, load_text
+
+    if task.dataset.loader.value == "task_rows":
+        train = load_task_rows(task.dataset.name, task.dataset.train_split)[: profile.train_examples]
+        evals = load_task_rows(task.dataset.name, task.dataset.eval_split)[: profile.eval_examples]
+        return train, evals
+    # Corpus task (wikitext2): chunks of text; train past the eval chunks.
+    text = load_text(task.dataset.name, task.dataset.eval_split)
+    size = task.dataset.chunk_chars or 2000
+    chunks = [{"text": text[i : i + size]} for i in range(0, len(text), size)]
+    return chunks[profile.eval_examples : profile.eval_examples + profile.train_examples], chunks[: profile.eval_examples]
+
+
+def _general_adapter(task: str, kind: str, base: str, uri: str) -> str | None:
+    """The base's general adapter (wikitext2-lisa@champion), if one exists, as init for lisa."""
+    from adapters_hub import registry
+
+    if kind != "lisa" or task == "wikitext2":
+        return None
+    try:
+        found = registry.get_adapter("wikitext2-lisa@champion", tracking_uri=uri)
+    except LookupError:
+        return None
+    if found.tags.get("base_model") != base:
+        return None
+    return str(registry.resolve("wikitext2-lisa@champion", tracking_uri=uri))
+
+
+def _run_key(spec: AdaptSpec, base: str, plan_hash: str) -> str:
+    key = json.dumps([spec.task, spec.kind, base, spec.profile, spec.overrides, plan_hash], sort_keys=True)
+    return f"{spec.task}-{spec.kind}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+
+
+def _run_dir(run_key: str) -> Path:
+    from adapters_hub import settings
+
+    return settings.home() / "train" / run_key
+
+
+def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, list[dict], int]:
+    """Run `train_loop` in a Ray Train TorchTrainer; returns (adapter dir, log history, trainable)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = _run_dir(run_key).parent
+    if fresh_start:
+        shutil.rmtree(storage / run_key, ignore_errors=True)
+    elif (storage / run_key).exists():
+        print(f"[adapt] found an interrupted run {run_key}: resuming from its last checkpoint", flush=True)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    profile = cfg["profile"]
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=profile["num_workers"], use_gpu=profile["use_gpu"]),
+        run_config=RunConfig(name=run_key, storage_path=str(storage),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"training failed: {result.error}")
+    out = Path(_run_dir(run_key).parent / f"{run_key}-adapter")
+    shutil.rmtree(out, ignore_errors=True)
+    with result.checkpoint.as_directory() as ckpt:
+        shutil.copytree(Path(ckpt) / "adapter", out)
+        meta = json.loads((Path(ckpt) / "meta.json").read_text())
+    return out, meta["history"], meta["trainable"]
+
+
+def train_loop(cfg: dict) -> None:
+    """Runs on each Ray Train worker: TRL SFT of the adapter tensors only."""
+    import tempfile
+
+    import ray.train
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import SFTConfig, SFTTrainer
+
+    from adapters_hub.backbone import build_backbone
+    from adapters_hub.kinds import get_kind
+    from adapters_hub.lisa.plan import SharingPlan
+    from adapters_hub.task_eval import sft_examples
+    from adapters_hub.tasks import load_task
+
+    task, p = load_task(cfg["task"]), cfg["profile"]
+    lm, tok = build_backbone(cfg["base"], SharingPlan.from_dict(cfg["plan"]))
+    kind, name = get_kind(cfg["kind"]), cfg["task"]
+    if cfg["init_from"]:
+        kind.load(lm, cfg["init_from"], name)     # start from the base's general adapter
+        lm.set_adapter(name)
+        for n_, t in lm.named_parameters():
+            t.requires_grad_("lisa_" in n_ and f".{name}." in n_)
+    else:
+        kind.add(lm, name, {})
+        kind.activate(lm, name)
+    trainable = sum(t.numel() for t in lm.parameters() if t.requires_grad)
+    print(f"[train] trainable parameters: {trainable:,} "
+          f"({100 * trainable / sum(t.numel() for t in lm.parameters()):.2f}% of the backbone)", flush=True)
+
+    dataset = Dataset.from_list(sft_examples(task, cfg["train_rows"]))
+    work = Path(tempfile.mkdtemp(prefix="lisa-train-"))
+    save_steps = p["save_steps"] or max(1, p["max_steps"] // 4)
+    args = SFTConfig(
+        output_dir=str(work), max_steps=p["max_steps"], per_device_train_batch_size=p["batch_size"],
+        gradient_accumulation_steps=p["grad_accum"], learning_rate=p["lr"], lr_scheduler_type="cosine",
+        warmup_steps=min(10, p["max_steps"] // 10), logging_steps=1, save_steps=save_steps, save_total_limit=2,
+        report_to="none", max_length=p["max_seq_len"], seed=p["seed"], use_cpu=not p["use_gpu"],
+        dataloader_num_workers=0, disable_tqdm=False, save_only_model=False,
+    )
+
+    class MlflowSteps(TrainerCallback):  # per-step metrics into the job's MLflow run (rank 0)
+        def on_log(self, args, state, control, logs=None, **kw):
+            if ray.train.get_context().get_world_rank() == 0 and logs:
+                import mlflow
+
+                client = mlflow.MlflowClient(cfg["tracking_uri"])
+                for key, value in logs.items():
+                    if isinstance(value, (int, float)):
+                        client.log_metric(cfg["run_id"], f"train/{key}", float(value), step=state.global_step)
+
+    class ReportCheckpoints(TrainerCallback):  # adapter-only checkpoints to Ray Train
+        def on_save(self, args, state, control, **kw):
+            from transformers.trainer_utils import get_last_checkpoint
+
+            _report(get_last_checkpoint(args.output_dir), state, final=False)
+
+    def _report(hf_ckpt, state, final):
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(hf_ckpt, Path(tmp) / "checkpoint")
+            kind.save(lm, name, Path(tmp) / "adapter")
+            meta = {"history": state.log_history, "trainable": trainable, "final": final}
+            (Path(tmp) / "meta.json").write_text(json.dumps(meta))
+            ray.train.report({"step": state.global_step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    trainer = _make_trainer_class()(model=lm, args=args, train_dataset=dataset, processing_class=tok,
+                                 callbacks=[MlflowSteps(), ReportCheckpoints()])
+    trainer.adapter_kind, trainer.adapter_name = kind, name
+    resume = None
+    if (ckpt := ray.train.get_checkpoint()) is not None:
+        resume_dir = Path(tempfile.mkdtemp(prefix="lisa-resume-"))
+        with ckpt.as_directory() as d:
+            shutil.copytree(Path(d) / "checkpoint", resume_dir / "checkpoint")
+        resume = str(resume_dir / "checkpoint")
+        print(f"[train] resuming from checkpoint at step {json.loads((resume_dir / 'checkpoint' / 'trainer_state.json').read_text())['global_step']}", flush=True)
+    trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(str(work / "final"))
+    trainer.state.save_to_json(str(work / "final" / "trainer_state.json"))
+    _report(work / "final", trainer.state, final=True)
+
+
+def _make_trainer_class():
+    from trl import SFTTrainer
+
+    class AdapterSFTTrainer(SFTTrainer):
+        """SFTTrainer whose checkpoints hold the adapter only (not the 135M base weights)."""
+
+        def _save(self, output_dir=None, state_dict=None):
+            out = Path(output_dir or self.args.output_dir)
+            self.adapter_kind.save(self.model, self.adapter_name, out)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            from safetensors.torch import load_file
+
+            tensors = load_file(str(Path(resume_from_checkpoint) / "adapter_model.safetensors"))
+            own = {k: v for k, v in self.model.named_parameters() if v.requires_grad}
+            loaded = 0
+            for key, value in tensors.items():  # saved names lack the adapter name; match by suffix
+                for full, param in own.items():
+                    if _strip(full, self.adapter_name).endswith(key):
+                        param.data.copy_(value)
+                        loaded += 1
+                        break
+            if loaded != len(tensors):
+                raise RuntimeError(f"checkpoint {resume_from_checkpoint}: {len(tensors) - loaded} tensors did not load")
+
+    return AdapterSFTTrainer
+
+
+def _strip(name: str, adapter: str) -> str:
+    return name.replace(f".{adapter}.", ".")
+
+
+def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows) -> dict[str, float]:
+    """Main metrics of base / fresh backbone / adapter on the same eval rows."""
+    import mlflow
+
+    from adapters_hub.backbone import FRESH, build_backbone
+    from adapters_hub.kinds import get_kind
+    from adapters_hub.models import load_base
+    from adapters_hub.task_eval import evaluate_task
+
+    metrics: dict[str, float] = {}
+    base_model, tok = load_base(base)
+    for label, model in (("base", base_model),):
+        metrics.update({f"{label}.{k}": v for k, v in evaluate_task(model, tok, task, rows, profile=profile).items()})
+    del base_model
+    lm, tok = build_backbone(base, plan)
+    results = evaluate_task(lm, tok, task, rows, profile=profile)
+    metrics.update({f"fresh.{k}": v for k, v in results.items()})
+    kind = get_kind(kind_name)
+    kind.load(lm, adapter_dir, "trained")
+    kind.activate(lm, "trained")
+    results = evaluate_task(lm, tok, task, rows, profile=profile)
+    metrics.update({f"adapter.{k}": v for k, v in results.items()})
+    samples = [asdict(s) if hasattr(s, "__dataclass_fields__") else s for s in getattr(results, "samples", [])]
+    mlflow.log_dict({"samples": samples[:5]}, "samples.json")
+    for k, v in sorted(metrics.items()):
+        print(f"[eval] {k} = {v:.4f}", flush=True)
+    return metrics
+
+
+def _log_curve(history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    steps = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if steps:
+        ax.plot(*zip(*steps), marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("SFT loss (answer tokens)")
+    ax.set_title("training loss")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    mlflow.log_figure(fig, "loss_curve.png")
+    plt.close(fig)
+
+
+def _model_card(task, kind, base, plan, profile, metrics, trainable) -> str:
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
+    return (f"# {task.name}-{kind} adapter\n\n{task.description}\n\n"
+            f"- base model: `{base}`\n- sharing plan: `{plan.hash}` ({len(plan.layers)} shared layers: {list(plan.layers)})\n"
+            f"- kind: `{kind}`, trainable parameters: {trainable:,}\n- profile: `{profile.name}` "
+            f"(steps {profile.max_steps}, batch {profile.batch_size}x{profile.grad_accum}, lr {profile.lr})\n\n"
+            f"| metric | value |\n|---|---|\n{rows}\n\n"
+            f"Use it: `sdk.Backbone.load(base_model=\"{base}\").use(\"{task.name}-{kind}@champion\")`\n")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    return {f"{prefix}{k}": v for k, v in d.items() if not isinstance(v, (dict, list))}
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def parse_args(argv: list[str] | None = None) -> AdaptSpec:
+    parser = argparse.ArgumentParser(prog="python -m jobs.adapt", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return spec_from_args(parser.parse_args(argv))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", required=True, help="task spec name (manifests/tasks/<task>.yaml)")
+    parser.add_argument("--base", default=None, help="base model (default: the profile's)")
+    parser.add_argument("--kind", default="lisa", choices=KINDS)
+    parser.add_argument("--profile", default="quick", help="smoke | quick | full")
+    parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
+                        help="override a profile field, e.g. --set max_steps=5")
+    parser.add_argument("--fresh-start", action="store_true", help="ignore checkpoints of an interrupted run")
+
+
+def spec_from_args(args) -> AdaptSpec:
+    overrides = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            overrides[key] = json.loads(value)
+        except json.JSONDecodeError:
+            overrides[key] = value
+    return AdaptSpec(task=args.task, base=args.base, kind=args.kind, profile=args.profile,
+                     overrides=overrides, fresh_start=args.fresh_start)
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except (LookupError, ValueError, ConnectionError) as err:
+        print(f"[adapt] error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)

@@ -1,0 +1,44 @@
+"""lisa-hub SDK: submit adaptations, follow jobs, browse adapters, hot-swap them.
+
+    import sdk
+    job = sdk.submit_adaptation(task="gsm8k")      # a Ray job on the cluster
+    result = job.wait()                            # registered model version + metrics
+    sdk.list_adapters(task="gsm8k")                # MLflow registry
+    bb = sdk.Backbone.load(base_model="smollm2-135m"); bb.use("gsm8k"); bb.generate("...")
+
+Imports are light: torch, Ray and MLflow load when a call needs them.
+"""
+
+from sdk.client import (AdaptationJob, AdaptationResult, ClusterUnavailableError, JobFailedError, JobStatus,
+                        JobSummary, get_job, list_jobs, submit_adaptation)
+from sdk.hotswap import ActiveAdapter, Backbone
+
+
+def list_adapters(*, task: str | None = None, tracking_uri: str | None = None):
+    """Registered adapter versions (newest first), optionally of one task.
+
+    >>> [a.ref for a in list_adapters(task="gsm8k")]  # doctest: +SKIP
+    ['gsm8k-lisa/2', 'gsm8k-lisa/1']
+    """
+    from adapters_hub import registry
+
+    return registry.list_adapters(task=task, tracking_uri=tracking_uri)
+
+
+def get_adapter(ref: str, *, tracking_uri: str | None = None):
+    """One adapter version: "gsm8k-lisa@champion", "gsm8k-lisa/3" or "gsm8k-lisa"."""
+    from adapters_hub import registry
+
+    return registry.get_adapter(ref, tracking_uri=tracking_uri)
+
+
+def promote(*, name: str, version: str | int, alias: str = "champion", tracking_uri: str | None = None):
+    """Point `alias` of registered model `name` at `version`."""
+    from adapters_hub import registry
+
+    return registry.promote(name, version, alias, tracking_uri=tracking_uri)
+
+
+__all__ = ["submit_adaptation", "get_job", "list_jobs", "AdaptationJob", "AdaptationResult", "JobStatus",
+           "JobSummary", "JobFailedError", "ClusterUnavailableError", "Backbone", "ActiveAdapter",
+           "list_adapters", "get_adapter", "promote"]

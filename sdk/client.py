@@ -1,0 +1,265 @@
+"""Submitting adaptation jobs to a Ray cluster and following them.
+
+    import sdk
+    job = sdk.submit_adaptation(task="gsm8k", profile="quick")
+    job.tail()                      # streams the job log
+    result = job.wait()             # AdaptationResult: model version, aliases, metrics
+    print(result.model_name, result.version, result.metrics)
+
+Jobs go through Ray's JobSubmissionClient (the same API the Ray dashboard shows): the
+entrypoint is `python -m jobs.adapt ...`, the repository's code travels as the job's
+working_dir, and the job metadata (task, kind, base, profile) names each job in the
+dashboard's job list. The job prints one line `LISA_HUB_RESULT {json}` at its end; the
+SDK reads the result from there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shlex
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Iterator
+
+RESULT_MARKER = "LISA_HUB_RESULT "
+KINDS = ("lisa", "lora")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+class JobStatus(str, Enum):
+    """Status of an adaptation job (mirrors Ray's job states)."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    STOPPED = "STOPPED"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.STOPPED, JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class ClusterUnavailableError(ConnectionError):
+    """The Ray cluster's job API does not answer."""
+
+
+class JobFailedError(RuntimeError):
+    """An adaptation job ended without a result; the message holds its error and log tail."""
+
+
+@dataclass(frozen=True)
+class AdaptationResult:
+    """What a finished adaptation produced (from the job's LISA_HUB_RESULT line)."""
+
+    job_id: str
+    run_id: str
+    model_name: str            # registered model, e.g. "gsm8k-lisa"
+    version: str               # model version in the MLflow registry
+    aliases: list[str]         # e.g. ["candidate", "champion"]
+    metrics: dict[str, float]
+    raw: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model_name}/{self.version}"
+
+
+@dataclass(frozen=True)
+class JobSummary:
+    id: str
+    status: JobStatus
+    task: str
+    kind: str
+    base: str
+    profile: str
+    entrypoint: str
+    message: str
+
+
+class AdaptationJob:
+    """Handle on one submitted job. Get one from `submit_adaptation` or `get_job(id)`."""
+
+    def __init__(self, job_id: str, *, address: str):
+        self.id = job_id
+        self.address = address
+        self._client = _client(address)
+
+    def __repr__(self) -> str:
+        return f"AdaptationJob(id={self.id!r}, address={self.address!r})"
+
+    def status(self) -> JobStatus:
+        return JobStatus(str(self._client.get_job_status(self.id)))
+
+    def logs(self) -> str:
+        return self._client.get_job_logs(self.id)
+
+    def tail(self, *, out=None) -> None:
+        """Stream the job log until the job ends (then print the lines the stream missed)."""
+        import sys
+
+        out = out or sys.stdout
+        seen = []
+
+        async def _stream():
+            async for chunk in self._client.tail_job_logs(self.id):
+                out.write(chunk)
+                out.flush()
+                seen.append(chunk)
+
+        try:
+            asyncio.run(_stream())
+        except Exception:  # a dropped stream is not fatal: fall back to the stored log below
+            pass
+        full, streamed = self.logs(), "".join(seen)
+        if len(full) > len(streamed) and full.startswith(streamed):
+            out.write(full[len(streamed):])
+            out.flush()
+
+    def wait(self, *, timeout: float | None = None, poll: float = 2.0) -> AdaptationResult:
+        """Block until the job ends; its result, or JobFailedError with the job's log tail.
+
+        >>> job = submit_adaptation(task="gsm8k", profile="smoke", base_model="tiny-llama")  # doctest: +SKIP
+        >>> job.wait(timeout=600).aliases  # doctest: +SKIP
+        ['candidate', 'champion']
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not (status := self.status()).is_terminal():
+            if deadline is not None and time.monotonic() > deadline:
+                raise TimeoutError(f"job {self.id} still {status} after {timeout:.0f} s")
+            time.sleep(poll)
+        logs = self.logs()
+        result = parse_result(self.id, logs)
+        if status is JobStatus.SUCCEEDED and result is not None:
+            return result
+        info = self._client.get_job_info(self.id)
+        tail = "\n".join(logs.splitlines()[-30:])
+        raise JobFailedError(f"job {self.id} ended {status}: {info.message or 'no message'}\n--- log tail ---\n{tail}")
+
+    def stop(self) -> bool:
+        return self._client.stop_job(self.id)
+
+
+def submit_adaptation(
+    task: str,
+    *,
+    base_model: str | None = None,
+    kind: str = "lisa",
+    profile: str = "quick",
+    overrides: dict[str, object] | None = None,
+    address: str | None = None,
+    submission_id: str | None = None,
+) -> AdaptationJob:
+    """Submit an adaptation of `base_model` to `task` as a Ray job; returns its handle.
+
+    Task, kind, profile and override names are checked here, before anything is submitted.
+    With no `address` and no RAY_ADDRESS, the local stack is used and started if down.
+
+    >>> job = submit_adaptation(task="gsm8k", base_model="smollm2-135m", profile="quick")  # doctest: +SKIP
+    >>> job.status()  # doctest: +SKIP
+    <JobStatus.PENDING: 'PENDING'>
+    """
+    from adapters_hub.tasks import load_task
+
+    spec = load_task(task)  # unknown task / malformed spec: clear error, nothing submitted
+    if kind not in KINDS:
+        raise ValueError(f"kind: unknown {kind!r}; known: {', '.join(KINDS)}")
+    if profile not in spec.profiles:
+        raise ValueError(f"profile: task {task!r} has no profile {profile!r}; known: {', '.join(spec.profiles)}")
+    base = base_model or spec.profiles[profile].default_base
+    overrides = dict(overrides or {})
+    known = set(type(spec.profiles[profile]).model_fields)
+    if unknown := sorted(set(overrides) - known):
+        raise ValueError(f"overrides: unknown field(s) {unknown}; profile fields: {sorted(known)}")
+
+    address = resolve_address(address)
+    argv = ["python", "-m", "jobs.adapt", "--task", task, "--base", base, "--kind", kind, "--profile", profile]
+    for key, value in overrides.items():
+        argv += ["--set", f"{key}={json.dumps(value)}"]
+    env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "LISA_HUB_DATA_DIR") if k in os.environ}
+    job_id = _client(address).submit_job(
+        entrypoint=shlex.join(argv),
+        submission_id=submission_id,
+        runtime_env={"working_dir": str(REPO_ROOT), "excludes": _EXCLUDES, "env_vars": env_vars},
+        metadata={"task": task, "kind": kind, "base": base, "profile": profile, "app": "lisa-hub"},
+    )
+    return AdaptationJob(job_id, address=address)
+
+
+def get_job(job_id: str, *, address: str | None = None) -> AdaptationJob:
+    address = resolve_address(address, start=False)
+    job = AdaptationJob(job_id, address=address)
+    job.status()  # raises for an unknown id
+    return job
+
+
+def list_jobs(*, address: str | None = None) -> list[JobSummary]:
+    """lisa-hub jobs on the cluster, newest first."""
+    address = resolve_address(address, start=False)
+    out = []
+    for info in _client(address).list_jobs():
+        meta = info.metadata or {}
+        if meta.get("app") != "lisa-hub":
+            continue
+        out.append(JobSummary(info.submission_id or info.job_id, JobStatus(str(info.status)), meta.get("task", ""),
+                              meta.get("kind", ""), meta.get("base", ""), meta.get("profile", ""),
+                              info.entrypoint, info.message or ""))
+    return sorted(out, key=lambda j: j.id, reverse=True)
+
+
+def parse_result(job_id: str, logs: str) -> AdaptationResult | None:
+    """The result record from a job log (its last LISA_HUB_RESULT line), or None."""
+    for line in reversed(logs.splitlines()):
+        if line.startswith(RESULT_MARKER):
+            raw = json.loads(line[len(RESULT_MARKER):])
+            return AdaptationResult(job_id=job_id, run_id=raw["run_id"], model_name=raw["model_name"],
+                                    version=str(raw["version"]), aliases=list(raw["aliases"]),
+                                    metrics=dict(raw["metrics"]), raw=raw)
+    return None
+
+
+def resolve_address(address: str | None = None, *, start: bool = True) -> str:
+    """The Ray job API address: `address`, else RAY_ADDRESS, else the local head (started
+    when down, if `start`). Raises ClusterUnavailableError when it does not answer."""
+    from adapters_hub import settings, stack
+
+    explicit = address or os.environ.get("RAY_ADDRESS")
+    if explicit:
+        url = explicit if explicit.startswith("http") else f"http://{explicit.split(':')[0]}:{settings.RAY_DASHBOARD_PORT}"
+    else:
+        url = stack.dashboard_url()
+    if _answers(url):
+        return url
+    if not explicit and start:
+        print("[lisa-hub] local stack is down; starting it (lisa-hub up) ...", flush=True)
+        stack.up()
+        return stack.dashboard_url()
+    raise ClusterUnavailableError(
+        f"the Ray job API at {url} does not answer; start the local stack with `lisa-hub up` "
+        "or point RAY_ADDRESS / address= at a running cluster's dashboard (http://host:8265)"
+    )
+
+
+def _answers(url: str) -> bool:
+    import requests
+
+    try:
+        return requests.get(f"{url}/api/version", timeout=3).ok
+    except requests.RequestException:
+        return False
+
+
+def _client(address: str):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(address)
+
+
+# What does not travel with a job: environments, caches, VCS data, local outputs.
+_EXCLUDES = [".venv/", ".git/", "__pycache__/", "*.pyc", ".pytest_cache/", "runs/", "out/", "*.safetensors", "*.gguf"]

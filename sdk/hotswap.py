@@ -1,0 +1,146 @@
+"""Hot-swapping adapters on one loaded shared-attention backbone.
+
+    from sdk import Backbone
+    bb = Backbone.load(base_model="smollm2-135m")      # base + registered plan, loaded once
+    bb.use("gsm8k")                                    # = gsm8k-lisa@champion, from MLflow
+    print(bb.generate("Question: 2+3?\\nAnswer:"))
+    bb.generate(["q1", "q2"], adapter=["gsm8k", "wikitext2"])   # one adapter per prompt, one batch
+
+Adapters are resolved through the registry (aliases re-checked on every `use`, so a new
+`champion` is picked up), downloaded once into a verified local cache, and kept resident
+in a bounded LRU pool. A refused adapter (other base, other plan, corrupted) leaves the
+active adapter as it was.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_KIND = "lisa"
+
+
+@dataclass(frozen=True)
+class ActiveAdapter:
+    ref: str          # what the caller asked for
+    key: str          # resolved identity: "gsm8k-lisa/3" or an absolute folder path
+    kind: str
+    name: str         # adapter name inside the backbone
+    seconds: float    # time `use` took (resolve + load + activate)
+
+
+class Backbone:
+    """One base model turned into its LiSA backbone, serving many adapters."""
+
+    def __init__(self, lm, tokenizer, *, base_model: str, max_resident: int = 4, tracking_uri: str | None = None):
+        self.lm, self.tokenizer, self.base_model = lm, tokenizer, base_model
+        self.max_resident = max_resident
+        self.tracking_uri = tracking_uri
+        self._resident: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (kind, name)
+        self.active: ActiveAdapter | None = None
+
+    @classmethod
+    def load(cls, *, base_model: str = "smollm2-135m", plan_path: str | Path | None = None,
+             max_resident: int = 4, tracking_uri: str | None = None) -> "Backbone":
+        """Load `base_model` with its registered sharing plan (or the plan in `plan_path`).
+
+        >>> bb = Backbone.load(base_model="tiny-llama", plan_path="plan.json")  # doctest: +SKIP
+        """
+        from adapters_hub.backbone import backbone_plan, build_backbone
+        from adapters_hub.lisa.plan import SharingPlan
+
+        plan = SharingPlan.load(plan_path) if plan_path else backbone_plan(base_model, create=False, tracking_uri=tracking_uri)
+        lm, tok = build_backbone(base_model, plan)
+        lm.eval()
+        tok.padding_side = "left"
+        return cls(lm, tok, base_model=base_model, max_resident=max_resident, tracking_uri=tracking_uri)
+
+    @property
+    def resident(self) -> list[str]:
+        return list(self._resident)
+
+    def use(self, adapter: str) -> ActiveAdapter:
+        """Activate an adapter: a task name ("gsm8k" = gsm8k-lisa@champion), a registry
+        reference ("gsm8k-lisa@champion", "gsm8k-lisa/3") or a local adapter folder."""
+        start = time.perf_counter()
+        key, kind, name = self._ensure_resident(adapter)
+        from adapters_hub.kinds import get_kind
+
+        if self.active is not None and self.active.name != name:
+            get_kind(self.active.kind).deactivate(self.lm, self.active.name)
+        get_kind(kind).activate(self.lm, name)
+        self.active = ActiveAdapter(adapter, key, kind, name, time.perf_counter() - start)
+        return self.active
+
+    def generate(self, prompts: str | list[str], *, adapter: str | list[str] | None = None,
+                 max_new_tokens: int = 64) -> list[str]:
+        """Greedy completions. `adapter`: None (the active one), one ref for all, or one per prompt."""
+        import torch
+
+        single = isinstance(prompts, str)
+        prompts = [prompts] if single else list(prompts)
+        per_row = None
+        if isinstance(adapter, list):
+            if len(adapter) != len(prompts):
+                raise ValueError(f"adapter: {len(adapter)} adapters for {len(prompts)} prompts")
+            names = []
+            for ref in adapter:
+                key, kind, name = self._ensure_resident(ref)
+                if kind != "lisa":
+                    raise ValueError(f"adapter: mixed batches take lisa adapters only; {ref!r} is {kind}")
+                names.append(name)
+            per_row = names
+        elif adapter is not None:
+            self.use(adapter)
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True)
+        with torch.no_grad():
+            out = self.lm.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                                   pad_token_id=self.tokenizer.pad_token_id, adapter_names=per_row)
+        texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return texts[0] if single else texts
+
+    # ------------------------------------------------------------------ internals
+
+    def _ensure_resident(self, ref: str) -> tuple[str, str, str]:
+        from adapters_hub.kinds import get_kind, read_config
+
+        folder, key = self._resolve(ref)
+        if key in self._resident:
+            self._resident.move_to_end(key)
+            kind, name = self._resident[key]
+            return key, kind, name
+        config = read_config(folder)
+        kind = config["kind"]
+        name = "a_" + re.sub(r"[^A-Za-z0-9_]", "_", key)[-60:]
+        get_kind(kind).load(self.lm, folder, name)  # raises on another base / plan; nothing changed
+        self._resident[key] = (kind, name)
+        while len(self._resident) > self.max_resident:
+            old_key, (old_kind, old_name) = next(iter(self._resident.items()))
+            if self.active is not None and old_name == self.active.name:
+                self._resident.move_to_end(old_key)
+                continue
+            del self._resident[old_key]
+            get_kind(old_kind).delete(self.lm, old_name)
+        return key, kind, name
+
+    def _resolve(self, ref: str) -> tuple[Path, str]:
+        path = Path(ref).expanduser()
+        if path.is_dir():
+            return path, str(path.resolve())
+        from adapters_hub import registry
+
+        if "@" not in ref and "/" not in ref and "-" not in ref:
+            ref = f"{ref}-{DEFAULT_KIND}@champion"  # a bare task name
+        info = registry.get_adapter(ref, tracking_uri=self.tracking_uri)
+        if info.tags.get("base_model") not in (None, self.base_model):
+            from adapters_hub.lisa.model import AdapterMismatchError
+
+            raise AdapterMismatchError(f"{ref}: adapter is for base {info.tags.get('base_model')!r}, "
+                                       f"this backbone is {self.base_model!r}")
+        key = f"{info.name}/{info.version}"
+        if key in self._resident:
+            return Path(), key
+        return registry.resolve(key, tracking_uri=self.tracking_uri), key
