@@ -15,6 +15,9 @@ import sys
 # Modules that contribute sub-commands; each defines add_commands(subparsers).
 COMMAND_MODULES = [
     "adapters_hub.stack",
+    "adapters_hub.lisa.cli",
+    "adapters_hub.drop.cli",
+    "sdk.cli",
 ]
 
 

@@ -121,7 +121,7 @@ class LoraKind:
         from peft import LoraConfig, inject_adapter_in_model
 
         options = {**self.defaults, **options}
-        inject_adapter_in_model(LoraConfig(**options), lm.base_model, adapter_name=adapter_name)
+        inject_adapter_in_model(LoraConfig(**options), lm.get_base_model(), adapter_name=adapter_name)
         lm._lora_options = {**getattr(lm, "_lora_options", {}), adapter_name: options}
         _only_trainable(lm, lambda n: "lora_" in n and f".{adapter_name}." in n)
         self.activate(lm, adapter_name)
@@ -133,7 +133,7 @@ class LoraKind:
         directory.mkdir(parents=True, exist_ok=True)
         tag = f".{adapter_name}."
         tensors = {k.replace(tag, "."): v.detach().cpu().contiguous()
-                   for k, v in lm.base_model.state_dict().items() if "lora_" in k and tag in k}
+                   for k, v in lm.get_base_model().state_dict().items() if "lora_" in k and tag in k}
         save_file(tensors, str(directory / WEIGHTS_NAME))
         config = {"kind": self.name, "base_model": lm.base_name, "base_fingerprint": lm.base_fingerprint,
                   "plan_hash": lm.plan.hash, "lora": lm._lora_options[adapter_name]}
@@ -151,18 +151,18 @@ class LoraKind:
             raise AdapterError(f"{directory}: corrupted {WEIGHTS_NAME} ({err})") from None
         self.add(lm, adapter_name, config["lora"])
         state = {_insert_name(k, adapter_name): v for k, v in tensors.items()}
-        missing = set(state) - set(lm.base_model.state_dict())
+        missing = set(state) - set(lm.get_base_model().state_dict())
         if missing:
             self.delete(lm, adapter_name)
             raise AdapterError(f"{directory}: tensors do not fit this backbone: {sorted(missing)[:3]}")
-        lm.base_model.load_state_dict(state, strict=False)
-        for p in lm.base_model.parameters():
+        lm.get_base_model().load_state_dict(state, strict=False)
+        for p in lm.get_base_model().parameters():
             p.requires_grad_(False)
 
     def activate(self, lm, adapter_name):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for module in lm.base_model.modules():
+        for module in lm.get_base_model().modules():
             if isinstance(module, BaseTunerLayer):
                 module.enable_adapters(True)
                 module.set_adapter(adapter_name)
@@ -170,14 +170,14 @@ class LoraKind:
     def deactivate(self, lm, adapter_name):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for module in lm.base_model.modules():
+        for module in lm.get_base_model().modules():
             if isinstance(module, BaseTunerLayer):
                 module.enable_adapters(False)
 
     def delete(self, lm, adapter_name):
         from peft.tuners.tuners_utils import BaseTunerLayer
 
-        for module in lm.base_model.modules():
+        for module in lm.get_base_model().modules():
             if isinstance(module, BaseTunerLayer) and adapter_name in module.lora_A:
                 module.delete_adapter(adapter_name)
         getattr(lm, "_lora_options", {}).pop(adapter_name, None)
@@ -219,10 +219,10 @@ class AttnDropKind:
         self._plans.setdefault(id(lm), {})[adapter_name] = DropAdapter.load(directory)
 
     def activate(self, lm, adapter_name):
-        self._plans[id(lm)][adapter_name].activate(lm.base_model)
+        self._plans[id(lm)][adapter_name].activate(lm.get_base_model())
 
     def deactivate(self, lm, adapter_name):
-        self._plans[id(lm)][adapter_name].deactivate(lm.base_model)
+        self._plans[id(lm)][adapter_name].deactivate(lm.get_base_model())
 
     def delete(self, lm, adapter_name):
         self._plans.get(id(lm), {}).pop(adapter_name, None)

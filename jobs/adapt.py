@@ -56,7 +56,7 @@ def main(spec: AdaptSpec) -> dict:
         raise ValueError(f"kind: unknown {spec.kind!r}; known: {', '.join(KINDS)}")
     base = spec.base or profile.default_base
     uri = settings.mlflow_uri()
-    registry.check_available(uri)                     # fail before any work, leave nothing behind
+    registry.Registry(tracking_uri=uri).client()      # probe: fail before any work, leave nothing behind
     print(f"[adapt] task={task.name} kind={spec.kind} base={base} profile={profile.name} mlflow={uri}", flush=True)
 
     plan = backbone_plan(base, tracking_uri=uri)
@@ -248,8 +248,8 @@ def train_loop(cfg: dict) -> None:
             ray.train.report({"step": state.global_step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     trainer = _make_trainer_class()(model=lm, args=args, train_dataset=dataset, processing_class=tok,
-                                 callbacks=[MlflowSteps(), ReportCheckpoints()])
-    trainer.adapter_kind, trainer.adapter_name = kind, name
+                                    callbacks=[MlflowSteps(), ReportCheckpoints()])
+    trainer.lisa_model, trainer.adapter_kind, trainer.adapter_name = lm, kind, name
     resume = None
     if (ckpt := ray.train.get_checkpoint()) is not None:
         resume_dir = Path(tempfile.mkdtemp(prefix="lisa-resume-"))
@@ -271,7 +271,7 @@ def _make_trainer_class():
 
         def _save(self, output_dir=None, state_dict=None):
             out = Path(output_dir or self.args.output_dir)
-            self.adapter_kind.save(self.model, self.adapter_name, out)
+            self.adapter_kind.save(self.lisa_model, self.adapter_name, out)
 
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
             from safetensors.torch import load_file

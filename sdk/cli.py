@@ -1,0 +1,167 @@
+"""User-facing sub-commands of `lisa-hub` (added to adapters_hub.cli):
+
+  lisa-hub adapt --task gsm8k [--profile quick] [--base B] [--kind lisa]   run the job here
+  lisa-hub submit gsm8k [--follow]            submit it to the Ray cluster as a job
+  lisa-hub jobs | lisa-hub logs ID            follow jobs (also in the Ray dashboard)
+  lisa-hub adapters [--task T]                registered adapters (also in the MLflow UI)
+  lisa-hub generate --adapter A "prompt"      one completion on the backbone with adapter A
+  lisa-hub serve                              Ray Serve app: HTTP generation, adapter per request
+  lisa-hub demo                               the whole tour on SmolLM2 (README's main command)
+"""
+
+from __future__ import annotations
+
+
+def add_commands(sub) -> None:
+    from jobs.adapt import add_arguments
+
+    p = sub.add_parser("adapt", help="run an adaptation job in this process (Ray Train inside)")
+    add_arguments(p)
+    p.set_defaults(func=_adapt)
+
+    p = sub.add_parser("submit", help="submit an adaptation job to the Ray cluster")
+    p.add_argument("task")
+    p.add_argument("--base", default=None)
+    p.add_argument("--kind", default="lisa")
+    p.add_argument("--profile", default="quick")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON")
+    p.add_argument("--follow", action="store_true", help="stream the log and wait for the result")
+    p.set_defaults(func=_submit)
+
+    p = sub.add_parser("jobs", help="lisa-hub jobs on the cluster")
+    p.set_defaults(func=_jobs)
+
+    p = sub.add_parser("logs", help="log of one job")
+    p.add_argument("job_id")
+    p.add_argument("--follow", action="store_true")
+    p.set_defaults(func=_logs)
+
+    p = sub.add_parser("adapters", help="registered adapters")
+    p.add_argument("--task", default=None)
+    p.set_defaults(func=_adapters)
+
+    p = sub.add_parser("generate", help="generate with an adapter on the backbone")
+    p.add_argument("prompt")
+    p.add_argument("--adapter", default=None, help="task, registry ref or folder; none = fresh backbone")
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.set_defaults(func=_generate)
+
+    p = sub.add_parser("serve", help="serve generation over HTTP with per-request adapters (Ray Serve)")
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("demo", help="the full tour on SmolLM2: stack, submit gsm8k, follow, generate")
+    p.add_argument("--profile", default="quick")
+    p.add_argument("--base", default="smollm2-135m")
+    p.set_defaults(func=_demo)
+
+
+def _adapt(args) -> int:
+    from jobs.adapt import main, spec_from_args
+
+    main(spec_from_args(args))
+    return 0
+
+
+def _overrides(items: list[str]) -> dict:
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _submit(args) -> int:
+    import sdk
+
+    job = sdk.submit_adaptation(args.task, base_model=args.base, kind=args.kind, profile=args.profile,
+                                overrides=_overrides(args.set))
+    print(f"submitted job {job.id}  (dashboard: {job.address}/#/jobs/{job.id})")
+    if args.follow:
+        job.tail()
+        result = job.wait()
+        print(f"registered {result.model_name} version {result.version} aliases {result.aliases}")
+    return 0
+
+
+def _jobs(args) -> int:
+    import sdk
+
+    for j in sdk.list_jobs():
+        print(f"{j.id:28s} {j.status.value:9s} {j.task:10s} {j.kind:6s} {j.base:14s} {j.profile:6s} {j.message[:60]}")
+    return 0
+
+
+def _logs(args) -> int:
+    import sdk
+
+    job = sdk.get_job(args.job_id)
+    if args.follow:
+        job.tail()
+    else:
+        print(job.logs(), end="")
+    return 0
+
+
+def _adapters(args) -> int:
+    import sdk
+
+    for a in sdk.list_adapters(task=args.task):
+        metrics = " ".join(f"{k}={v:.3f}" for k, v in sorted(a.metrics.items()) if k.startswith("adapter."))
+        print(f"{a.name}/{a.version:<4} {','.join(a.aliases):18s} base={a.tags.get('base_model', '?'):14s} {metrics}")
+    return 0
+
+
+def _generate(args) -> int:
+    from sdk import Backbone
+
+    bb = Backbone.load(base_model=args.base)
+    if args.adapter:
+        bb.use(args.adapter)
+    print(bb.generate(args.prompt, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def _serve(args) -> int:
+    from sdk.serve import run
+
+    run(base_model=args.base, port=args.port)
+    return 0
+
+
+def _demo(args) -> int:
+    import time
+
+    import sdk
+    from adapters_hub import stack
+
+    start = time.perf_counter()
+    print("== 1. local stack (Ray head + dashboard, MLflow server)")
+    for s in stack.up():
+        print("  ", s.line())
+    print(f"== 2. submit gsm8k on {args.base} (profile {args.profile}); follow it in the Ray dashboard "
+          f"{stack.dashboard_url()}/#/jobs")
+    job = sdk.submit_adaptation(task="gsm8k", base_model=args.base, profile=args.profile)
+    job.tail()
+    result = job.wait()
+    print(f"== 3. registered {result.model_name} version {result.version} aliases {result.aliases}")
+    for key in sorted(result.metrics):
+        print(f"   {key:22s} {result.metrics[key]:.4f}")
+    print("== 4. generate without and with the adapter, on one loaded backbone")
+    bb = sdk.Backbone.load(base_model=args.base)
+    question = "Question: Tom has 3 boxes with 4 apples each. He eats 2 apples. How many apples are left?\nAnswer:"
+    print("   fresh backbone:", bb.generate(question, max_new_tokens=80).strip()[:300])
+    bb.use(result.ref)
+    print(f"   {result.ref}:", bb.generate(question, max_new_tokens=80).strip()[:300])
+    print(f"== done in {time.perf_counter() - start:.0f} s.  Ray dashboard: {stack.dashboard_url()}   "
+          f"MLflow UI: {stack.mlflow_url()}/#/models/{result.model_name}")
+    return 0
