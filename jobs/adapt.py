@@ -392,8 +392,10 @@ def spec_from_args(args) -> AdaptSpec:
 
 
 if __name__ == "__main__":
+    from adapters_hub.registry import RegistryError
+
     try:
         main(parse_args())
-    except (LookupError, ValueError, ConnectionError) as err:
+    except (LookupError, ValueError, ConnectionError, RegistryError) as err:  # known failures: one clear line
         print(f"[adapt] error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

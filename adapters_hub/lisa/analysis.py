@@ -1,0 +1,290 @@
+"""Cross-layer attention analysis: how close is each layer's attention to its predecessor's?
+
+For every layer l >= 1 and calibration text, the Jensen-Shannon divergence (natural log,
+max ln 2) between head i of layer l and head j of layer l-1, averaged over query positions:
+
+    JS_l[i, j] = mean_t JS(A_l[i, t, :], A_{l-1}[j, t, :])          # (H, H) per layer
+    raw_l[h]     = JS_l[h, h]                                       # heads compared by index
+    perm_l       = Hungarian matching on JS_l (linear_sum_assignment) # perm_l[h]: donor head for head h
+    aligned_l[h] = JS_l[h, perm_l[h]]
+
+Memory is bounded: batches are processed one at a time and, within a forward pass, only the
+previous layer's attention probabilities are held (an observer on every layer folds the
+(H, H) divergences into running sums). Optional sensitivity: perplexity on the calibration
+blocks when layer l alone uses aligned direct sharing (a fresh LiSA adapter), minus the base.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+REPORT_NAME = "report.json"
+HEATMAP_NAME = "heatmap.png"
+
+
+@dataclass
+class AttentionReport:
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    pair_js: np.ndarray                    # (L, H, H); layer 0 is NaN (no predecessor)
+    n_texts: int = 0
+    n_tokens: int = 0
+    base: str | None = None
+    fingerprint: str | None = None
+    sensitivity: dict[int, float] | None = None  # layer -> ppl(layer l shared alone) - base ppl
+    base_ppl: float | None = None
+    perm: list[list[int]] = field(init=False)
+
+    def __post_init__(self) -> None:
+        from scipy.optimize import linear_sum_assignment
+
+        self.pair_js = np.asarray(self.pair_js, dtype=np.float64)
+        self.perm = [list(range(self.num_heads))]
+        for l in range(1, self.num_layers):
+            _, cols = linear_sum_assignment(self.pair_js[l])
+            self.perm.append([int(c) for c in cols])
+
+    # ---- derived numbers ----------------------------------------------------------
+    @property
+    def raw(self) -> np.ndarray:  # (L, H), divergence of head h to the predecessor's head h
+        return np.stack([np.diagonal(m) for m in self.pair_js])
+
+    @property
+    def aligned(self) -> np.ndarray:  # (L, H), after the best permutation
+        return np.stack([m[np.arange(self.num_heads), p] for m, p in zip(self.pair_js, self.perm)])
+
+    @property
+    def raw_mean(self) -> list[float]:
+        return [float(x) for x in self.raw.mean(axis=1)]
+
+    @property
+    def aligned_mean(self) -> list[float]:
+        return [float(x) for x in self.aligned.mean(axis=1)]
+
+    def lines(self) -> list[str]:
+        out = [f"{'layer':>5} {'raw JS':>8} {'aligned':>8} {'sens dppl':>9}  perm"]
+        for l in range(1, self.num_layers):
+            sens = self.sensitivity.get(l) if self.sensitivity else None
+            s = f"{sens:9.3f}" if sens is not None else f"{'-':>9}"
+            out.append(f"{l:5d} {self.raw_mean[l]:8.4f} {self.aligned_mean[l]:8.4f} {s}  {self.perm[l]}")
+        return out
+
+    # ---- serialisation ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        def clean(a):  # NaN (layer 0) -> null
+            return [None if (isinstance(x, float) and math.isnan(x)) else x for x in a]
+
+        layers = []
+        for l in range(1, self.num_layers):
+            layers.append({"layer": l, "raw_mean": self.raw_mean[l], "aligned_mean": self.aligned_mean[l],
+                           "raw_per_head": self.raw[l].tolist(), "aligned_per_head": self.aligned[l].tolist(),
+                           "perm": self.perm[l], "pair_js": self.pair_js[l].tolist(),
+                           "sensitivity_dppl": (self.sensitivity or {}).get(l)})
+        return {"base": self.base, "fingerprint": self.fingerprint, "num_layers": self.num_layers,
+                "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                "n_texts": self.n_texts, "n_tokens": self.n_tokens, "base_ppl": self.base_ppl,
+                "divergence": "Jensen-Shannon, natural log (max ln 2 = 0.693), mean over query positions",
+                "raw_mean": clean(self.raw_mean), "aligned_mean": clean(self.aligned_mean), "layers": layers}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AttentionReport":
+        h = data["num_heads"]
+        pair = np.full((data["num_layers"], h, h), np.nan)
+        sens = {}
+        for entry in data["layers"]:
+            pair[entry["layer"]] = np.asarray(entry["pair_js"])
+            if entry.get("sensitivity_dppl") is not None:
+                sens[entry["layer"]] = entry["sensitivity_dppl"]
+        return cls(data["num_layers"], h, data["num_kv_heads"], data["head_dim"], pair, data["n_texts"],
+                   data["n_tokens"], data.get("base"), data.get("fingerprint"), sens or None, data.get("base_ppl"))
+
+    def save(self, directory: str | Path) -> Path:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / REPORT_NAME).write_text(json.dumps(self.to_dict(), indent=1) + "\n", encoding="utf-8")
+        self.heatmap(directory / HEATMAP_NAME)
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "AttentionReport":
+        path = Path(directory)
+        path = path / REPORT_NAME if path.is_dir() else path
+        return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+    def heatmap(self, path: str | Path) -> Path:
+        """Three panels: layers x {raw, aligned} (annotated), then per-head raw and aligned."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        rows = np.arange(1, self.num_layers)
+        both = np.stack([np.asarray(self.raw_mean)[1:], np.asarray(self.aligned_mean)[1:]], axis=1)  # (L-1, 2)
+        vmax = float(np.nanmax(self.raw[1:])) or 1.0
+        height = max(4.0, 0.28 * len(rows) + 1.5)
+        fig, axes = plt.subplots(1, 3, figsize=(4 + 0.35 * self.num_heads * 2 + 3, height),
+                                 gridspec_kw={"width_ratios": [2, self.num_heads, self.num_heads]})
+        panels = [(both, ["raw", "aligned"], "mean JS to layer l-1"),
+                  (self.raw[1:], [str(h) for h in range(self.num_heads)], "per head, by index (raw)"),
+                  (self.aligned[1:], [str(h) for h in range(self.num_heads)], "per head, after alignment")]
+        for ax, (data, xlabels, title) in zip(axes, panels):
+            im = ax.imshow(data, aspect="auto", cmap="viridis", vmin=0.0, vmax=vmax)
+            ax.set_xticks(range(len(xlabels)), xlabels)
+            ax.set_yticks(range(len(rows)), [str(r) for r in rows], fontsize=7)
+            ax.set_title(title, fontsize=9)
+            ax.set_ylabel("layer l")
+        for i in range(len(rows)):
+            for j in range(2):
+                axes[0].text(j, i, f"{both[i, j]:.2f}", ha="center", va="center", fontsize=6,
+                             color="white" if both[i, j] < 0.6 * vmax else "black")
+        fig.colorbar(im, ax=axes, shrink=0.6, label="Jensen-Shannon divergence (nats, max ln 2)")
+        name = self.base or "model"
+        fig.suptitle(f"{name}: attention of layer l vs layer l-1 ({self.n_texts} texts, {self.n_tokens} tokens)",
+                     fontsize=10)
+        path = Path(path)
+        fig.savefig(path, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return path
+
+
+# ---------------------------------------------------------------------------------------
+class _Accumulator:
+    """Observer on every layer: folds JS(layer l, layer l-1) of one batch into running sums."""
+
+    def __init__(self, num_layers: int, num_heads: int) -> None:
+        self.sums = np.zeros((num_layers, num_heads, num_heads))
+        self.weight = np.zeros(num_layers)
+        self.prev = None            # (B, H, Tq, Tk) probabilities of the previous layer
+        self.prev_neg_ent = None    # (B, H, Tq): sum p log p
+        self.row_weight = None      # (B, Tq): 1 for real query tokens
+
+    def __call__(self, layer: int, probs, mask) -> None:
+        import torch
+
+        with torch.no_grad():
+            probs = probs.detach().float()
+            neg_ent = torch.special.xlogy(probs, probs).sum(-1)  # (B, H, Tq)
+            if layer > 0 and self.prev is not None:
+                w = self.row_weight  # (B, Tq)
+                h = probs.shape[1]
+                for i in range(h):  # one head of layer l against all heads of layer l-1
+                    m = 0.5 * (probs[:, i : i + 1] + self.prev)                         # (B, H, Tq, Tk)
+                    js = 0.5 * (neg_ent[:, i : i + 1] + self.prev_neg_ent) - torch.special.xlogy(m, m).sum(-1)
+                    js = js.clamp_min(0.0)                                              # (B, H, Tq)
+                    self.sums[layer, i] += (js * w[:, None]).sum(dim=(0, 2)).double().cpu().numpy()
+                self.weight[layer] += float(w.sum())
+            self.prev, self.prev_neg_ent = probs, neg_ent
+
+
+def _batches(batches, batch_size: int):
+    import torch
+
+    if isinstance(batches, torch.Tensor):
+        batches = [batches[i : i + batch_size] for i in range(0, len(batches), batch_size)]
+    for b in batches:
+        if isinstance(b, torch.Tensor):
+            yield {"input_ids": b}
+        else:
+            yield dict(b)
+
+
+def analyze_attention(
+    model,
+    batches: "Iterable | Any",
+    *,
+    batch_size: int = 1,
+    sensitivity: bool = False,
+    sensitivity_blocks=None,
+    progress: bool = True,
+    base: str | None = None,
+) -> AttentionReport:
+    """Measure adjacent-layer attention divergence of a HF LLaMA-family model.
+
+    batches: a LongTensor (N, T) (split into `batch_size` rows) or an iterable of LongTensors
+    or dicts with input_ids and optional attention_mask (padded query rows are ignored).
+    sensitivity: also measure each layer's perplexity change under aligned direct sharing
+    on `sensitivity_blocks` (default: the calibration tensor when one was given).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from adapters_hub.lisa.model import Backbone
+    from adapters_hub.lisa.plan import SharingPlan
+    from adapters_hub.models import fingerprint
+
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_layers, n_heads = cfg.num_hidden_layers, cfg.num_attention_heads
+    fp = fingerprint(model)
+    acc = _Accumulator(n_layers, n_heads)
+    device = next(model.parameters()).device
+    empty = SharingPlan(n_layers, n_heads, head_dim)
+    backbone = Backbone(model, empty, score_all=True)
+    backbone.bus.observer = acc
+    n_texts = n_tokens = 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for batch in tqdm(list(_batches(batches, batch_size)), desc="attention analysis", disable=not progress):
+                ids = batch["input_ids"].to(device)
+                am = batch.get("attention_mask")
+                am = am.to(device) if am is not None else None
+                acc.row_weight = (am.float() if am is not None else torch.ones(ids.shape, device=device))
+                acc.prev = acc.prev_neg_ent = None
+                model(input_ids=ids, attention_mask=am, use_cache=False)
+                acc.prev = acc.prev_neg_ent = None  # free the last layer's probabilities
+                n_texts += ids.shape[0]
+                n_tokens += int(acc.row_weight.sum())
+    finally:
+        backbone.bus.observer = None
+        backbone.restore()
+        model.train(was_training)
+    if n_texts == 0:
+        raise ValueError("batches: no calibration text given")
+    pair = acc.sums / np.maximum(acc.weight, 1e-9)[:, None, None]
+    pair[0] = np.nan
+    report = AttentionReport(n_layers, n_heads, cfg.num_key_value_heads, head_dim, pair, n_texts, n_tokens,
+                             base=base or getattr(cfg, "lisa_hub_base", None), fingerprint=fp)
+    if sensitivity:
+        blocks = sensitivity_blocks if sensitivity_blocks is not None else batches
+        if not isinstance(blocks, torch.Tensor):
+            raise ValueError("sensitivity_blocks: give a LongTensor (N, T) of calibration blocks")
+        report.base_ppl, report.sensitivity = layer_sensitivity(model, report, blocks, progress=progress,
+                                                                fingerprint=fp)
+    return report
+
+
+def layer_sensitivity(model, report: AttentionReport, blocks, *, progress: bool = True,
+                      fingerprint: str | None = None) -> tuple[float, dict[int, float]]:
+    """Perplexity change when layer l alone uses aligned direct sharing (fresh adapter)."""
+    from tqdm.auto import tqdm
+
+    from adapters_hub.evaluation import perplexity
+    from adapters_hub.lisa.config import LisaConfig
+    from adapters_hub.lisa.model import LisaModel
+    from adapters_hub.lisa.plan import SharingPlan
+
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    base_ppl = perplexity(model, blocks, progress=False)
+    out: dict[int, float] = {}
+    try:
+        for l in tqdm(range(1, report.num_layers), desc="layer sensitivity", disable=not progress):
+            plan = SharingPlan.for_model(model, [l], perms={l: report.perm[l]})
+            lm = LisaModel(model, LisaConfig(plan=plan), fingerprint=fingerprint or "analysis")
+            try:
+                out[l] = perplexity(lm, blocks, progress=False) - base_ppl
+            finally:
+                lm.unload()
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads.get(n, p.requires_grad))
+    return base_ppl, out

@@ -1,0 +1,231 @@
+"""The sharing plan of a backbone: which layers reuse which donor's attention scores.
+
+A plan is made once per base model (usually from an `AttentionReport`) and shared by every
+task adapter of that backbone; an adapter records the plan's hash and refuses a backbone
+with another plan.
+
+    plan = SharingPlan.from_report(report, fraction=0.6, protect_first=2)
+    plan = SharingPlan.explicit(num_layers=30, num_heads=9, head_dim=64, layers=[5, 6, 7])
+    plan.save("plan.json"); SharingPlan.load("plan.json").hash == plan.hash
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterable
+
+if TYPE_CHECKING:
+    from adapters_hub.lisa.analysis import AttentionReport
+
+
+class PlanError(ValueError):
+    """An invalid sharing plan; the message starts with the offending field."""
+
+
+def default_rank(head_dim: int) -> int:
+    """Rank of the low-rank Q/K of a substituted layer: floor(head_dim / 6), at least 1
+    (floor rather than ARCHITECTURE.md's ceil, so that Q/K shrink at least 6x)."""
+    return max(1, head_dim // 6)
+
+
+@dataclass(frozen=True)
+class SharedLayer:
+    """One substituted layer: its scores are `align(Z[donor]) + q_r k_r^T / sqrt(rank)`.
+
+    perm[h] is the donor head whose scores feed this layer's head h (the P of the aligner).
+    """
+
+    layer: int
+    donor: int
+    perm: tuple[int, ...]
+    rank: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"layer": self.layer, "donor": self.donor, "perm": list(self.perm), "rank": self.rank}
+
+
+@dataclass(frozen=True)
+class SharingPlan:
+    num_layers: int
+    num_heads: int
+    head_dim: int
+    shared: tuple[SharedLayer, ...] = ()
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)  # provenance; not hashed
+
+    def __post_init__(self) -> None:
+        for i, s in enumerate(self.shared):
+            if not isinstance(s, SharedLayer):
+                raise PlanError(f"shared[{i}]: must be a SharedLayer, got {type(s).__name__}")
+        object.__setattr__(self, "shared", tuple(sorted(self.shared, key=lambda s: s.layer)))
+        self.validate()
+
+    # ---- construction -------------------------------------------------------------
+    @classmethod
+    def explicit(
+        cls,
+        *,
+        num_layers: int,
+        num_heads: int,
+        head_dim: int,
+        layers: Iterable[int],
+        donors: dict[int, int] | None = None,
+        perms: dict[int, Iterable[int]] | None = None,
+        rank: int | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> "SharingPlan":
+        """A plan given by hand: donor defaults to layer - 1, perm to the identity."""
+        donors, perms = donors or {}, perms or {}
+        r = default_rank(head_dim) if rank is None else rank
+        shared = tuple(
+            SharedLayer(
+                layer=int(l),
+                donor=int(donors.get(l, l - 1)),
+                perm=tuple(int(p) for p in perms.get(l, range(num_heads))),
+                rank=int(r),
+            )
+            for l in layers
+        )
+        return cls(num_layers, num_heads, head_dim, shared, dict(meta or {}))
+
+    @classmethod
+    def for_model(cls, model, layers: Iterable[int], **kwargs) -> "SharingPlan":
+        """`explicit` with the shape read from a HF model's config."""
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        return cls.explicit(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
+                            head_dim=head_dim, layers=layers, **kwargs)
+
+    @classmethod
+    def from_report(
+        cls,
+        report: "AttentionReport",
+        *,
+        fraction: float = 0.6,
+        protect_first: int = 2,
+        rank: int | None = None,
+        aligned: bool = True,
+    ) -> "SharingPlan":
+        """Substitute the floor(fraction * L) layers with the lowest aligned divergence to their
+        predecessor, never one of the first `protect_first` layers (and never layer 0).
+        `aligned=False` keeps identity permutations ("unaligned direct sharing")."""
+        if not 0.0 <= fraction < 1.0:
+            raise PlanError(f"fraction: must be in [0, 1), got {fraction}")
+        if protect_first < 1:
+            raise PlanError(f"protect_first: must be >= 1 (layer 0 has no donor), got {protect_first}")
+        n_layers = report.num_layers
+        count = math.floor(fraction * n_layers)
+        candidates = [l for l in range(max(1, protect_first), n_layers)]
+        if count > len(candidates):
+            raise PlanError(
+                f"fraction: {fraction} asks for {count} of {n_layers} layers but only {len(candidates)} "
+                f"are eligible with protect_first={protect_first}"
+            )
+        by_divergence = sorted(candidates, key=lambda l: (report.aligned_mean[l], l))
+        chosen = sorted(by_divergence[:count])
+        perms = {l: report.perm[l] for l in chosen} if aligned else {}
+        meta = {"source": "analysis", "fraction": fraction, "protect_first": protect_first,
+                "aligned": aligned, "base": report.base, "report_fingerprint": report.fingerprint}
+        return cls.explicit(num_layers=n_layers, num_heads=report.num_heads, head_dim=report.head_dim,
+                            layers=chosen, perms=perms, rank=rank, meta=meta)
+
+    # ---- checks -------------------------------------------------------------------
+    def validate(self) -> None:
+        for name in ("num_layers", "num_heads", "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise PlanError(f"{name}: must be a positive integer, got {value!r}")
+        seen: set[int] = set()
+        for i, s in enumerate(self.shared):
+            where = f"shared[{i}]"
+            if s.layer == 0:
+                raise PlanError(f"{where}.layer: layer 0 cannot be substituted (it has no donor)")
+            if not 0 < s.layer < self.num_layers:
+                raise PlanError(f"{where}.layer: {s.layer} is out of range 1..{self.num_layers - 1}")
+            if s.layer in seen:
+                raise PlanError(f"{where}.layer: layer {s.layer} appears twice")
+            seen.add(s.layer)
+            if not 0 <= s.donor < s.layer:
+                raise PlanError(f"{where}.donor: {s.donor} must be an earlier layer (0..{s.layer - 1})")
+            if not 1 <= s.rank < self.head_dim:
+                raise PlanError(f"{where}.rank: {s.rank} must be >= 1 and < head_dim={self.head_dim}")
+            if sorted(s.perm) != list(range(self.num_heads)):
+                raise PlanError(f"{where}.perm: {list(s.perm)} is not a permutation of 0..{self.num_heads - 1}")
+
+    def check_model(self, model) -> None:
+        """Raise if this plan does not fit the shape of a HF model."""
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        got = {"num_layers": cfg.num_hidden_layers, "num_heads": cfg.num_attention_heads, "head_dim": head_dim}
+        for name, value in got.items():
+            if getattr(self, name) != value:
+                raise PlanError(f"{name}: plan has {getattr(self, name)}, the model has {value}")
+
+    # ---- queries ------------------------------------------------------------------
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(s.layer for s in self.shared)
+
+    @property
+    def donors(self) -> set[int]:
+        return {s.donor for s in self.shared}
+
+    def get(self, layer: int) -> SharedLayer | None:
+        return next((s for s in self.shared if s.layer == layer), None)
+
+    @property
+    def fraction(self) -> float:
+        return len(self.shared) / self.num_layers
+
+    # ---- serialisation ------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_layers": self.num_layers, "num_heads": self.num_heads, "head_dim": self.head_dim,
+                "shared": [s.to_dict() for s in self.shared], "meta": self.meta, "hash": self.hash}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SharingPlan":
+        try:
+            shared = tuple(SharedLayer(int(s["layer"]), int(s["donor"]), tuple(int(p) for p in s["perm"]),
+                                       int(s["rank"])) for s in data["shared"])
+            plan = cls(int(data["num_layers"]), int(data["num_heads"]), int(data["head_dim"]), shared,
+                       dict(data.get("meta") or {}))
+        except KeyError as err:
+            raise PlanError(f"{err.args[0]}: missing from the plan JSON") from None
+        if "hash" in data and data["hash"] != plan.hash:
+            raise PlanError(f"hash: the JSON says {data['hash']} but its content hashes to {plan.hash}")
+        return plan
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SharingPlan":
+        return cls.from_dict(json.loads(text))
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self.to_json() + "\n", encoding="utf-8")
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path) -> "SharingPlan":
+        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+
+    @property
+    def hash(self) -> str:
+        """Stable content hash (shape + shared layers; `meta` excluded), 16 hex digits."""
+        core = {"num_layers": self.num_layers, "num_heads": self.num_heads, "head_dim": self.head_dim,
+                "shared": [s.to_dict() for s in self.shared]}
+        return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
+
+    def summary(self) -> str:
+        layers = ",".join(str(l) for l in self.layers)
+        return (f"SharingPlan({len(self.shared)}/{self.num_layers} layers shared [{layers}], "
+                f"rank {sorted({s.rank for s in self.shared})}, hash {self.hash})")
+
+
+__all__ = ["PlanError", "SharedLayer", "SharingPlan", "default_rank"]

@@ -1,0 +1,208 @@
+"""End to end on tiny-llama with the real local stack: SDK -> Ray job -> Ray Train + TRL ->
+MLflow registry -> hot swap -> Ray Serve. Ordered: later tests use earlier adapters."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+SMOKE = {"base_model": "tiny-llama", "profile": "smoke"}
+QUESTION = "Question: Ann has 2 cats and buys 3 more. How many cats?\nAnswer:"
+
+
+@pytest.fixture(scope="module")
+def cluster(ray_stack):
+    from adapters_hub import stack
+
+    home, dashboard, mlflow_uri = ray_stack
+    return dashboard, mlflow_uri, stack._load_state(home)["ray"].extra["gcs_address"]
+
+
+@pytest.fixture(scope="module")
+def first(cluster):
+    import sdk
+
+    dashboard = cluster[0]
+    job = sdk.submit_adaptation(task="gsm8k", address=dashboard, **SMOKE)
+    return job, job.wait(timeout=900)
+
+
+def test_submit_follow_wait_registers_a_version(first, cluster):
+    import mlflow
+
+    import sdk
+    from adapters_hub import registry
+
+    job, result = first
+    uri = cluster[1]
+    assert job.status() is sdk.JobStatus.SUCCEEDED and job.status().is_terminal()
+    assert result.model_name == "gsm8k-lisa" and result.version == "1"
+    assert result.aliases == ["candidate", "champion"]  # first version: nothing to beat
+    for key in ("base.accuracy", "fresh.answer_nll", "adapter.answer_nll", "adapter.accuracy"):
+        assert key in result.metrics
+    assert "LISA_HUB_RESULT" in job.logs() and "[train] trainable parameters" in job.logs()
+
+    record = registry.get_adapter("gsm8k-lisa@champion", tracking_uri=uri)
+    assert record.version == 1 and set(record.aliases) == {"candidate", "champion"}
+    for tag in ("task", "kind", "base_model", "base_fingerprint", "plan_hash", "trainable_params", "sha256"):
+        assert record.tags.get(tag), tag
+    assert record.tags["base_model"] == "tiny-llama" and record.tags["kind"] == "lisa"
+
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(result.run_id)
+    assert abs(run.data.metrics["adapter.answer_nll"] - result.metrics["adapter.answer_nll"]) < 1e-9
+    assert len(client.get_metric_history(result.run_id, "train/loss")) >= 2  # per-step metrics
+    artifacts = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"loss_curve.png", "samples.json"} <= artifacts
+
+    listed = [j for j in sdk.list_jobs(address=cluster[0]) if j.id == job.id]
+    assert listed and listed[0].task == "gsm8k" and listed[0].base == "tiny-llama"
+
+
+def test_adapter_loads_and_swaps_on_one_backbone(first, cluster):
+    import sdk
+
+    _, result = first
+    uri = cluster[1]
+    bb = sdk.Backbone.load(base_model="tiny-llama", tracking_uri=uri)
+    fresh = bb.generate(QUESTION, max_new_tokens=8)
+    active = bb.use("gsm8k")  # bare task name -> gsm8k-lisa@champion
+    assert active.key == "gsm8k-lisa/1" and active.kind == "lisa"
+    tuned = bb.generate(QUESTION, max_new_tokens=8)
+    alone = sdk.Backbone.load(base_model="tiny-llama", tracking_uri=uri)
+    alone.use(result.ref)
+    assert tuned == alone.generate(QUESTION, max_new_tokens=8)
+    assert isinstance(fresh, str)
+
+
+def test_second_worse_run_does_not_take_champion(first, cluster):
+    import sdk
+    from adapters_hub import registry
+
+    dashboard, uri, _ = cluster
+    _, one = first
+    job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides={"max_steps": 1, "lr": 1e-6}, **SMOKE)
+    two = job.wait(timeout=900)
+    assert two.version == "2" and "candidate" in two.aliases
+    better = two.metrics["adapter.accuracy"] > one.metrics["adapter.accuracy"]
+    assert ("champion" in two.aliases) == better  # champion only when strictly better
+    champion = registry.get_adapter("gsm8k-lisa@champion", tracking_uri=uri)
+    assert champion.version == (2 if better else 1)
+
+
+def test_two_task_adapters_mixed_batch_and_serve(first, cluster):
+    import ray
+    from ray import serve
+
+    import sdk
+    from adapters_hub import stack
+    from sdk.serve import build_app
+
+    dashboard, uri, _ = cluster
+    wiki = sdk.submit_adaptation(task="wikitext2", address=dashboard, **SMOKE).wait(timeout=900)
+    assert wiki.model_name == "wikitext2-lisa"
+
+    bb = sdk.Backbone.load(base_model="tiny-llama", tracking_uri=uri, max_resident=2)
+    prompts = [QUESTION, "The history of", "Question: 5 - 2?\nAnswer:"]
+    refs = ["gsm8k-lisa/1", wiki.ref, "gsm8k-lisa/1"]
+    per_adapter = {}
+    for ref in set(refs):
+        solo = sdk.Backbone.load(base_model="tiny-llama", tracking_uri=uri)
+        solo.use(ref)
+        per_adapter[ref] = solo.generate(prompts, max_new_tokens=6)
+    mixed = bb.generate(prompts, adapter=refs, max_new_tokens=6)
+    assert mixed == [per_adapter[r][i] for i, r in enumerate(refs)]
+    # swap back and forth on one backbone: each output equals that adapter loaded alone
+    for ref in (wiki.ref, "gsm8k-lisa/1", wiki.ref):
+        bb.use(ref)
+        assert bb.generate(prompts, max_new_tokens=6) == per_adapter[ref]
+    assert len(bb.resident) <= 2
+
+    # Ray Serve: HTTP generation with the adapter chosen per request
+    port = stack.free_port()
+    ray.init(address=cluster[2], ignore_reinit_error=True)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(base_model="tiny-llama", tracking_uri=uri, num_cpus=0), name="lisa-hub-test",
+                  route_prefix="/generate")
+        url = f"http://127.0.0.1:{port}/generate"
+        for ref in ("gsm8k-lisa/1", wiki.ref):
+            body = requests.post(url, json={"prompt": prompts[0], "adapter": ref, "max_new_tokens": 6}, timeout=120).json()
+            assert body["text"] == per_adapter[ref][0], body
+        by_header = requests.post(url, json={"prompt": prompts[1], "max_new_tokens": 6}, timeout=120,
+                                  headers={"serve_multiplexed_model_id": wiki.ref}).json()
+        assert by_header["text"] == per_adapter[wiki.ref][1]
+        missing = requests.post(url, json={"prompt": "x", "adapter": "nope-lisa@champion"}, timeout=120)
+        assert missing.status_code == 404 and "nope-lisa" in missing.json()["error"]
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_killed_job_resumes_from_its_checkpoint(cluster):
+    import sdk
+
+    dashboard = cluster[0]
+    overrides = {"max_steps": 40, "save_steps": 4, "eval_examples": 1, "max_new_tokens": 2}
+    job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
+    deadline = time.monotonic() + 600
+    while "Checkpoint successfully created" not in job.logs():
+        assert not job.status().is_terminal(), job.logs()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    job.stop()
+    while not job.status().is_terminal():
+        time.sleep(1)
+    assert job.status() is sdk.JobStatus.STOPPED
+
+    again = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
+    result = again.wait(timeout=900)
+    logs = again.logs()
+    assert "resuming from checkpoint at step" in logs, logs[-3000:]
+    step = int(logs.split("resuming from checkpoint at step")[1].split()[0])
+    assert 4 <= step < 40
+    assert result.version  # registered after the resumed run
+
+
+def test_bad_inputs_fail_clearly_and_leave_nothing(cluster, tmp_path):
+    import sdk
+    from adapters_hub import registry, stack
+    from adapters_hub.tasks import TaskSpecError, UnknownTaskError
+
+    dashboard, uri, _ = cluster
+    before = {(a.name, a.version) for a in registry.list_adapters(tracking_uri=uri)}
+    n_jobs = len(sdk.list_jobs(address=dashboard))
+
+    with pytest.raises(UnknownTaskError, match="gsm9k"):
+        sdk.submit_adaptation(task="gsm9k", address=dashboard)
+    with pytest.raises(ValueError, match="profile"):
+        sdk.submit_adaptation(task="gsm8k", profile="huge", address=dashboard)
+    with pytest.raises(ValueError, match="overrides"):
+        sdk.submit_adaptation(task="gsm8k", overrides={"max_stepz": 3}, address=dashboard)
+
+    bad = tmp_path / "tasks"
+    bad.mkdir()
+    (bad / "broken.yaml").write_text("name: broken\ndescription: x\nmetrics: [accuracy]\n")
+    env = dict(os.environ, LISA_HUB_TASKS_DIR=str(bad))
+    run = subprocess.run([sys.executable, "-m", "jobs.adapt", "--task", "broken", "--profile", "smoke"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and "broken.yaml" in run.stderr, run.stderr
+
+    dead = f"http://127.0.0.1:{stack.free_port()}"
+    env = dict(os.environ, MLFLOW_TRACKING_URI=dead)
+    run = subprocess.run([sys.executable, "-m", "jobs.adapt", "--task", "gsm8k", "--profile", "smoke",
+                          "--base", "tiny-llama"], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2 and dead in run.stderr and "lisa-hub up" in run.stderr, run.stderr
+
+    with pytest.raises(sdk.ClusterUnavailableError, match="lisa-hub up"):
+        sdk.submit_adaptation(task="gsm8k", address=f"http://127.0.0.1:{stack.free_port()}")
+
+    assert {(a.name, a.version) for a in registry.list_adapters(tracking_uri=uri)} == before
+    assert len(sdk.list_jobs(address=dashboard)) == n_jobs

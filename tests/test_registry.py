@@ -1,0 +1,227 @@
+"""Adapter registry against a real MLflow server (conftest's session `mlflow_server`)."""
+
+from __future__ import annotations
+
+import socket
+import time
+import uuid
+
+import pytest
+
+from adapters_hub import registry as reg_mod
+from adapters_hub.registry import (
+    MANIFEST,
+    AdapterNotFoundError,
+    ChecksumError,
+    Registry,
+    RegistryError,
+    RegistryUnavailableError,
+)
+
+
+@pytest.fixture
+def reg(mlflow_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("LISA_HUB_HOME", str(tmp_path / "home"))  # a fresh download cache per test
+    return Registry(mlflow_server)
+
+
+@pytest.fixture
+def task():
+    return f"t{uuid.uuid4().hex[:10]}"  # the server lives for the session: names must not collide
+
+
+def _adapter_dir(path, seed: str):
+    path.mkdir(parents=True)
+    (path / "adapter_config.json").write_text(f'{{"kind": "lisa", "seed": "{seed}"}}')
+    (path / "adapter_model.safetensors").write_bytes(seed.encode() * 100)
+    (path / "sub").mkdir()
+    (path / "sub" / "notes.txt").write_text("nested files are covered too")
+    return path
+
+
+def _run(reg: Registry) -> str:
+    client = reg.client()
+    exp = client.get_experiment_by_name("registry-tests")
+    exp_id = exp.experiment_id if exp else client.create_experiment("registry-tests")
+    return client.create_run(exp_id).info.run_id
+
+
+def _register(reg, tmp_path, task, value, *, kind="lisa", metric="accuracy", higher=True, seed=None):
+    seed = seed or uuid.uuid4().hex
+    return reg.register_adapter(
+        run_id=_run(reg), adapter_dir=_adapter_dir(tmp_path / seed, seed), task=task, kind=kind,
+        base="tiny-llama", base_fingerprint="abc123", plan_hash="plan42",
+        metrics={metric: value, "answer_nll": 1.5}, main_metric=metric, higher_is_better=higher,
+        trainable_params=1234)
+
+
+@pytest.mark.stack
+def test_champion_goes_to_the_better_version_only(reg, tmp_path, task):
+    name = f"{task}-lisa"
+    first = _register(reg, tmp_path, task, 0.30)
+    assert (first.name, first.version, first.aliases) == (name, 1, ("candidate", "champion"))
+    worse = _register(reg, tmp_path, task, 0.20)
+    assert worse.aliases == ("candidate",)
+    tie = _register(reg, tmp_path, task, 0.30)  # a tie does not beat the champion
+    assert tie.aliases == ("candidate",)
+    better = _register(reg, tmp_path, task, 0.50)
+    assert better.version == 4 and better.aliases == ("candidate", "champion")
+
+    records = reg.list_adapters(task)
+    assert [(r.version, r.aliases) for r in records] == [(1, ()), (2, ()), (3, ()), (4, ("candidate", "champion"))]
+    champion = reg.get_adapter(name)  # a bare name means the champion
+    assert champion.version == 4 and champion.metrics == {"accuracy": 0.5, "answer_nll": 1.5}
+    tags = champion.tags
+    assert {k: tags[k] for k in ("task", "kind", "base_model", "base_fingerprint", "plan_hash", "trainable_params")} == {
+        "task": task, "kind": "lisa", "base_model": "tiny-llama", "base_fingerprint": "abc123",
+        "plan_hash": "plan42", "trainable_params": "1234"}
+    assert len(tags["sha256"]) == 64 and tags["metric.accuracy"] == "0.5"
+    assert reg.client().get_registered_model(name).description.startswith("lisa-hub lisa adapters")
+
+    # lower is better (perplexity): the champion follows the lower value
+    _register(reg, tmp_path, task, 12.0, kind="drop", metric="perplexity", higher=False)
+    assert _register(reg, tmp_path, task, 9.0, kind="drop", metric="perplexity", higher=False).aliases == (
+        "candidate", "champion")
+    assert _register(reg, tmp_path, task, 10.0, kind="drop", metric="perplexity", higher=False).aliases == (
+        "candidate",)
+    assert {r.name for r in reg.list_adapters(task)} == {name, f"{task}-drop"}
+
+    # manual promotion (e.g. a rollback)
+    assert reg.promote(name, 1, "champion").aliases == ("champion",)
+    assert reg.get_adapter(f"{name}@champion").version == 1
+
+
+@pytest.mark.stack
+def test_resolve_returns_a_verified_copy_and_heals_the_cache(reg, tmp_path, task, monkeypatch):
+    done = _register(reg, tmp_path, task, 0.4, seed="weights-v1")
+    path = reg.resolve(f"{done.name}@champion")
+    source = tmp_path / "weights-v1"
+    for rel in ("adapter_config.json", "adapter_model.safetensors", "sub/notes.txt"):
+        assert (path / rel).read_bytes() == (source / rel).read_bytes()
+    assert (path / MANIFEST).is_file()
+    assert reg.resolve(f"{done.name}/1") == path == reg.resolve(done.name)
+
+    # a cache hit does not download
+    client = reg.client()
+    monkeypatch.setattr(client, "download_artifacts", lambda *a, **k: pytest.fail("downloaded although cached"))
+    reg.resolve(done.name)
+    monkeypatch.undo()
+    monkeypatch.setenv("LISA_HUB_HOME", str(tmp_path / "home"))
+
+    # a corrupted cache is detected and downloaded again
+    (path / "adapter_model.safetensors").write_bytes(b"bit rot")
+    healed = reg.resolve(done.name)
+    assert (healed / "adapter_model.safetensors").read_bytes() == (source / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.stack
+def test_corrupted_download_is_an_error(reg, tmp_path, task, monkeypatch):
+    done = _register(reg, tmp_path, task, 0.4)
+    client = reg.client()
+    real = client.download_artifacts
+
+    def corrupting(run_id, path, dst_path=None):
+        local = real(run_id, path, dst_path=dst_path)
+        with open(f"{local}/adapter_model.safetensors", "ab") as fh:
+            fh.write(b"tampered")
+        return local
+
+    monkeypatch.setattr(client, "download_artifacts", corrupting)
+    with pytest.raises(ChecksumError, match=r"fail verification.*changed: \['adapter_model.safetensors'\]"):
+        reg.resolve(done.name)
+    assert not any((tmp_path / "home" / "cache" / "adapters" / done.name).glob("1*"))  # nothing cached
+
+
+@pytest.mark.stack
+def test_failed_registration_leaves_nothing_behind(reg, tmp_path, task, monkeypatch):
+    name = f"{task}-lisa"
+    client = reg.client()
+    # 1. missing adapter folder: fails before the registry is touched
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        reg.register_adapter(run_id=_run(reg), adapter_dir=tmp_path / "missing", task=task, kind="lisa",
+                             base="tiny-llama", base_fingerprint="f", plan_hash="p", metrics={"accuracy": 0.1},
+                             main_metric="accuracy", higher_is_better=True, trainable_params=1)
+    assert not [m for m in client.search_registered_models() if m.name == name]
+
+    # 2. failure after the version exists, on a new registered model: the model goes too
+    real_alias = client.set_registered_model_alias
+
+    def failing(model, alias, version):
+        raise RuntimeError("injected failure")
+
+    monkeypatch.setattr(client, "set_registered_model_alias", failing)
+    with pytest.raises(RegistryError, match="rolled back.*injected failure"):
+        _register(reg, tmp_path, task, 0.1)
+    assert not [m for m in client.search_registered_models() if m.name == name]
+    monkeypatch.undo()
+    monkeypatch.setenv("LISA_HUB_HOME", str(tmp_path / "home"))
+
+    # 3. failure while moving `champion` onto a better version: the version is deleted and
+    #    both aliases point where they pointed before
+    _register(reg, tmp_path, task, 0.2)                 # v1 champion
+    _register(reg, tmp_path, task, 0.1)                 # v2 candidate
+
+    def failing_champion(model, alias, version):
+        if alias == "champion" and version == "3":
+            raise RuntimeError("injected failure")
+        return real_alias(model, alias, version)
+
+    monkeypatch.setattr(client, "set_registered_model_alias", failing_champion)
+    with pytest.raises(RegistryError, match="injected failure"):
+        _register(reg, tmp_path, task, 0.9)
+    assert [r.version for r in reg.list_adapters(task)] == [1, 2]
+    assert client.get_registered_model(name).aliases == {"champion": "1", "candidate": "2"}
+
+
+@pytest.mark.stack
+def test_unknown_refs_list_what_exists(reg, tmp_path, task):
+    done = _register(reg, tmp_path, task, 0.4)
+    with pytest.raises(AdapterNotFoundError, match=rf"no registered model 'nope-lisa'.*known: .*{done.name}"):
+        reg.resolve("nope-lisa@champion")
+    with pytest.raises(AdapterNotFoundError, match=r"no alias 'staging'; aliases: candidate -> 1, champion -> 1"):
+        reg.resolve(f"{done.name}@staging")
+    with pytest.raises(AdapterNotFoundError, match=r"no version 7; versions: 1"):
+        reg.get_adapter(f"{done.name}/7")
+    with pytest.raises(AdapterNotFoundError, match="no version 9"):
+        reg.promote(done.name, 9, "champion")
+    with pytest.raises(ValueError, match="expected NAME"):
+        reg.resolve("../../etc@champion")
+
+
+@pytest.mark.stack
+def test_backbone_plan_is_shared_per_base(reg, tmp_path):
+    base = f"org/Model {uuid.uuid4().hex[:6]}"
+    assert reg.get_backbone(base) is None
+    plan = tmp_path / "plan"
+    plan.mkdir()
+    (plan / "plan.json").write_text('{"layers": [3, 4]}')
+    (plan / "report.md").write_text("# analysis")
+    done = reg.register_backbone(base, plan, plan_hash="h1", base_fingerprint="fp")
+    assert done.name.startswith("backbone-org-Model-") and done.aliases == ("champion",)
+    folder = reg.get_backbone(base)
+    assert (folder / "plan.json").read_text() == '{"layers": [3, 4]}' and (folder / "report.md").is_file()
+    assert reg.get_adapter(done.name).tags["plan_hash"] == "h1"
+    assert done.name not in {r.name for r in reg.list_adapters()}  # backbones are not adapters
+
+    with pytest.raises(RegistryError, match="already has a champion plan"):
+        reg.register_backbone(base, plan)
+    (plan / "plan.json").write_text('{"layers": [5]}')
+    assert reg.register_backbone(base, plan, replace=True).version == 2
+    assert (reg.get_backbone(base) / "plan.json").read_text() == '{"layers": [5]}'
+
+
+def test_backbone_names_are_mlflow_safe_and_distinct():
+    assert reg_mod.backbone_model_name("smollm2-135m") == "backbone-smollm2-135m"
+    a, b = reg_mod.backbone_model_name("org/model"), reg_mod.backbone_model_name("org-model")
+    assert a != b and a.startswith("backbone-org-model-") and "/" not in a
+
+
+def test_unreachable_mlflow_fails_fast_and_clearly():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    uri = f"http://127.0.0.1:{port}"
+    start = time.monotonic()
+    with pytest.raises(RegistryUnavailableError, match=rf"{uri} is unreachable.*lisa-hub up"):
+        Registry(uri).list_adapters()
+    assert time.monotonic() - start < 5

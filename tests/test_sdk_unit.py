@@ -1,0 +1,52 @@
+"""SDK pure logic: statuses, result parsing, validation before submitting, manifests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+import sdk
+from sdk.client import RESULT_MARKER, parse_result
+
+
+def test_status_terminality():
+    assert {s for s in sdk.JobStatus if s.is_terminal()} == {sdk.JobStatus.STOPPED, sdk.JobStatus.SUCCEEDED,
+                                                              sdk.JobStatus.FAILED}
+    assert sdk.JobStatus("RUNNING") is sdk.JobStatus.RUNNING and str(sdk.JobStatus.PENDING) == "PENDING"
+
+
+def test_result_is_read_from_the_last_marker_line():
+    first = {"run_id": "r1", "model_name": "gsm8k-lisa", "version": 1, "aliases": ["candidate"], "metrics": {}}
+    last = {**first, "run_id": "r2", "version": 2, "metrics": {"adapter.accuracy": 0.5}}
+    logs = f"noise\n{RESULT_MARKER}{json.dumps(first)}\nmore\n{RESULT_MARKER}{json.dumps(last)}\ntrailing\n"
+    result = parse_result("job-1", logs)
+    assert result.run_id == "r2" and result.version == "2" and result.ref == "gsm8k-lisa/2"
+    assert result.metrics == {"adapter.accuracy": 0.5}
+    assert parse_result("job-1", "no result here") is None
+
+
+def test_validation_happens_before_anything_is_submitted():
+    # An address nobody listens on: validation must fail first, without trying to connect.
+    nowhere = "http://127.0.0.1:9"
+    with pytest.raises(LookupError, match="gsm9k"):
+        sdk.submit_adaptation(task="gsm9k", address=nowhere)
+    with pytest.raises(ValueError, match="kind"):
+        sdk.submit_adaptation(task="gsm8k", kind="qlora", address=nowhere)
+    with pytest.raises(ValueError, match="profile"):
+        sdk.submit_adaptation(task="gsm8k", profile="huge", address=nowhere)
+    with pytest.raises(ValueError, match="overrides.*max_stepz"):
+        sdk.submit_adaptation(task="gsm8k", overrides={"max_stepz": 1}, address=nowhere)
+    with pytest.raises(sdk.ClusterUnavailableError, match="lisa-hub up"):
+        sdk.submit_adaptation(task="gsm8k", address=nowhere)
+
+
+def test_kubernetes_manifests_parse():
+    root = Path(__file__).resolve().parents[1] / "manifests"
+    kinds = set()
+    for path in sorted(root.glob("kuberay/*.yaml")) + sorted(root.glob("mlflow/*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            kinds.add(doc["kind"])
+    assert {"RayCluster", "RayJob", "Deployment", "Service"} <= kinds
