@@ -221,6 +221,9 @@ def train_loop(cfg: dict) -> None:
         warmup_steps=min(10, p["max_steps"] // 10), logging_steps=1, save_steps=save_steps, save_total_limit=2,
         report_to="none", max_length=p["max_seq_len"], seed=p["seed"], use_cpu=not p["use_gpu"],
         dataloader_num_workers=0, disable_tqdm=False, save_only_model=False,
+        # TRL turns activation checkpointing on by default; a 135M model does not need it, it
+        # costs ~30% more compute, and its recomputation would replay the distillation hooks.
+        activation_checkpointing=False,
     )
 
     class MlflowSteps(TrainerCallback):  # per-step metrics into the job's MLflow run (rank 0)
@@ -250,6 +253,7 @@ def train_loop(cfg: dict) -> None:
     trainer = _make_trainer_class()(model=lm, args=args, train_dataset=dataset, processing_class=tok,
                                     callbacks=[MlflowSteps(), ReportCheckpoints()])
     trainer.lisa_model, trainer.adapter_kind, trainer.adapter_name = lm, kind, name
+    trainer.distill_beta = p["distill_beta"] if cfg["kind"] == "lisa" else 0.0
     resume = None
     if (ckpt := ray.train.get_checkpoint()) is not None:
         resume_dir = Path(tempfile.mkdtemp(prefix="lisa-resume-"))
@@ -267,7 +271,21 @@ def _make_trainer_class():
     from trl import SFTTrainer
 
     class AdapterSFTTrainer(SFTTrainer):
-        """SFTTrainer whose checkpoints hold the adapter only (not the 135M base weights)."""
+        """SFTTrainer whose checkpoints hold the adapter only (not the 135M base weights), and
+        whose loss adds `distill_beta` x attention-distillation KL (lisa kind) when set."""
+
+        distill_beta = 0.0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if not self.distill_beta or return_outputs:  # return_outputs: evaluation only
+                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            from adapters_hub.lisa.distill import distillation
+
+            with distillation(self.lisa_model) as d:  # collects one KL term per substituted layer
+                loss = super().compute_loss(model, inputs, False, num_items_in_batch)
+                kl = d.loss()
+            self._metrics["train" if model.training else "eval"]["distill_kl"].append(float(kl.detach()))
+            return loss + self.distill_beta * kl
 
         def _save(self, output_dir=None, state_dict=None):
             out = Path(output_dir or self.args.output_dir)

@@ -295,8 +295,19 @@ def test_smollm2_attention_drop():
     calib = calibration_blocks(tok, load_text("wikitext2"), n_blocks=2, block_len=64, skip_tokens=8192)
     scores = layer_importance(model, calib, "attn", progress=False)
     plan = DropPlan.top_n(scores, n=8, target="attn")
-    # He et al.: the least important attention layers are mostly deep ones.
-    assert sum(i >= 15 for i in plan.attn) >= 5, plan.attn
+    # The score means something: dropping the 8 least important attention layers hurts
+    # held-out text (first 2 x 256 tokens, not the calibration text) far less than dropping
+    # the 8 most important. (Which layers go first is a measurement: benchmarks/drop_smollm2.py.)
+    from adapters_hub.evaluation import perplexity
+
+    held_out = calibration_blocks(tok, load_text("wikitext2"), n_blocks=2, block_len=256)
+    most = DropPlan.top_n([-s for s in scores], n=8, target="attn")
+    ppl = {}
+    for name, p in (("least", plan), ("most", most)):
+        apply_drop(model, p)
+        ppl[name] = perplexity(model, held_out, progress=False)
+        restore(model)
+    assert ppl["least"] * 2 < ppl["most"], ppl
     ids = calib[:1, :24]
     base = model(ids).logits
     apply_drop(model, plan)

@@ -1,0 +1,67 @@
+"""The adaptation job's pure pieces, without Ray or MLflow: the trainer subclass (adapter-only
+checkpoints, attention distillation in the loss), argument parsing, overrides."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from adapters_hub.lisa import LisaConfig, LisaModel, SharingPlan
+from jobs import adapt
+
+
+def _trainer(tiny, tmp_path, beta, steps=2, save_steps=0):
+    from datasets import Dataset
+    from trl import SFTConfig
+
+    from adapters_hub.kinds import get_kind
+
+    model = copy.deepcopy(tiny[0])
+    lm = LisaModel(model, LisaConfig(plan=SharingPlan.for_model(model, [2, 3, 5])), adapter_name="t")
+    data = Dataset.from_dict({"text": ["hello lisa world " * 4, "shared attention layers " * 4] * 4})
+    args = SFTConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-2,
+                     report_to=[], logging_steps=1, max_length=64, use_cpu=True, dataloader_num_workers=0, activation_checkpointing=False,
+                     save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500)
+    trainer = adapt._make_trainer_class()(model=lm, args=args, train_dataset=data, processing_class=tiny[1])
+    trainer.lisa_model, trainer.adapter_kind, trainer.adapter_name = lm, get_kind("lisa"), "t"
+    trainer.distill_beta = beta
+    return trainer, lm
+
+
+def test_distillation_term_is_added_and_logged(tiny, tmp_path):
+    trainer, lm = _trainer(tiny, tmp_path, beta=1.0)
+    trainer.train()
+    logged = [h for h in trainer.state.log_history if "distill_kl" in h]
+    assert len(logged) == 2 and all(h["distill_kl"] >= 0 for h in logged)
+    # The KL of a fresh adapter is > 0 on a random model (donor attention != own attention).
+    assert logged[0]["distill_kl"] > 1e-4
+    plain, _ = _trainer(tiny, tmp_path / "plain", beta=0.0)
+    plain.train()
+    assert not any("distill_kl" in h for h in plain.state.log_history)
+
+
+def test_checkpoints_hold_the_adapter_only_and_resume_loads_it(tiny, tmp_path):
+    trainer, lm = _trainer(tiny, tmp_path, beta=0.0, steps=2, save_steps=2)
+    trainer.train()
+    ckpt = tmp_path / "checkpoint-2"
+    files = {p.name for p in ckpt.iterdir()}
+    assert "adapter_model.safetensors" in files and "model.safetensors" not in files
+    trained = {k: v.clone() for k, v in lm.adapter_state_dict("t").items()}
+    again, lm2 = _trainer(tiny, tmp_path / "again", beta=0.0)
+    again._load_from_checkpoint(str(ckpt))
+    for k, v in lm2.adapter_state_dict("t").items():
+        assert torch.equal(v, trained[k]), k
+
+
+def test_overrides_and_set_flags_are_validated():
+    spec = adapt.parse_args(["--task", "gsm8k", "--profile", "smoke", "--set", "max_steps=5", "--set", "lr=0.01"])
+    assert spec.overrides == {"max_steps": 5, "lr": 0.01}
+    from adapters_hub.tasks import load_task
+
+    assert adapt._profile(load_task("gsm8k"), spec).max_steps == 5
+    with pytest.raises(ValueError, match="max_steps"):
+        adapt._profile(load_task("gsm8k"), adapt.AdaptSpec(task="gsm8k", profile="smoke", overrides={"max_steps": -1}))
+    with pytest.raises(ValueError, match="FIELD=VALUE"):
+        adapt.parse_args(["--task", "gsm8k", "--set", "max_steps"])
