@@ -32,7 +32,7 @@ def backbone_plan(base: str, *, create: bool = True, tracking_uri: str | None = 
     with tempfile.TemporaryDirectory() as tmp:
         report.save(tmp)
         plan.save(Path(tmp) / "plan.json")
-        registry.register_backbone(base, tmp, tracking_uri=tracking_uri)
+        registry.register_backbone(base, tmp, tracking_uri=tracking_uri, plan_hash=plan.hash)
     log(f"[backbone] registered plan {plan.hash}: {plan.summary()}")
     return plan
 

@@ -332,7 +332,7 @@ class Registry:
             existing = self._alias_version(name, CHAMPION)
             if existing is not None:
                 raise RegistryError(f"{name} already has a champion plan (version {existing}); "
-                                    "pass replace=True to make a new plan the backbone of this base")
+                                    "pass replace=True (CLI: --replace) to make a new plan the backbone of this base")
         client = self.client()
         own_run = run_id is None
         if own_run:

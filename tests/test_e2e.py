@@ -150,7 +150,7 @@ def test_killed_job_resumes_from_its_checkpoint(cluster):
     import sdk
 
     dashboard = cluster[0]
-    overrides = {"max_steps": 40, "save_steps": 4, "eval_examples": 1, "max_new_tokens": 2}
+    overrides = {"max_steps": 40, "save_steps": 4, "eval_examples": 4, "max_new_tokens": 2}
     job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
     deadline = time.monotonic() + 600
     while "Checkpoint successfully created" not in job.logs():

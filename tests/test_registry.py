@@ -225,3 +225,23 @@ def test_unreachable_mlflow_fails_fast_and_clearly():
     with pytest.raises(RegistryUnavailableError, match=rf"{uri} is unreachable.*lisa-hub up"):
         Registry(uri).list_adapters()
     assert time.monotonic() - start < 5
+
+
+@pytest.mark.stack
+def test_analyze_cli_registers_the_backbone_jobs_use(mlflow_server, tiny, tmp_path, monkeypatch, capsys):
+    from adapters_hub import backbone, cli
+    from adapters_hub.lisa.plan import SharingPlan
+
+    monkeypatch.setenv("LISA_HUB_HOME", str(tmp_path / "home"))
+    base = tmp_path / "my-base"  # a local folder is a base name of its own: no clash with other tests
+    tiny[0].save_pretrained(base)
+    tiny[1].save_pretrained(base)
+    out = tmp_path / "analysis"
+    args = ["analyze", "--base", str(base), "--out", str(out), "--blocks", "2", "--block-len", "32",
+            "--skip-tokens", "0", "--register"]
+    assert cli.main(args) == 0
+    written = SharingPlan.load(out / "plan.json")
+    assert backbone.backbone_plan(str(base), create=False, tracking_uri=mlflow_server).hash == written.hash
+    assert cli.main(args) == 2  # a second plan for the same base needs --replace
+    assert "already has a champion plan" in capsys.readouterr().err
+    assert cli.main(args + ["--replace"]) == 0
