@@ -358,3 +358,19 @@ def chunk_text(text: str, chunk_chars: int) -> list[str]:
     if current:
         chunks.append("".join(current))
     return [c for c in chunks if c.strip()]
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """`--set FIELD=VALUE` flags -> profile overrides; VALUE is JSON when it parses, else a string."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out

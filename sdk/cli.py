@@ -66,18 +66,9 @@ def _adapt(args) -> int:
 
 
 def _overrides(items: list[str]) -> dict:
-    import json
+    from adapters_hub.tasks import parse_overrides
 
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected FIELD=VALUE")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    return parse_overrides(items)
 
 
 def _submit(args) -> int:
