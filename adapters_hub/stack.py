@@ -198,6 +198,10 @@ def _start_ray(home: Path, ports: Ports, mlflow_uri: str) -> _Record:
                LISA_HUB_HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
     # Jobs run `python -m jobs.adapt` with the Python of the node: this environment's.
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    # A job's working_dir package is kept in the GCS only 600 s past its upload by default;
+    # a resubmit of unchanged code then skips the upload and its Ray Train workers fail to
+    # fetch a deleted package (ray-project/ray#46625, seen here). Keep packages for a day.
+    env.setdefault("RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S", "86400")
     argv = [_bin("ray"), "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1",
             "--port", str(ports.gcs),

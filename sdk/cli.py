@@ -150,9 +150,10 @@ def _demo(args) -> int:
     print("== 4. generate without and with the adapter, on one loaded backbone")
     bb = sdk.Backbone.load(base_model=args.base)
     question = "Question: Tom has 3 boxes with 4 apples each. He eats 2 apples. How many apples are left?\nAnswer:"
-    print("   fresh backbone:", bb.generate(question, max_new_tokens=80).strip()[:300])
+    first_answer = lambda text: text.strip().split("\n\n")[0][:300]  # the task's stop string
+    print("   fresh backbone:", first_answer(bb.generate(question, max_new_tokens=80)))
     bb.use(result.ref)
-    print(f"   {result.ref}:", bb.generate(question, max_new_tokens=80).strip()[:300])
+    print(f"   {result.ref}:", first_answer(bb.generate(question, max_new_tokens=80)))
     print(f"== done in {time.perf_counter() - start:.0f} s.  Ray dashboard: {stack.dashboard_url()}   "
           f"MLflow UI: {stack.mlflow_url()}/#/models/{result.model_name}")
     return 0

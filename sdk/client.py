@@ -16,6 +16,7 @@ SDK reads the result from there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shlex
@@ -183,13 +184,37 @@ def submit_adaptation(
     for key, value in overrides.items():
         argv += ["--set", f"{key}={json.dumps(value)}"]
     env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "LISA_HUB_DATA_DIR") if k in os.environ}
-    job_id = _client(address).submit_job(
-        entrypoint=shlex.join(argv),
-        submission_id=submission_id,
-        runtime_env={"working_dir": str(REPO_ROOT), "excludes": _EXCLUDES, "env_vars": env_vars},
-        metadata={"task": task, "kind": kind, "base": base, "profile": profile, "app": "lisa-hub"},
-    )
+    client = _client(address)
+    with _code_package() as working_dir:  # uploaded by submit_job; gone afterwards
+        job_id = client.submit_job(
+            entrypoint=shlex.join(argv),
+            submission_id=submission_id,
+            runtime_env={"working_dir": working_dir, "excludes": _EXCLUDES, "env_vars": env_vars},
+            metadata={"task": task, "kind": kind, "base": base, "profile": profile, "app": "lisa-hub"},
+        )
     return AdaptationJob(job_id, address=address)
+
+
+@contextlib.contextmanager
+def _code_package():
+    """A temporary folder with the code a job runs (not tests, benchmarks or data) and a
+    unique stamp. Unique on purpose: Ray skips uploading a package whose hash it has seen,
+    and once the job that held it ends the GCS may already have deleted it, so a resubmit of
+    unchanged code failed with "Failed to download runtime_env file package"
+    (ray-project/ray#46625; it happened here within one test session)."""
+    import shutil
+    import tempfile
+    import uuid
+
+    with tempfile.TemporaryDirectory(prefix="lisa-hub-job-") as tmp:
+        for name in _SHIPPED:
+            src = REPO_ROOT / name
+            if src.is_dir():
+                shutil.copytree(src, Path(tmp) / name, ignore=shutil.ignore_patterns(*_EXCLUDES_COPY))
+            elif src.is_file():
+                shutil.copy2(src, Path(tmp) / name)
+        (Path(tmp) / ".lisa-hub-package").write_text(uuid.uuid4().hex)
+        yield tmp
 
 
 def get_job(job_id: str, *, address: str | None = None) -> AdaptationJob:
@@ -262,4 +287,6 @@ def _client(address: str):
 
 
 # What does not travel with a job: environments, caches, VCS data, local outputs.
+_SHIPPED = ["adapters_hub", "jobs", "sdk", "manifests", "pyproject.toml"]
+_EXCLUDES_COPY = ["__pycache__", "*.pyc", "*.safetensors", "*.gguf"]
 _EXCLUDES = [".venv/", ".git/", "__pycache__/", "*.pyc", ".pytest_cache/", "runs/", "out/", "*.safetensors", "*.gguf"]

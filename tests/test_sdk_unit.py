@@ -50,3 +50,16 @@ def test_kubernetes_manifests_parse():
         for doc in yaml.safe_load_all(path.read_text()):
             kinds.add(doc["kind"])
     assert {"RayCluster", "RayJob", "Deployment", "Service"} <= kinds
+
+
+def test_each_submission_ships_a_fresh_code_package():
+    from sdk.client import _code_package
+
+    with _code_package() as a, _code_package() as b:
+        a, b = Path(a), Path(b)
+        for rel in ("jobs/adapt.py", "adapters_hub/lisa/layer.py", "manifests/tasks/gsm8k.yaml", "pyproject.toml"):
+            assert (a / rel).is_file(), rel
+        assert not (a / "tests").exists() and not (a / "benchmarks").exists()
+        assert not list(a.rglob("__pycache__"))
+        assert (a / ".lisa-hub-package").read_text() != (b / ".lisa-hub-package").read_text()
+    assert not a.exists()  # removed once submitted
