@@ -140,13 +140,17 @@ def test_apply_matches_zeroed_branches_and_cached_decoding(model, name):
     full = model(ids).logits
     assert torch.allclose(full, ref_logits, atol=1e-5)
 
-    # Prefill 16 tokens, then decode the rest one at a time with the KV cache.
-    out = model(ids[:, :16], use_cache=True)
+    assert torch.allclose(_cached_logits(model, ids), full, atol=1e-5)
+
+
+def _cached_logits(model, ids, prefill=16):
+    """Prefill `prefill` tokens, then decode the rest one at a time with the KV cache."""
+    out = model(ids[:, :prefill], use_cache=True)
     cache, steps = out.past_key_values, [out.logits]
-    for t in range(16, 24):
+    for t in range(prefill, ids.shape[1]):
         out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
         steps.append(out.logits)
-    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    return torch.cat(steps, dim=1)
 
 
 def test_dropped_attention_computes_nothing_and_caches_nothing(model):
@@ -312,12 +316,7 @@ def test_smollm2_attention_drop():
     base = model(ids).logits
     apply_drop(model, plan)
     full = model(ids).logits
-    out = model(ids[:, :16], use_cache=True)
-    cache, steps = out.past_key_values, [out.logits]
-    for t in range(16, 24):
-        out = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-        steps.append(out.logits)
-    assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-4)
+    assert torch.allclose(_cached_logits(model, ids), full, atol=1e-4)
     cfg = model.config
     assert kv_cache_bytes_per_token(model) == 22 * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
     restore(model)
