@@ -1,10 +1,11 @@
 """Hot-swap latency and mixed-batch throughput on SmolLM2-135M, measured in one run.
 
-    .venv/bin/python benchmarks/hotswap_smollm2.py [--base smollm2-135m] [--repeats 5]
+    LISA_HUB_DATA_DIR=../shared/data .venv/bin/python benchmarks/hotswap_smollm2.py [--base smollm2-135m] [--repeats 5]
 
 Starts its own MLflow server (temporary LISA_HUB_HOME, free port), registers two LiSA
 adapters with non-trivial weights, then times:
-  swap, resident      `use()` of an adapter already in the pool
+  swap, resident      `use()` of an adapter already in the pool, by version and by alias
+                      (an alias may have moved, so it costs one registry lookup)
   swap, local cache   `use()` of a registered adapter already downloaded (load + verify)
   swap, first use     `use()` that downloads from MLflow, verifies and loads
   full reload         load the base model and rebuild the backbone (what a swap avoids)
@@ -98,6 +99,8 @@ def main() -> None:
         bb.use(refs[1])
         t_cache = timed(from_cache, args.repeats)
         t_resident = timed(lambda: (bb.use(refs[0]), bb.use(refs[1])), args.repeats) / 2
+        aliases = [r.split("/")[0] + "@candidate" for r in refs]  # an alias may move: one registry lookup
+        t_alias = timed(lambda: (bb.use(aliases[0]), bb.use(aliases[1])), args.repeats) / 2
 
         prompts = [f"Question: what is {i} plus {i + 3}?\nAnswer:" for i in range(args.batch)]
         mixed = [refs[i % 2] for i in range(args.batch)]
@@ -108,7 +111,7 @@ def main() -> None:
 
         print(f"\nhot swap on {args.base} (plan {plan.hash}, {len(plan.layers)} shared layers), median of {args.repeats}")
         print(f"{'what':28s} {'seconds':>9s} {'vs full reload':>15s}")
-        for label, t in (("swap, resident adapter", t_resident), ("swap, from local cache", t_cache),
+        for label, t in (("swap, resident (version ref)", t_resident), ("swap, resident (alias ref)", t_alias), ("swap, from local cache", t_cache),
                          ("swap, first use (download)", t_first), ("full reload of the model", t_reload)):
             print(f"{label:28s} {t:9.4f} {t / t_reload:14.3f}x")
         print(f"\ngeneration, batch {args.batch} x {args.new_tokens} new tokens")

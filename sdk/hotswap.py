@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_KIND = "lisa"
+_VERSION_REF = re.compile(r"[A-Za-z0-9_.-]+/[0-9]+")  # "gsm8k-lisa/3": an immutable model version
 
 
 @dataclass(frozen=True)
@@ -130,6 +131,8 @@ class Backbone:
         path = Path(ref).expanduser()
         if path.is_dir():
             return path, str(path.resolve())
+        if _VERSION_REF.fullmatch(ref) and ref in self._resident:
+            return Path(), ref  # a pinned version never changes: no registry round trip
         from adapters_hub import registry
 
         if "@" not in ref and "/" not in ref and "-" not in ref:
