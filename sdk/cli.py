@@ -26,6 +26,7 @@ def add_commands(sub) -> None:
     p.add_argument("--profile", default="quick")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON")
     p.add_argument("--follow", action="store_true", help="stream the log and wait for the result")
+    p.add_argument("--fresh-start", action="store_true", help="ignore checkpoints of an interrupted earlier run")
     p.set_defaults(func=_submit)
 
     p = sub.add_parser("jobs", help="lisa-hub jobs on the cluster")
@@ -75,7 +76,7 @@ def _submit(args) -> int:
     import sdk
 
     job = sdk.submit_adaptation(args.task, base_model=args.base, kind=args.kind, profile=args.profile,
-                                overrides=_overrides(args.set))
+                                overrides=_overrides(args.set), fresh_start=args.fresh_start)
     print(f"submitted job {job.id}  (dashboard: {job.address}/#/jobs/{job.id})")
     if args.follow:
         job.tail()

@@ -156,10 +156,13 @@ def submit_adaptation(
     overrides: dict[str, object] | None = None,
     address: str | None = None,
     submission_id: str | None = None,
+    fresh_start: bool = False,
 ) -> AdaptationJob:
     """Submit an adaptation of `base_model` to `task` as a Ray job; returns its handle.
 
     Task, kind, profile and override names are checked here, before anything is submitted.
+    A job whose earlier run (same task, kind, base, profile, plan) was interrupted resumes
+    from that run's last checkpoint; `fresh_start=True` discards it and starts over.
     With no `address` and no RAY_ADDRESS, the local stack is used and started if down.
 
     >>> job = submit_adaptation(task="gsm8k", base_model="smollm2-135m", profile="quick")  # doctest: +SKIP
@@ -183,6 +186,8 @@ def submit_adaptation(
     argv = ["python", "-m", "jobs.adapt", "--task", task, "--base", base, "--kind", kind, "--profile", profile]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={json.dumps(value)}"]
+    if fresh_start:
+        argv.append("--fresh-start")
     env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "LISA_HUB_DATA_DIR") if k in os.environ}
     client = _client(address)
     with _code_package() as working_dir:  # uploaded by submit_job; gone afterwards
