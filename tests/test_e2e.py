@@ -168,6 +168,16 @@ def test_killed_job_resumes_from_its_checkpoint(cluster):
     assert "resuming from checkpoint at step" in logs, logs[-3000:]
     step = int(logs.split("resuming from checkpoint at step")[1].split()[0])
     assert 4 <= step < 40
+    # Once the base has a general adapter (wikitext2-lisa, registered by the test above when
+    # the module runs in order), a new task adapter starts from it instead of fresh.
+    from adapters_hub import registry
+
+    try:
+        registry.get_adapter("wikitext2-lisa@champion", tracking_uri=cluster[1])
+        expected = "init=general adapter"
+    except registry.AdapterNotFoundError:
+        expected = "init=fresh"
+    assert expected in logs, logs[-3000:]
     assert result.version  # registered after the resumed run
 
 
