@@ -222,18 +222,22 @@ class Registry:
     def register_adapter(self, *, run_id: str, adapter_dir: str | Path, task: str, kind: str, base: str,
                          base_fingerprint: str, plan_hash: str | None, metrics: dict[str, float],
                          main_metric: str, higher_is_better: bool, trainable_params: int,
+                         tie_breaker: tuple[str, bool] | None = None,
                          artifact_path: str = ADAPTER_ARTIFACT) -> RegisteredAdapter:
         """Log adapter_dir to the run and register it as a new version of "<task>-<kind>".
 
         Aliases: `candidate` always; `champion` when it beats the current champion on
-        main_metric (strictly), or there is none. All or nothing in the registry: any
+        main_metric (strictly), or on `tie_breaker` = (metric, higher_is_better) when
+        main_metric ties, or there is no champion. All or nothing in the registry: any
         failure after the version exists deletes it, restores the aliases it moved and
         removes a registered model this call created. (Artifacts already logged to the run
         stay there: they belong to the run, not to the registry.)
         """
         name = adapter_model_name(task, kind)
-        if main_metric not in metrics:
-            raise ValueError(f"main_metric {main_metric!r} is not among the metrics {sorted(metrics)}")
+        ranking = [(main_metric, higher_is_better)] + ([tie_breaker] if tie_breaker else [])
+        for field, (metric, _) in zip(("main_metric", "tie_breaker"), ranking):
+            if metric not in metrics:
+                raise ValueError(f"{field} {metric!r} is not among the metrics {sorted(metrics)}")
         bad = {k: v for k, v in metrics.items() if not isinstance(v, (int, float)) or not math.isfinite(v)}
         if bad:
             raise ValueError(f"metrics must be finite numbers: {bad}")
@@ -242,23 +246,29 @@ class Registry:
             "task": task, "kind": kind, "base_model": base, "base_fingerprint": base_fingerprint,
             "plan_hash": plan_hash or "", "trainable_params": str(int(trainable_params)),
             "main_metric": main_metric, "higher_is_better": str(bool(higher_is_better)).lower(),
+            "tie_breaker": tie_breaker[0] if tie_breaker else "",
             **{f"metric.{k}": repr(float(v)) for k, v in metrics.items()},
         }
 
         def beats_champion(champion: "ModelVersion | None") -> bool:
             if champion is None:
                 return True
-            old = champion.tags.get(f"metric.{main_metric}")
-            if old is None:  # not comparable (spec changed?): the measured one wins
-                log.warning("%s champion v%s has no %s; the new version takes over", name, champion.version, main_metric)
-                return True
-            return new_value > float(old) if higher_is_better else new_value < float(old)
+            for i, (metric, higher) in enumerate(ranking):  # first metric that differs decides
+                old = champion.tags.get(f"metric.{metric}")
+                if old is None:  # not comparable (spec changed?): on the main metric the measured one wins
+                    log.warning("%s champion v%s has no %s", name, champion.version, metric)
+                    return i == 0
+                new, old = float(metrics[metric]), float(old)  # tags hold repr(float): exact round trip
+                if new != old:
+                    return new > old if higher else new < old
+            return False  # a full tie keeps the champion
 
         better = "higher" if higher_is_better else "lower"
         return self._register(
             name, Path(adapter_dir), run_id=run_id, artifact_path=artifact_path, tags=tags, type_="adapter",
             model_description=(f"lisa-hub {kind} adapters for task {task}, one version per adaptation run. "
-                               f"Aliases: candidate = latest, champion = best {main_metric} ({better} is better)."),
+                               f"Aliases: candidate = latest, champion = best {main_metric} ({better} is better)"
+                               + (f", ties broken by {tie_breaker[0]}." if tie_breaker else ".")),
             version_description=f"{kind} adapter for {task} on {base}: {main_metric} = {new_value:.6g}",
             make_champion=beats_champion)
 

@@ -170,6 +170,7 @@ class TaskSpec(_Strict):
     metrics: list[Metric] = Field(min_length=1)
     main_metric: Metric
     direction: Literal["higher", "lower"]   # of main_metric; must agree with the metric itself
+    tie_breaker: Metric | None = None       # decides the champion when main_metric ties (its own direction)
     generation: GenerationSpec
     profiles: dict[str, Profile] = Field(min_length=1)
     source_file: str = ""            # set by load_task, for messages
@@ -190,6 +191,8 @@ class TaskSpec(_Strict):
             raise ValueError(f"main_metric {self.main_metric.value!r} is not in metrics")
         if (self.direction == "higher") != self.main_metric.higher_is_better:
             raise ValueError(f"direction {self.direction!r} is wrong for {self.main_metric.value}")
+        if self.tie_breaker is not None and (self.tie_breaker not in self.metrics or self.tie_breaker is self.main_metric):
+            raise ValueError(f"tie_breaker {self.tie_breaker.value!r} must be one of metrics other than main_metric")
         needs_rows = {Metric.accuracy, Metric.answer_nll}
         for metric in self.metrics:
             if metric in needs_rows and not rows:

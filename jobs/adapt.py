@@ -10,7 +10,7 @@ Run (from the repository root, with the local stack up: `lisa-hub up`):
 Steps: 1 task spec + profile   2 backbone plan (registry, or analyse + register)
 3 TRL SFT inside Ray Train (adapter tensors only; adapter-only checkpoints; a re-run of
 an interrupted job resumes from its last checkpoint)   4 evaluate base / fresh backbone /
-adapter   5 MLflow run (params, per-step metrics, curves, samples, adapter) + model version
+general adapter it started from (if any) / adapter   5 MLflow run (params, per-step metrics, curves, samples, adapter) + model version
 `<task>-<kind>` with alias `candidate` (and `champion` if it beats the current one).
 The last line printed is `LISA_HUB_RESULT {json}` for the SDK.
 """
@@ -79,7 +79,7 @@ def main(spec: AdaptSpec) -> dict:
                                                         fresh_start=spec.fresh_start)
         mlflow.log_metric("train_seconds", time.perf_counter() - t0)
 
-        metrics = _evaluate(task, profile, base, plan, spec.kind, adapter_dir, eval_rows)
+        metrics = _evaluate(task, profile, base, plan, spec.kind, adapter_dir, eval_rows, init_dir=init_from)
         mlflow.log_metrics(metrics)
         _log_curve(history)
         (adapter_dir / "README.md").write_text(_model_card(task, spec.kind, base, plan, profile, metrics, trainable))
@@ -87,7 +87,9 @@ def main(spec: AdaptSpec) -> dict:
             run_id=run.info.run_id, adapter_dir=adapter_dir, task=task.name, kind=spec.kind, base=base,
             base_fingerprint=json.loads((adapter_dir / "adapter_config.json").read_text())["base_fingerprint"],
             plan_hash=plan.hash, metrics=metrics, main_metric=f"adapter.{task.main_metric.value}",
-            higher_is_better=task.higher_is_better, trainable_params=trainable, tracking_uri=uri)
+            higher_is_better=task.higher_is_better, trainable_params=trainable, tracking_uri=uri,
+            tie_breaker=(f"adapter.{task.tie_breaker.value}", task.tie_breaker.higher_is_better)
+            if task.tie_breaker else None)
         shutil.rmtree(_run_dir(_run_key(spec, base, plan.hash)), ignore_errors=True)  # done: next run starts fresh
 
     result = {"run_id": run.info.run_id, "model_name": registered.name, "version": str(registered.version),
@@ -339,8 +341,9 @@ def _strip(name: str, adapter: str) -> str:
     return name.replace(f".{adapter}.", ".")
 
 
-def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows) -> dict[str, float]:
-    """Main metrics of base / fresh backbone / adapter on the same eval rows."""
+def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows, *, init_dir=None) -> dict[str, float]:
+    """Main metrics of base / fresh backbone / [general adapter it started from] / adapter,
+    on the same eval rows (so what the task training added is visible apart from the start)."""
     import mlflow
 
     from adapters_hub.backbone import FRESH, build_backbone
@@ -357,6 +360,10 @@ def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows) -> dict[s
     results = evaluate_task(lm, tok, task, rows, profile=profile)
     metrics.update({f"fresh.{k}": v for k, v in results.items()})
     kind = get_kind(kind_name)
+    if init_dir:  # the general adapter is a lisa adapter
+        get_kind("lisa").load(lm, init_dir, "init")
+        get_kind("lisa").activate(lm, "init")
+        metrics.update({f"init.{k}": v for k, v in evaluate_task(lm, tok, task, rows, profile=profile).items()})
     kind.load(lm, adapter_dir, "trained")
     kind.activate(lm, "trained")
     results = evaluate_task(lm, tok, task, rows, profile=profile)

@@ -91,7 +91,8 @@ def test_second_worse_run_does_not_take_champion(first, cluster):
     job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides={"max_steps": 1, "lr": 1e-6}, **SMOKE)
     two = job.wait(timeout=900)
     assert two.version == "2" and "candidate" in two.aliases
-    better = two.metrics["adapter.accuracy"] > one.metrics["adapter.accuracy"]
+    acc, nll = (lambda r: r.metrics["adapter.accuracy"]), (lambda r: r.metrics["adapter.answer_nll"])
+    better = acc(two) > acc(one) or (acc(two) == acc(one) and nll(two) < nll(one))  # gsm8k: ties -> NLL
     assert ("champion" in two.aliases) == better  # champion only when strictly better
     champion = registry.get_adapter("gsm8k-lisa@champion", tracking_uri=uri)
     assert champion.version == (2 if better else 1)
@@ -178,6 +179,7 @@ def test_killed_job_resumes_from_its_checkpoint(cluster):
     except registry.AdapterNotFoundError:
         expected = "init=fresh"
     assert expected in logs, logs[-3000:]
+    assert ("init.answer_nll" in result.metrics) == (expected == "init=general adapter"), result.metrics
     assert result.version  # registered after the resumed run
 
 

@@ -46,13 +46,29 @@ def _run(reg: Registry) -> str:
     return client.create_run(exp_id).info.run_id
 
 
-def _register(reg, tmp_path, task, value, *, kind="lisa", metric="accuracy", higher=True, seed=None):
+def _register(reg, tmp_path, task, value, *, kind="lisa", metric="accuracy", higher=True, seed=None,
+              nll=1.5, tie_breaker=None):
     seed = seed or uuid.uuid4().hex
     return reg.register_adapter(
         run_id=_run(reg), adapter_dir=_adapter_dir(tmp_path / seed, seed), task=task, kind=kind,
         base="tiny-llama", base_fingerprint="abc123", plan_hash="plan42",
-        metrics={metric: value, "answer_nll": 1.5}, main_metric=metric, higher_is_better=higher,
-        trainable_params=1234)
+        metrics={metric: value, "answer_nll": nll}, main_metric=metric, higher_is_better=higher,
+        trainable_params=1234, tie_breaker=tie_breaker)
+
+
+@pytest.mark.stack
+def test_a_tie_on_the_main_metric_goes_to_the_tie_breaker(reg, tmp_path, task):
+    nll = ("answer_nll", False)  # lower is better
+    assert "champion" in _register(reg, tmp_path, task, 0.0, nll=2.2, tie_breaker=nll).aliases
+    assert _register(reg, tmp_path, task, 0.0, nll=2.5, tie_breaker=nll).aliases == ("candidate",)
+    assert _register(reg, tmp_path, task, 0.0, nll=2.0, tie_breaker=nll).aliases == ("candidate", "champion")
+    assert _register(reg, tmp_path, task, 0.0, nll=2.0, tie_breaker=nll).aliases == ("candidate",)  # full tie
+    # the main metric still comes first: better accuracy wins with a worse NLL
+    assert _register(reg, tmp_path, task, 0.1, nll=3.0, tie_breaker=nll).aliases == ("candidate", "champion")
+    assert reg.get_adapter(f"{task}-lisa@champion").version == 5
+    with pytest.raises(ValueError, match="tie_breaker 'ppl' is not among the metrics"):
+        _register(reg, tmp_path, task, 0.2, tie_breaker=("ppl", False))
+    assert [r.version for r in reg.list_adapters(task)] == [1, 2, 3, 4, 5]  # nothing registered
 
 
 @pytest.mark.stack

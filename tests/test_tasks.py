@@ -83,6 +83,8 @@ def test_bad_yaml_names_file(spec_dir):
     (lambda r: r["dataset"].update(hf_id="someone/else"), "dataset", "differs from adapters_hub.data"),
     (lambda r: r["format"].update(prompt="{question.__class__}"), "format.prompt", "plain field name"),
     (lambda r: r.update(direction="lower"), "(top level)", "direction 'lower' is wrong for accuracy"),
+    (lambda r: r.update(tie_breaker="accuracy"), "(top level)", "tie_breaker 'accuracy' must be one of metrics"),
+    (lambda r: r.update(tie_breaker="nll"), "tie_breaker", "Input should be"),
     (lambda r: r["profiles"]["quick"].update(batch_size=0), "profiles.quick.batch_size", "greater than 0"),
 ])
 def test_malformed_spec_names_file_and_field(spec_dir, edit, field, message):
