@@ -111,8 +111,9 @@ def main() -> None:
 
         print(f"\nhot swap on {args.base} (plan {plan.hash}, {len(plan.layers)} shared layers), median of {args.repeats}")
         print(f"{'what':28s} {'seconds':>9s} {'vs full reload':>15s}")
-        for label, t in (("swap, resident (version ref)", t_resident), ("swap, resident (alias ref)", t_alias), ("swap, from local cache", t_cache),
-                         ("swap, first use (download)", t_first), ("full reload of the model", t_reload)):
+        for label, t in (("swap, resident (version ref)", t_resident), ("swap, resident (alias ref)", t_alias),
+                         ("swap, from local cache", t_cache), ("swap, first use (download)", t_first),
+                         ("full reload of the model", t_reload)):
             print(f"{label:28s} {t:9.4f} {t / t_reload:14.3f}x")
         print(f"\ngeneration, batch {args.batch} x {args.new_tokens} new tokens")
         print(f"{'single adapter':28s} {t_single:9.3f} s  {tokens / t_single:8.1f} tok/s")

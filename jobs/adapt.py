@@ -10,8 +10,9 @@ Run (from the repository root, with the local stack up: `lisa-hub up`):
 Steps: 1 task spec + profile   2 backbone plan (registry, or analyse + register)
 3 TRL SFT inside Ray Train (adapter tensors only; adapter-only checkpoints; a re-run of
 an interrupted job resumes from its last checkpoint)   4 evaluate base / fresh backbone /
-general adapter it started from (if any) / adapter   5 MLflow run (params, per-step metrics, curves, samples, adapter) + model version
-`<task>-<kind>` with alias `candidate` (and `champion` if it beats the current one).
+general adapter it started from (if any) / adapter   5 MLflow run (params, per-step
+metrics, curves, samples, adapter) + model version `<task>-<kind>` with alias `candidate`
+(and `champion` if it beats the current one; ties go to the spec's tie_breaker).
 The last line printed is `LISA_HUB_RESULT {json}` for the SDK.
 """
 
@@ -361,8 +362,9 @@ def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows, *, init_d
     metrics.update({f"fresh.{k}": v for k, v in results.items()})
     kind = get_kind(kind_name)
     if init_dir:  # the general adapter is a lisa adapter
-        get_kind("lisa").load(lm, init_dir, "init")
-        get_kind("lisa").activate(lm, "init")
+        lisa = get_kind("lisa")
+        lisa.load(lm, init_dir, "init")
+        lisa.activate(lm, "init")
         metrics.update({f"init.{k}": v for k, v in evaluate_task(lm, tok, task, rows, profile=profile).items()})
     kind.load(lm, adapter_dir, "trained")
     kind.activate(lm, "trained")

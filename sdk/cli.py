@@ -66,17 +66,12 @@ def _adapt(args) -> int:
     return 0
 
 
-def _overrides(items: list[str]) -> dict:
-    from adapters_hub.tasks import parse_overrides
-
-    return parse_overrides(items)
-
-
 def _submit(args) -> int:
     import sdk
+    from adapters_hub.tasks import parse_overrides
 
     job = sdk.submit_adaptation(args.task, base_model=args.base, kind=args.kind, profile=args.profile,
-                                overrides=_overrides(args.set), fresh_start=args.fresh_start)
+                                overrides=parse_overrides(args.set), fresh_start=args.fresh_start)
     print(f"submitted job {job.id}  (dashboard: {job.address}/#/jobs/{job.id})")
     if args.follow:
         job.tail()

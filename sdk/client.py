@@ -194,7 +194,7 @@ def submit_adaptation(
         job_id = client.submit_job(
             entrypoint=shlex.join(argv),
             submission_id=submission_id,
-            runtime_env={"working_dir": working_dir, "excludes": _EXCLUDES, "env_vars": env_vars},
+            runtime_env={"working_dir": working_dir, "env_vars": env_vars},
             metadata={"task": task, "kind": kind, "base": base, "profile": profile, "app": "lisa-hub"},
         )
     return AdaptationJob(job_id, address=address)
@@ -215,7 +215,7 @@ def _code_package():
         for name in _SHIPPED:
             src = REPO_ROOT / name
             if src.is_dir():
-                shutil.copytree(src, Path(tmp) / name, ignore=shutil.ignore_patterns(*_EXCLUDES_COPY))
+                shutil.copytree(src, Path(tmp) / name, ignore=shutil.ignore_patterns(*_EXCLUDES))
             elif src.is_file():
                 shutil.copy2(src, Path(tmp) / name)
         (Path(tmp) / ".lisa-hub-package").write_text(uuid.uuid4().hex)
@@ -291,7 +291,7 @@ def _client(address: str):
     return JobSubmissionClient(address)
 
 
-# What does not travel with a job: environments, caches, VCS data, local outputs.
+# What travels with a job: the code it runs, without caches or stray weights (the package
+# is built from this list, so environments, VCS data and outputs never enter it).
 _SHIPPED = ["adapters_hub", "jobs", "sdk", "manifests", "pyproject.toml"]
-_EXCLUDES_COPY = ["__pycache__", "*.pyc", "*.safetensors", "*.gguf"]
-_EXCLUDES = [".venv/", ".git/", "__pycache__/", "*.pyc", ".pytest_cache/", "runs/", "out/", "*.safetensors", "*.gguf"]
+_EXCLUDES = ["__pycache__", "*.pyc", "*.safetensors", "*.gguf"]

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_KIND = "lisa"
-_VERSION_REF = re.compile(r"[A-Za-z0-9_.-]+/[0-9]+")  # "gsm8k-lisa/3": an immutable model version
 
 
 @dataclass(frozen=True)
@@ -74,6 +73,7 @@ class Backbone:
             get_kind(self.active.kind).deactivate(self.lm, self.active.name)
         get_kind(kind).activate(self.lm, name)
         self.active = ActiveAdapter(adapter, key, kind, name, time.perf_counter() - start)
+        self._evict()  # the previous active adapter may go now
         return self.active
 
     def generate(self, prompts: str | list[str], *, adapter: str | list[str] | None = None,
@@ -88,8 +88,8 @@ class Backbone:
             if len(adapter) != len(prompts):
                 raise ValueError(f"adapter: {len(adapter)} adapters for {len(prompts)} prompts")
             names = []
-            for ref in adapter:
-                key, kind, name = self._ensure_resident(ref)
+            for ref in adapter:  # the batch's own adapters are never evicted while it loads
+                key, kind, name = self._ensure_resident(ref, keep=names)
                 if kind != "lisa":
                     raise ValueError(f"adapter: mixed batches take lisa adapters only; {ref!r} is {kind}")
                 names.append(name)
@@ -105,7 +105,7 @@ class Backbone:
 
     # ------------------------------------------------------------------ internals
 
-    def _ensure_resident(self, ref: str) -> tuple[str, str, str]:
+    def _ensure_resident(self, ref: str, keep=()) -> tuple[str, str, str]:
         from adapters_hub.kinds import get_kind, read_config
 
         folder, key = self._resolve(ref)
@@ -118,25 +118,33 @@ class Backbone:
         name = "a_" + re.sub(r"[^A-Za-z0-9_]", "_", key)[-60:]
         get_kind(kind).load(self.lm, folder, name)  # raises on another base / plan; nothing changed
         self._resident[key] = (kind, name)
-        while len(self._resident) > self.max_resident:
-            old_key, (old_kind, old_name) = next(iter(self._resident.items()))
-            if self.active is not None and old_name == self.active.name:
-                self._resident.move_to_end(old_key)
-                continue
-            del self._resident[old_key]
-            get_kind(old_kind).delete(self.lm, old_name)
+        self._evict(keep={name, *keep})
         return key, kind, name
+
+    def _evict(self, keep=()) -> None:
+        """Least recently used first, down to max_resident; never the active adapter or `keep`
+        (so a swap or a mixed batch may hold a few more until the next `use`)."""
+        from adapters_hub.kinds import get_kind
+
+        keep = {*keep, *([self.active.name] if self.active else [])}
+        for old_key, (old_kind, old_name) in list(self._resident.items()):
+            if len(self._resident) <= self.max_resident:
+                return
+            if old_name not in keep:
+                del self._resident[old_key]
+                get_kind(old_kind).delete(self.lm, old_name)
 
     def _resolve(self, ref: str) -> tuple[Path, str]:
         path = Path(ref).expanduser()
         if path.is_dir():
             return path, str(path.resolve())
-        if _VERSION_REF.fullmatch(ref) and ref in self._resident:
-            return Path(), ref  # a pinned version never changes: no registry round trip
         from adapters_hub import registry
 
         if "@" not in ref and "/" not in ref and "-" not in ref:
             ref = f"{ref}-{DEFAULT_KIND}@champion"  # a bare task name
+        name, _, version = registry.parse_ref(ref)
+        if version is not None and f"{name}/{version}" in self._resident:
+            return Path(), f"{name}/{version}"  # a pinned version never changes: no registry round trip
         info = registry.get_adapter(ref, tracking_uri=self.tracking_uri)
         if info.tags.get("base_model") not in (None, self.base_model):
             from adapters_hub.lisa.model import AdapterMismatchError

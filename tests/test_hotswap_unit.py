@@ -64,7 +64,7 @@ def test_mixed_batch_equals_per_adapter_runs(setup):
         bb.generate(PROMPTS, adapter=[a, b])
 
 
-def test_pool_is_bounded_lru_and_keeps_the_active_adapter(setup, tmp_path):
+def test_pool_is_bounded_and_evicts_the_least_recently_used(setup, tmp_path):
     bb, (a, b), plan = setup
     (c,) = _folders(tmp_path / "more", plan, n=1)
     bb.use(a), bb.use(b)
@@ -75,6 +75,22 @@ def test_pool_is_bounded_lru_and_keeps_the_active_adapter(setup, tmp_path):
     bb.use(b)  # touching b makes c the least recently used: loading a again evicts c
     bb.use(a)
     assert bb.resident == [b, a]
+
+
+def test_a_pool_of_one_swaps_and_a_mixed_batch_may_exceed_the_pool(setup, tmp_path):
+    bb, (a, b), plan = setup
+    (c,) = _folders(tmp_path / "more", plan, n=1)
+    bb.max_resident = 1
+    bb.use(a)
+    bb.use(b)  # loading b must not evict b itself, nor a while a is still active
+    assert bb.resident == [b] and bb.active.key == b
+    assert bb.generate(PROMPTS, max_new_tokens=6) == _alone(plan, b)
+    # three adapters in one batch with a pool of one: none is evicted before the batch runs
+    mixed = bb.generate(PROMPTS, adapter=[a, c, a], max_new_tokens=6)
+    assert mixed[1] == _alone(plan, c)[1] and mixed[2] == _alone(plan, a)[2]
+    assert bb.active.key == b and b in bb.resident  # the active adapter stayed
+    bb.use(c)  # the next swap brings the pool back to its bound
+    assert bb.resident == [c]
     bb.use(a)  # comes back from its folder, same outputs as ever
     assert bb.generate(PROMPTS, max_new_tokens=6) == _alone(plan, a)
 
