@@ -90,6 +90,8 @@ def test_generate_with_padding_and_cache_matches_single_rows(tiny):
 
 
 def _attention_probs(lm, ids):
+    """Attention probabilities per layer, from the reference path (the fast one makes none)."""
+    lm.fast_path = False
     probs = {}
     hooks = [layer.self_attn.register_forward_hook(lambda m, a, kw_out, i=i: probs.__setitem__(i, kw_out[1]))
              for i, layer in enumerate(lm.model.model.layers)]
@@ -99,6 +101,7 @@ def _attention_probs(lm, ids):
     finally:
         for h in hooks:
             h.remove()
+        lm.fast_path = True
     return probs
 
 

@@ -13,6 +13,11 @@ from typing import Any
 from adapters_hub.lisa.plan import PlanError, SharingPlan
 
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh")
+# "linear": align(z) = W P z, a learned mix over the head axis; it folds into the query side,
+#           so the fast path runs substituted layers as one SDPA call (layer.ScoreFactors).
+# "ffn":    align(z) = P z + W2 act(W1 P z), the LiSA paper's head-axis FFN; it needs every
+#           (B, H, Tq, Tk) score materialised (reference path only).
+ALIGNERS = ("linear", "ffn")
 KIND = "lisa"
 
 
@@ -23,6 +28,7 @@ class LisaConfigError(ValueError):
 @dataclass(frozen=True)
 class LisaConfig:
     plan: SharingPlan
+    aligner: str = "linear"             # one of ALIGNERS
     aligner_hidden: int | None = None   # h_ff of the head-axis FFN; None = 2 * num_heads
     aligner_act: str = "gelu"
     aligner_init_std: float = 0.02      # W1 init (W2 is zero, so a fresh adapter is exact)
@@ -34,6 +40,8 @@ class LisaConfig:
     def __post_init__(self) -> None:
         if not isinstance(self.plan, SharingPlan):
             raise LisaConfigError(f"plan: must be a SharingPlan, got {type(self.plan).__name__}")
+        if self.aligner not in ALIGNERS:
+            raise LisaConfigError(f"aligner: {self.aligner!r} is not one of {', '.join(ALIGNERS)}")
         if self.aligner_hidden is not None and (not isinstance(self.aligner_hidden, int) or self.aligner_hidden < 1):
             raise LisaConfigError(f"aligner_hidden: must be a positive integer or None, got {self.aligner_hidden!r}")
         if self.aligner_act not in ACTIVATIONS:
@@ -55,6 +63,7 @@ class LisaConfig:
             "kind": KIND,
             "plan": self.plan.to_dict(),
             "plan_hash": self.plan.hash,
+            "aligner": self.aligner,
             "aligner_hidden": self.aligner_hidden,
             "aligner_act": self.aligner_act,
             "aligner_init_std": self.aligner_init_std,
@@ -74,6 +83,7 @@ class LisaConfig:
             plan = SharingPlan.from_dict(data["plan"])
         except PlanError as err:
             raise LisaConfigError(f"plan.{err}") from None
-        known = {"aligner_hidden", "aligner_act", "aligner_init_std", "lowrank_init_std", "base_model",
+        data = {"aligner": "ffn", **data}  # adapters saved before `aligner` existed are FFN ones
+        known = {"aligner", "aligner_hidden", "aligner_act", "aligner_init_std", "lowrank_init_std", "base_model",
                  "base_fingerprint", "extra"}
         return cls(plan=plan, **{k: v for k, v in data.items() if k in known})

@@ -16,6 +16,15 @@ The `ScoreBus` is the side channel: a donor `put`s its Z, the consumer `take`s i
 mode a taken Z is freed once its last consumer read it; in training mode it is kept until
 the next forward (autograd holds it anyway, and gradient-checkpoint recomputation reads it).
 
+Two paths compute the same attention:
+  reference  Z is materialised (B, H, Tq, Tk) in float32 at every donor and substituted
+             layer; any aligner; training, distillation, analysis and decode steps use it.
+  fast       (inference, `bus.fast`, Tq > 1, linear aligners) Z is never materialised. A
+             linear head mix commutes with the query-key product,
+                 W Z_donor = sum_j (W q_donor)[:, :, :, j] k_donor[j]^T,
+             so the bus carries `ScoreFactors` (queries per kv head, keys) and a substituted
+             layer is one SDPA call over [donor keys; every rank-r key of its chain].
+
 The 4-D mask the decoder hands to attention depends on `config._attn_implementation`:
 None (sdpa: pure causal), bool (sdpa: True = attend) or additive float (eager);
 `additive_mask` turns all three into an additive float32 mask.
@@ -49,6 +58,16 @@ def additive_mask(mask: torch.Tensor | None, q_len: int, k_len: int, device) -> 
     else:
         return mask[..., -q_len:, :k_len].float()
     return torch.zeros((), device=device).masked_fill(~allowed, torch.finfo(torch.float32).min)
+
+
+def sdpa_mask(mask: torch.Tensor | None, q_len: int, k_len: int, dtype, device) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for F.scaled_dot_product_attention from what HF passed.
+    Masks become additive in `dtype` with finfo.min (not -inf), so the query rows of left
+    padding, which attend to nothing, stay finite exactly as on the reference path."""
+    if mask is None and (q_len == k_len or q_len == 1):
+        return None, q_len > 1
+    add = additive_mask(mask, q_len, k_len, device)
+    return add.clamp_min(torch.finfo(dtype).min).to(dtype), False
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
@@ -94,6 +113,58 @@ def softmax_fp32(scores: torch.Tensor, mask_add: torch.Tensor) -> torch.Tensor:
     return torch.softmax(scores.float() + mask_add, dim=-1)
 
 
+class ScoreFactors:
+    """Attention scores kept as factors: Z = sum over terms t and kv heads j of
+    q_t[:, :, :, j] @ k_t[:, j]^T, never materialised on the fast path.
+
+    q_t (B, H, Tq, J, e): every head's query against kv head j of the term (scale folded in)
+    k_t (B, J, Tk, e):    the term's keys (a donor's full K cache, or a rank-r key cache)
+    A donor's own term is block-diagonal in j (head h only sees its GQA kv head); a head mix
+    W (H x H) mixes across groups, which is why each term keeps a query per kv head.
+    """
+
+    def __init__(self, terms: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.terms = terms
+
+    @staticmethod
+    def own(q: torch.Tensor, k: torch.Tensor, scale: float) -> "ScoreFactors":
+        """The plain GQA term of q (B, H, Tq, e) and k (B, J, Tk, e): head h sees kv head h // (H / J)."""
+        b, h, tq, e = q.shape
+        j = k.shape[1]
+        eye = torch.eye(j, dtype=q.dtype, device=q.device)                     # (J, J)
+        qb = torch.einsum("bjrqe,jk->bjrqke", (q * scale).view(b, j, h // j, tq, e), eye)
+        return ScoreFactors([(qb.reshape(b, h, tq, j, e), k)])                # q (B, H, Tq, J, e)
+
+    def mix(self, w: torch.Tensor) -> "ScoreFactors":
+        """Scores W Z: w (H, H) for the whole batch or (B, H, H) per row."""
+        spec = "hg,bgqje->bhqje" if w.dim() == 2 else "bhg,bgqje->bhqje"
+        return ScoreFactors([(torch.einsum(spec, w.to(q.dtype), q), k) for q, k in self.terms])
+
+    def plus(self, other: "ScoreFactors") -> "ScoreFactors":
+        return ScoreFactors(self.terms + other.terms)
+
+    def materialize(self) -> torch.Tensor:
+        """Z (B, H, Tq, Tk) in float32, for the reference path."""
+        return sum(torch.einsum("bhqje,bjke->bhqk", q.float(), k.float()) for q, k in self.terms)
+
+    def attend(self, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+        """softmax(Z + mask) V as one SDPA call: out (B, H, Tq, d) for v (B, H, Tk, d).
+
+        Queries and keys are concatenated over terms and kv heads (width E); the keys are
+        the same for every head (expanded, not copied). V is zero-padded to E because the
+        fused CPU kernels want equal query and value widths (the padding costs less than
+        the unfused math path)."""
+        q = torch.cat([q.flatten(-2) for q, _ in self.terms], dim=-1)                    # (B, H, Tq, E)
+        k = torch.cat([k.transpose(1, 2).flatten(-2) for _, k in self.terms], dim=-1)    # (B, Tk, E)
+        b, h, _, e = q.shape
+        d = v.shape[-1]
+        k = k.unsqueeze(1).expand(b, h, k.shape[1], e)                                   # (B, H, Tk, E)
+        v_pad = F.pad(v, (0, e - d)) if e > d else v
+        out = F.scaled_dot_product_attention(q, k.to(q.dtype), v_pad.to(q.dtype), attn_mask=mask,
+                                             is_causal=is_causal, scale=1.0)
+        return out[..., :d]
+
+
 # ---------------------------------------------------------------------------------------
 # the side channel
 # ---------------------------------------------------------------------------------------
@@ -106,6 +177,7 @@ class ScoreBus:
         self.scores: dict[int, torch.Tensor] = {}
         self.pending: dict[int, int] = {}
         self.keep = False  # True while training: do not free taken scores
+        self.fast = False  # set per forward by the Backbone: the fast path may run
         self.row_adapters: list[str] | None = None
         self.distill: "DistillCollector | None" = None
         self.observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
@@ -119,12 +191,12 @@ class ScoreBus:
     def wants(self, layer: int) -> bool:
         return layer in self.consumers
 
-    def put(self, layer: int, z: torch.Tensor) -> None:
+    def put(self, layer: int, z: "torch.Tensor | ScoreFactors") -> None:
         if layer in self.consumers:
             self.scores[layer] = z
             self.pending[layer] = self.consumers[layer]
 
-    def take(self, layer: int) -> torch.Tensor:
+    def take(self, layer: int) -> "torch.Tensor | ScoreFactors":
         if layer not in self.scores:
             raise RuntimeError(
                 f"LiSA: scores of donor layer {layer} are missing; a substituted layer must run in the "
@@ -184,20 +256,33 @@ class _AttentionBase(nn.Module):
 
     def _dense_scores(self, x, cos, sin, past_key_values):
         """Full-rank eager scores Z (B, H, Tq, Tk), the values (B, KVH, Tk, d); caches K, V."""
-        if self.q_proj is None or self.k_proj is None:
-            raise RuntimeError(f"layer {self.layer_idx}: W_q/W_k were pruned (prune_qk); the dense attention "
-                               "of this layer is not available any more")
-        q = apply_rope(self._heads(self.q_proj, x, self.head_dim), cos, sin)  # (B, H, Tq, d)
-        k = apply_rope(self._heads(self.k_proj, x, self.head_dim), cos, sin)  # (B, KVH, Tq, d)
-        v = self._heads(self.v_proj, x, self.head_dim)                        # (B, KVH, Tq, d)
-        if past_key_values is not None:
-            k, v = past_key_values.update(k, v, self.layer_idx)               # (B, KVH, Tk, d)
+        q, k, v = self._dense_qkv(x, cos, sin, past_key_values)  # (B, H, Tq, d), (B, KVH, Tk, d) x 2
         z = torch.matmul(q, repeat_kv(k, self.num_key_value_groups).transpose(2, 3)) * self.scaling
         return z, v
 
+    def _dense_qkv(self, x, cos, sin, past_key_values):
+        """q (B, H, Tq, d), k and v (B, KVH, Tk, d) with RoPE; caches K, V."""
+        if self.q_proj is None or self.k_proj is None:
+            raise RuntimeError(f"layer {self.layer_idx}: W_q/W_k were pruned (prune_qk); the dense attention "
+                               "of this layer is not available any more")
+        q = apply_rope(self._heads(self.q_proj, x, self.head_dim), cos, sin)
+        k = apply_rope(self._heads(self.k_proj, x, self.head_dim), cos, sin)
+        v = self._heads(self.v_proj, x, self.head_dim)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, self.layer_idx)
+        return q, k, v
+
     def _output(self, probs: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         out = torch.matmul(probs.to(v.dtype), repeat_kv(v, self.num_key_value_groups))  # (B, H, Tq, d)
-        return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1))
+        return self._project(out, x)
+
+    def _project(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1).to(x.dtype))
+
+    def _fast(self, x: torch.Tensor) -> bool:
+        """The fast path runs for prefill-like steps (Tq > 1); a decode step's scores are
+        (B, H, 1, Tk), small enough that materialising them is the cheaper way."""
+        return self._bus.fast and x.shape[1] > 1
 
 
 class ScoredAttention(_AttentionBase):
@@ -206,6 +291,14 @@ class ScoredAttention(_AttentionBase):
 
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         cos, sin = position_embeddings
+        if self._fast(hidden_states):  # SDPA for itself; its consumers get factors, not scores
+            q, k, v = self._dense_qkv(hidden_states, cos, sin, past_key_values)
+            if self._bus.wants(self.layer_idx):
+                self._bus.put(self.layer_idx, ScoreFactors.own(q, k, self.scaling))
+            mask, causal = sdpa_mask(attention_mask, q.shape[2], k.shape[2], q.dtype, q.device)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling,
+                                                 enable_gqa=self.num_key_value_groups > 1)
+            return self._project(out, hidden_states), None
         z, v = self._dense_scores(hidden_states, cos, sin, past_key_values)  # (B, H, Tq, Tk)
         mask = additive_mask(attention_mask, z.shape[-2], z.shape[-1], z.device)
         self._bus.put(self.layer_idx, z)
@@ -215,9 +308,30 @@ class ScoredAttention(_AttentionBase):
         return self._output(probs, v, hidden_states), probs
 
 
+class MixAligner(nn.Module):
+    """align(z) = W z over the head axis, applied to already permuted scores (P z); W starts
+    as the identity, so a fresh aligner is exactly the permutation. Being linear, it also
+    acts on a score's query factors (`matrix`), which is what the fast path uses."""
+
+    linear = True
+
+    def __init__(self, num_heads: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.eye(num_heads))  # (H, H)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # z: (B, H, Tq, Tk), permuted
+        return torch.einsum("hg,bgqk->bhqk", self.weight.to(z.dtype), z)
+
+    def matrix(self, perm: torch.Tensor) -> torch.Tensor:
+        """W P as one (H, H) matrix on unpermuted scores: (W P z)_h = sum_g W[h, g] z[perm[g]]."""
+        return self.weight[:, torch.argsort(perm)]
+
+
 class Aligner(nn.Module):
     """align(z) = z + W2 act(W1 z + b1) over the head axis, applied to already permuted
     scores (P z); W2 starts at zero, so a fresh aligner is exactly the permutation."""
+
+    linear = False
 
     def __init__(self, num_heads: int, hidden: int, act: str, init_std: float) -> None:
         super().__init__()
@@ -262,12 +376,14 @@ class LisaAttention(_AttentionBase):
         self.active_adapter: str | None = None
 
     # ---- adapters ----------------------------------------------------------------
-    def add_adapter(self, name: str, *, aligner_hidden: int, act: str, aligner_init_std: float,
-                    lowrank_init_std: float | None) -> None:
+    def add_adapter(self, name: str, *, aligner: str = "ffn", aligner_hidden: int, act: str,
+                    aligner_init_std: float, lowrank_init_std: float | None) -> None:
         hidden = self.config.hidden_size
         ref = self.v_proj.weight
         k_std = lowrank_init_std or hidden**-0.5
-        self.lisa_aligner[name] = Aligner(self.num_heads, aligner_hidden, act, aligner_init_std).to(ref.device, ref.dtype)
+        module = (MixAligner(self.num_heads) if aligner == "linear"
+                  else Aligner(self.num_heads, aligner_hidden, act, aligner_init_std))
+        self.lisa_aligner[name] = module.to(ref.device, ref.dtype)
         self.lisa_qk[name] = LowRankQK(hidden, self.num_heads, self.num_kv_heads, self.rank, k_std).to(
             ref.device, ref.dtype)
 
@@ -321,23 +437,19 @@ class LisaAttention(_AttentionBase):
         bus, x = self._bus, hidden_states
         cos, sin = position_embeddings
         names = bus.row_adapters if bus.row_adapters is not None else self.active_adapter
-        if names is None:  # adapters disabled: the layer's original attention
-            z, v = self._dense_scores(x, cos, sin, past_key_values)
-            bus.take(self.donor)  # keep the bus bookkeeping identical
-        else:
+        if names is not None:
             self._check(names)
             if not isinstance(names, str) and len(names) != x.shape[0]:
                 raise ValueError(f"adapter_names: {len(names)} names for a batch of {x.shape[0]} rows")
-            q_r, k_r = self._per_row(names, self._lowrank, x)                    # (B, H, Tq, r), (B, KVH, Tq, r)
-            q_r = apply_rope_lowrank(q_r, cos, sin, self.rope_freqs)
-            k_r = apply_rope_lowrank(k_r, cos, sin, self.rope_freqs)
-            v = self._heads(self.v_proj, x, self.head_dim)                        # (B, KVH, Tq, d)
-            if past_key_values is not None:
-                k_r, v = past_key_values.update(k_r, v, self.layer_idx)           # (B, KVH, Tk, r), (B, KVH, Tk, d)
-            z_donor = bus.take(self.donor)                                        # (B, H, Tq, Tk)
-            z_perm = z_donor.index_select(1, self.perm)                           # P z
-            diff = torch.matmul(q_r, repeat_kv(k_r, self.num_key_value_groups).transpose(2, 3))
-            z = self._per_row(names, self._align, z_perm) + diff / math.sqrt(self.rank)  # (B, H, Tq, Tk)
+        donor = bus.take(self.donor)
+        if names is not None and isinstance(donor, ScoreFactors) and self._all_linear(names):
+            return self._forward_fast(names, x, cos, sin, donor, attention_mask, past_key_values)
+        if isinstance(donor, ScoreFactors):  # an FFN aligner (or disabled adapters) needs Z itself
+            donor = donor.materialize()
+        if names is None:  # adapters disabled: the layer's original attention
+            z, v = self._dense_scores(x, cos, sin, past_key_values)
+        else:
+            z, v = self.scores(names, x, cos, sin, donor, past_key_values)
         mask = additive_mask(attention_mask, z.shape[-2], z.shape[-1], z.device)  # (B|1, 1, Tq, Tk)
         bus.put(self.layer_idx, z)
         probs = softmax_fp32(z, mask)                                              # (B, H, Tq, Tk)
@@ -346,6 +458,44 @@ class LisaAttention(_AttentionBase):
         if bus.observer is not None:
             bus.observer(self.layer_idx, probs, mask)
         return self._output(probs, v, x), probs
+
+    def scores(self, names, x, cos, sin, z_donor, past_key_values=None):
+        """Reference path: Z (B, H, Tq, Tk) = align(P Z_donor) + q_r k_r^T / sqrt(r), and the
+        values (B, KVH, Tk, d); caches k_r and V."""
+        q_r, k_r, v = self._lowrank_qkv(names, x, cos, sin, past_key_values)
+        z_perm = z_donor.index_select(1, self.perm)                               # P z
+        diff = torch.matmul(q_r, repeat_kv(k_r, self.num_key_value_groups).transpose(2, 3))
+        return self._per_row(names, self._align, z_perm) + diff / math.sqrt(self.rank), v
+
+    def _lowrank_qkv(self, names, x, cos, sin, past_key_values):
+        """q_r (B, H, Tq, r), k_r (B, KVH, Tk, r) with RoPE on their frequency pairs, v (B, KVH, Tk, d)."""
+        q_r, k_r = self._per_row(names, self._lowrank, x)
+        q_r = apply_rope_lowrank(q_r, cos, sin, self.rope_freqs)
+        k_r = apply_rope_lowrank(k_r, cos, sin, self.rope_freqs)
+        v = self._heads(self.v_proj, x, self.head_dim)
+        if past_key_values is not None:
+            k_r, v = past_key_values.update(k_r, v, self.layer_idx)
+        return q_r, k_r, v
+
+    def _all_linear(self, names) -> bool:
+        return all(self.lisa_aligner[n].linear for n in ({names} if isinstance(names, str) else set(names)))
+
+    def _mix_matrix(self, names) -> torch.Tensor:
+        """W P: (H, H) for one adapter, (B, H, H) for one adapter name per row."""
+        if isinstance(names, str):
+            return self.lisa_aligner[names].matrix(self.perm)
+        per_adapter = {n: self.lisa_aligner[n].matrix(self.perm) for n in set(names)}
+        return torch.stack([per_adapter[n] for n in names])
+
+    def _forward_fast(self, names, x, cos, sin, donor: ScoreFactors, attention_mask, past_key_values):
+        """Fast path: the donor's factors mixed by W P, plus this layer's rank-r term, as one
+        SDPA call; no (B, H, Tq, Tk) tensor is made here."""
+        q_r, k_r, v = self._lowrank_qkv(names, x, cos, sin, past_key_values)    # (B,H,Tq,r), (B,KVH,Tk,r), (B,KVH,Tk,d)
+        factors = donor.mix(self._mix_matrix(names)).plus(ScoreFactors.own(q_r, k_r, 1 / math.sqrt(self.rank)))
+        self._bus.put(self.layer_idx, factors)
+        mask, causal = sdpa_mask(attention_mask, q_r.shape[2], k_r.shape[2], x.dtype, x.device)
+        out = factors.attend(repeat_kv(v, self.num_key_value_groups), mask, causal)  # (B, H, Tq, d)
+        return self._project(out, x), None
 
     def _distill_kl(self, x, cos, sin, z, mask, past_key_values) -> torch.Tensor:
         """KL(A_original || A_lisa), mean over (B, H, Tq); the teacher uses the layer's frozen W_q/W_k."""

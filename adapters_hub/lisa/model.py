@@ -56,6 +56,7 @@ class Backbone:
             warnings.warn(f"LiSA: attention implementation {impl!r} replaced by 'sdpa'", stacklevel=3)
             model.set_attn_implementation("sdpa")
         self.model, self.plan = model, plan
+        self.fast_path = True  # False: every layer on the reference path (tests compare the two)
         consumers: dict[int, int] = {}
         for s in plan.shared:
             consumers[s.donor] = consumers.get(s.donor, 0) + 1
@@ -78,8 +79,11 @@ class Backbone:
         self._hook = decoder.register_forward_pre_hook(self._on_forward)
 
     def _on_forward(self, module, args) -> None:
-        self.bus.reset()
-        self.bus.keep = torch.is_grad_enabled() or module.training
+        bus = self.bus
+        bus.reset()
+        bus.keep = torch.is_grad_enabled() or module.training
+        # The fast path is inference only: training, distillation and analysis read Z itself.
+        bus.fast = self.fast_path and not bus.keep and bus.distill is None and bus.observer is None
 
     def lisa_layers(self) -> dict[int, LisaAttention]:
         return {i: l.self_attn for i, l in enumerate(self.layers) if isinstance(l.self_attn, LisaAttention)}
@@ -151,6 +155,16 @@ class LisaModel(nn.Module):
         return self._backbone.lisa_layers()
 
     @property
+    def fast_path(self) -> bool:
+        """Inference runs the fused path (see `adapters_hub.lisa.layer`); False forces the
+        reference path, which materialises every score tensor."""
+        return self._backbone.fast_path
+
+    @fast_path.setter
+    def fast_path(self, value: bool) -> None:
+        self._backbone.fast_path = bool(value)
+
+    @property
     def active_adapter(self) -> str | None:
         return self._active
 
@@ -169,7 +183,7 @@ class LisaModel(nn.Module):
                 f"{self.plan.hash}")
         config = config.with_base(self.base_name, self.base_fingerprint)
         for layer in self.lisa_layers.values():
-            layer.add_adapter(adapter_name, aligner_hidden=config.h_ff, act=config.aligner_act,
+            layer.add_adapter(adapter_name, aligner=config.aligner, aligner_hidden=config.h_ff, act=config.aligner_act,
                               aligner_init_std=config.aligner_init_std, lowrank_init_std=config.lowrank_init_std)
         self.peft_config[adapter_name] = config
         self._refresh_grad()

@@ -1,0 +1,103 @@
+"""The fast LiSA attention path (factored scores, SDPA) equals the reference path, which
+materialises every score tensor. Tiny LLaMA: GQA with 4 query heads and 2 KV heads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters_hub.lisa import LisaConfig
+from tests.test_lisa_model import SHARED, make, padded_batch, randomize
+
+
+def both_paths(lm, fn):
+    """fn() on the fast path and on the reference path."""
+    lm.fast_path = True
+    fast = fn()
+    lm.fast_path = False
+    ref = fn()
+    lm.fast_path = True
+    return fast, ref
+
+
+def prefill_and_decode(lm, ids, mask, steps, adapter_names=None):
+    """Logits of a left-padded prefill then cached single-token steps, (B, 1 + n, V)."""
+    from transformers import DynamicCache
+
+    with torch.no_grad():
+        cache = DynamicCache(config=lm.config)
+        pos = (mask.cumsum(-1) - 1).clamp_min(0)
+        out = lm(input_ids=ids, attention_mask=mask, position_ids=pos, past_key_values=cache, use_cache=True,
+                 adapter_names=adapter_names)
+        logits = [out.logits]
+        for s in range(steps.shape[1]):
+            mask = torch.cat([mask, torch.ones(len(ids), 1, dtype=torch.long)], dim=1)
+            pos = pos[:, -1:] + 1
+            out = lm(input_ids=steps[:, s : s + 1], attention_mask=mask, position_ids=pos,
+                     past_key_values=cache, use_cache=True, adapter_names=adapter_names)
+            logits.append(out.logits)
+    return torch.cat(logits, dim=1), mask
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_fast_path_equals_reference_with_left_padding_and_cache(tiny, attn):
+    lm = make(tiny)
+    lm.model.set_attn_implementation(attn)
+    lm.eval()
+    randomize(lm)
+    _, ids, mask = padded_batch([11, 7, 4])
+    steps = torch.randint(3, 259, (3, 4), generator=torch.Generator().manual_seed(1))
+    (fast, m), (ref, _) = both_paths(lm, lambda: prefill_and_decode(lm, ids, mask, steps))
+    keep = m.bool()  # pad positions are not compared: nothing reads them
+    assert (fast - ref)[keep].abs().max() < 1e-4
+
+
+def test_fast_path_is_taken_and_makes_no_score_tensor(tiny):
+    lm = make(tiny)
+    lm.eval()
+    randomize(lm)
+    seen = []
+    for layer in lm.lisa_layers.values():
+        layer.register_forward_hook(lambda mod, args, out: seen.append(out[1]))
+    with torch.no_grad():
+        lm(input_ids=torch.randint(3, 259, (2, 9)))
+    assert len(seen) == len(SHARED) and all(p is None for p in seen)  # no probabilities made
+    lm.fast_path = False
+    seen.clear()
+    with torch.no_grad():
+        lm(input_ids=torch.randint(3, 259, (2, 9)))
+    assert all(p is not None and p.shape == (2, 4, 9, 9) for p in seen)
+
+
+def test_fast_path_mixed_adapter_batch_equals_reference(tiny):
+    lm = make(tiny)
+    lm.eval()
+    lm.add_adapter("b", lm.peft_config["default"])
+    randomize(lm, "default", seed=0)
+    randomize(lm, "b", seed=1)
+    _, ids, mask = padded_batch([9, 6, 8, 5])
+    steps = torch.randint(3, 259, (4, 3), generator=torch.Generator().manual_seed(2))
+    names = ["default", "b", "b", "default"]
+    (fast, m), (ref, _) = both_paths(lm, lambda: prefill_and_decode(lm, ids, mask, steps, names))
+    assert (fast - ref)[m.bool()].abs().max() < 1e-4
+    single, _ = prefill_and_decode(lm, ids[1:2], mask[1:2], steps[1:2], ["b"])  # row 1 alone, adapter b
+    assert (fast[1:2] - single)[m[1:2].bool()].abs().max() < 1e-4
+
+
+def test_ffn_aligner_runs_on_the_reference_path_in_a_fast_model(tiny):
+    """An FFN aligner cannot be factored: its layer materialises the donor's factors."""
+    lm = make(tiny, aligner="ffn")
+    lm.eval()
+    randomize(lm)
+    ids = torch.randint(3, 259, (2, 10))
+    with torch.no_grad():
+        fast, ref = both_paths(lm, lambda: lm(input_ids=ids).logits)
+    assert (fast - ref).abs().max() < 1e-4
+
+
+def test_linear_aligner_config_round_trip_and_old_configs_read_as_ffn(tiny):
+    lm = make(tiny)
+    assert LisaConfig.from_dict(lm.peft_config["default"].to_dict()).aligner == "linear"
+    old = lm.peft_config["default"].to_dict()
+    del old["aligner"]
+    assert LisaConfig.from_dict(old).aligner == "ffn"
