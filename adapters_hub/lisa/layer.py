@@ -78,6 +78,24 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, kvh, n_rep, t, e).reshape(b, kvh * n_rep, t, e)
 
 
+def gqa_scores(q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """q k^T per head without copying the cache: q (B, H, Tq, e), k (B, KVH, Tk, e) -> (B, H, Tq, Tk).
+    The n_rep query heads of a kv head are stacked along the query axis instead of
+    repeating k n_rep times (repeat_kv copies the whole cache at every decode step)."""
+    b, h, tq, e = q.shape
+    kvh = k.shape[1]
+    z = torch.matmul(q.reshape(b, kvh, (h // kvh) * tq, e), k.transpose(2, 3))  # (B, KVH, n_rep * Tq, Tk)
+    return z.view(b, h, tq, k.shape[2])
+
+
+def gqa_apply(probs: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """probs V per head: probs (B, H, Tq, Tk), v (B, KVH, Tk, d) -> (B, H, Tq, d), no copy of v."""
+    b, h, tq, tk = probs.shape
+    kvh = v.shape[1]
+    out = torch.matmul(probs.reshape(b, kvh, (h // kvh) * tq, tk).to(v.dtype), v)  # (B, KVH, n_rep * Tq, d)
+    return out.view(b, h, tq, v.shape[-1])
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -257,7 +275,7 @@ class _AttentionBase(nn.Module):
     def _dense_scores(self, x, cos, sin, past_key_values):
         """Full-rank eager scores Z (B, H, Tq, Tk), the values (B, KVH, Tk, d); caches K, V."""
         q, k, v = self._dense_qkv(x, cos, sin, past_key_values)  # (B, H, Tq, d), (B, KVH, Tk, d) x 2
-        z = torch.matmul(q, repeat_kv(k, self.num_key_value_groups).transpose(2, 3)) * self.scaling
+        z = gqa_scores(q, k) * self.scaling
         return z, v
 
     def _dense_qkv(self, x, cos, sin, past_key_values):
@@ -273,8 +291,7 @@ class _AttentionBase(nn.Module):
         return q, k, v
 
     def _output(self, probs: torch.Tensor, v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        out = torch.matmul(probs.to(v.dtype), repeat_kv(v, self.num_key_value_groups))  # (B, H, Tq, d)
-        return self._project(out, x)
+        return self._project(gqa_apply(probs, v), x)  # (B, H, Tq, d) -> (B, Tq, hidden)
 
     def _project(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1).to(x.dtype))
@@ -463,9 +480,13 @@ class LisaAttention(_AttentionBase):
         """Reference path: Z (B, H, Tq, Tk) = align(P Z_donor) + q_r k_r^T / sqrt(r), and the
         values (B, KVH, Tk, d); caches k_r and V."""
         q_r, k_r, v = self._lowrank_qkv(names, x, cos, sin, past_key_values)
-        z_perm = z_donor.index_select(1, self.perm)                               # P z
-        diff = torch.matmul(q_r, repeat_kv(k_r, self.num_key_value_groups).transpose(2, 3))
-        return self._per_row(names, self._align, z_perm) + diff / math.sqrt(self.rank), v
+        diff = gqa_scores(q_r, k_r)                                               # (B, H, Tq, Tk)
+        if self._all_linear(names):  # W P z in one einsum, per row for mixed batches
+            spec = "hg,bgqk->bhqk" if isinstance(names, str) else "bhg,bgqk->bhqk"
+            aligned = torch.einsum(spec, self._mix_matrix(names).to(z_donor.dtype), z_donor)
+        else:
+            aligned = self._per_row(names, self._align, z_donor.index_select(1, self.perm))  # align(P z)
+        return aligned + diff / math.sqrt(self.rank), v
 
     def _lowrank_qkv(self, names, x, cos, sin, past_key_values):
         """q_r (B, H, Tq, r), k_r (B, KVH, Tk, r) with RoPE on their frequency pairs, v (B, KVH, Tk, d)."""
