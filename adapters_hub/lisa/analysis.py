@@ -264,8 +264,11 @@ def analyze_attention(
 
 
 def layer_sensitivity(model, report: AttentionReport, blocks, *, progress: bool = True,
-                      fingerprint: str | None = None) -> tuple[float, dict[int, float]]:
-    """Perplexity change when layer l alone uses aligned direct sharing (fresh adapter)."""
+                      fingerprint: str | None = None, fit_blocks=None, fit_steps: int = 0,
+                      aligner: str = "linear") -> tuple[float, dict[int, float]]:
+    """Perplexity change on `blocks` when layer l alone is substituted (donor l - 1, the
+    report's head permutation): with the fresh adapter (aligned direct sharing), or, with
+    `fit_blocks` and `fit_steps`, after local initialisation of that layer on `fit_blocks`."""
     from tqdm.auto import tqdm
 
     from adapters_hub.evaluation import perplexity
@@ -279,8 +282,12 @@ def layer_sensitivity(model, report: AttentionReport, blocks, *, progress: bool 
     try:
         for l in tqdm(range(1, report.num_layers), desc="layer sensitivity", disable=not progress):
             plan = SharingPlan.for_model(model, [l], perms={l: report.perm[l]})
-            lm = LisaModel(model, LisaConfig(plan=plan), fingerprint=fingerprint or "analysis")
+            lm = LisaModel(model, LisaConfig(plan=plan, aligner=aligner), fingerprint=fingerprint or "analysis")
             try:
+                if fit_steps:
+                    from adapters_hub.lisa.local_init import local_init
+
+                    local_init(lm, fit_blocks, steps=fit_steps, log=None)
                 out[l] = perplexity(lm, blocks, progress=False) - base_ppl
             finally:
                 lm.unload()

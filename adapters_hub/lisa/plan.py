@@ -16,7 +16,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 if TYPE_CHECKING:
     from adapters_hub.lisa.analysis import AttentionReport
@@ -132,6 +132,15 @@ class SharingPlan:
         return cls.explicit(num_layers=n_layers, num_heads=report.num_heads, head_dim=report.head_dim,
                             layers=chosen, perms=perms, rank=rank, meta=meta)
 
+    @classmethod
+    def from_layers(cls, report: "AttentionReport", layers: Iterable[int], *, rank: int | None = None,
+                    meta: dict[str, Any] | None = None) -> "SharingPlan":
+        """Substitute exactly `layers`, each sharing its predecessor's aligned attention."""
+        layers = sorted(int(l) for l in layers)
+        return cls.explicit(num_layers=report.num_layers, num_heads=report.num_heads, head_dim=report.head_dim,
+                            layers=layers, perms={l: report.perm[l] for l in layers}, rank=rank,
+                            meta={"base": report.base, "report_fingerprint": report.fingerprint, **(meta or {})})
+
     # ---- checks -------------------------------------------------------------------
     def validate(self) -> None:
         for name in ("num_layers", "num_heads", "head_dim"):
@@ -228,4 +237,41 @@ class SharingPlan:
                 f"rank {sorted({s.rank for s in self.shared})}, hash {self.hash})")
 
 
-__all__ = ["PlanError", "SharedLayer", "SharingPlan", "default_rank"]
+def choose_layers(sensitivity: dict[int, float], *, num_layers: int, fraction: float | None = None,
+                  max_ppl_increase: float | None = None, base_ppl: float | None = None,
+                  combined_ppl: Callable[[list[int]], float] | None = None) -> list[int]:
+    """The layers to substitute, by measured sensitivity (lowest first, ties by layer):
+
+    fraction          the floor(fraction * num_layers) least sensitive layers;
+    max_ppl_increase  the longest such prefix whose *combined* perplexity, measured by
+                      `combined_ppl(layers)`, stays <= (1 + max_ppl_increase) * base_ppl.
+                      Prefixes are searched by bisection (combined perplexity grows with
+                      the prefix), so a 30-layer model costs about five measurements.
+    Layers absent from `sensitivity` (layer 0, protected layers) are never chosen.
+    """
+    if (fraction is None) == (max_ppl_increase is None):
+        raise PlanError("fraction: give exactly one of fraction and max_ppl_increase")
+    order = sorted(sensitivity, key=lambda l: (sensitivity[l], l))
+    if fraction is not None:
+        if not 0.0 <= fraction < 1.0:
+            raise PlanError(f"fraction: must be in [0, 1), got {fraction}")
+        count = math.floor(fraction * num_layers)
+        if count > len(order):
+            raise PlanError(f"fraction: {fraction} asks for {count} layers, only {len(order)} are candidates")
+        return sorted(order[:count])
+    if not max_ppl_increase >= 0:
+        raise PlanError(f"max_ppl_increase: must be >= 0, got {max_ppl_increase}")
+    if combined_ppl is None or base_ppl is None:
+        raise PlanError("max_ppl_increase: needs base_ppl and a combined_ppl(layers) measurement")
+    limit = (1.0 + max_ppl_increase) * base_ppl
+    lo, hi = 0, len(order)  # invariant: prefix lo is within budget; prefixes longer than hi are not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if combined_ppl(sorted(order[:mid])) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return sorted(order[:lo])
+
+
+__all__ = ["PlanError", "SharedLayer", "SharingPlan", "choose_layers", "default_rank"]

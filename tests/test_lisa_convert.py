@@ -1,0 +1,78 @@
+"""Turning a dense model into a LiSA backbone: local initialisation, the budget planner,
+self-distillation. Tiny LLaMA (GQA), seconds."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adapters_hub.lisa.local_init import local_init
+from adapters_hub.lisa.plan import PlanError, choose_layers
+from tests.test_lisa_model import make
+
+
+def calib(n=8, t=24, seed=0):
+    return torch.randint(3, 259, (n, t), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_local_init_lowers_every_layers_heldout_attention_kl(tiny, seed):
+    torch.manual_seed(seed)  # the rank-r keys start random
+    lm = make(tiny)
+    fits = local_init(lm, calib(32, 32, seed=seed), steps=100, lr=1e-2, log=None)
+    assert [f.layer for f in fits] == [2, 3, 5]
+    for f in fits:
+        assert f.kl_after < 0.9 * f.kl_before, f
+
+
+def test_a_chain_is_fitted_against_the_donors_fitted_scores(tiny):
+    """Layer 3's donor is layer 2 (substituted): layer 3 is fitted after layer 2 and against
+    layer 2's fitted scores, so refitting 3 alone afterwards changes nothing it was fitted on,
+    while fitting 3 before 2 (against 2's fresh scores) gives another adapter."""
+    blocks = calib()
+    torch.manual_seed(0)
+    in_order = make(tiny)
+    fits = local_init(in_order, blocks, steps=40, log=None)
+    assert [f.layer for f in fits] == [2, 3, 5]
+    torch.manual_seed(0)
+    only_3 = make(tiny)  # same fresh start; layer 3 fitted while layer 2 is still fresh
+    local_init(only_3, blocks, steps=40, layers=[3], log=None)
+    w_in_order = in_order.lisa_layers[3].lisa_aligner["default"].weight
+    w_alone = only_3.lisa_layers[3].lisa_aligner["default"].weight
+    assert not torch.allclose(w_in_order, w_alone, atol=1e-4)
+    # and the in-order fit of layer 3 is better for the real (fitted) donor than the other
+    again = local_init(in_order, blocks, steps=1, lr=1e-9, layers=[3], log=None)[0]
+    assert again.kl_before == pytest.approx(fits[1].kl_after, rel=1e-4)
+
+
+def test_local_init_refuses_a_pruned_backbone(tiny):
+    lm = make(tiny)
+    lm.prune_qk()
+    with pytest.raises(RuntimeError, match="pruned"):
+        local_init(lm, calib(), steps=1, log=None)
+
+
+SENS = {1: 0.50, 2: 0.01, 3: 0.02, 4: 0.30, 5: 0.03, 6: 0.04, 7: 0.20, 8: 0.05, 9: 0.06}
+
+
+def test_planner_fraction_takes_the_least_sensitive_layers():
+    assert choose_layers(SENS, num_layers=10, fraction=0.3) == [2, 3, 5]
+    assert choose_layers(SENS, num_layers=10, fraction=0.5) == [2, 3, 5, 6, 8]
+
+
+def test_planner_budget_takes_the_longest_prefix_within_the_budget():
+    calls = []
+
+    def combined(layers):  # additive model: base 10, each layer adds its sensitivity
+        calls.append(layers)
+        return 10.0 + sum(SENS[l] for l in layers)
+
+    # prefixes by sensitivity: 2,3,5,6,8,9 add 0.01,0.03,0.06,0.10,0.15,0.21 -> budget 0.12 allows 4
+    assert choose_layers(SENS, num_layers=10, max_ppl_increase=0.012, base_ppl=10.0, combined_ppl=combined) \
+        == [2, 3, 5, 6]
+    assert len(calls) <= 4  # bisection, not one measurement per prefix
+    assert choose_layers(SENS, num_layers=10, max_ppl_increase=0.0, base_ppl=10.0, combined_ppl=combined) == []
+    with pytest.raises(PlanError, match="fraction"):
+        choose_layers(SENS, num_layers=10, fraction=0.3, max_ppl_increase=0.1)
+    with pytest.raises(PlanError, match="fraction"):
+        choose_layers(SENS, num_layers=20, fraction=0.5)  # 10 of 9 candidates
