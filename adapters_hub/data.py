@@ -6,6 +6,7 @@ never wait on network time-outs. Without a mirror we go to the hub; when that fa
 `DataUnavailableError` names both options.
 
   load_text("wikitext2")               -> str   (the test split, raw)
+  trainable_text("wikitext2")          -> str   (the same without its held-out last 10%)
   load_task_rows("gsm8k", "train")     -> list[dict]  ({"question", "answer"})
   token_blocks(tokenizer, text, n_blocks=8, block_len=1024) -> LongTensor (n_blocks, block_len)
 """
@@ -13,6 +14,7 @@ never wait on network time-outs. Without a mirror we go to the hub; when that fa
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,6 +55,30 @@ def load_text(name: str, split: str | None = None) -> str:
         return mirror.read_text(encoding="utf-8")
     rows = _from_hub(source, name, split)
     return "".join(row[source.text_field] for row in rows)  # raw wikitext lines keep their "\n"
+
+
+# Corpora whose tail is held out: never trained, calibrated, tuned or selected on. The
+# held-out part starts at the first line that begins at or after this fraction of the
+# characters (WikiText-2 test: offset 1,157,338, the line " = = Equestrian = = ").
+HELD_OUT_FRACTION = {"wikitext2": 0.1}
+
+
+def held_out_start(name: str, text: str) -> int:
+    """Character offset where the held-out tail of corpus `name` begins (len(text) if none)."""
+    frac = HELD_OUT_FRACTION.get(name)
+    if not frac:
+        return len(text)
+    cut = math.ceil((1.0 - frac) * len(text))
+    if cut == 0 or text[cut - 1] == "\n":  # a line starts exactly at the cut
+        return cut
+    end_of_line = text.find("\n", cut)
+    return len(text) if end_of_line < 0 else end_of_line + 1
+
+
+def trainable_text(name: str, split: str | None = None) -> str:
+    """`load_text` without the held-out tail: what training and calibration may read."""
+    text = load_text(name, split)
+    return text[: held_out_start(name, text)]
 
 
 def load_task_rows(name: str, split: str) -> list[dict]:

@@ -332,6 +332,7 @@ def load_rows(spec: TaskSpec, purpose: Literal["train", "eval"], profile: Profil
     task_rows: the first N rows of the split (the GSM8K files are already shuffled).
     corpus:    {"text": chunk} rows; with one split for both, eval takes the first
                eval_examples chunks and training the chunks after them (disjoint text).
+               Training never reads a corpus's held-out tail (`data.trainable_text`).
     """
     from adapters_hub import data
 
@@ -340,7 +341,8 @@ def load_rows(spec: TaskSpec, purpose: Literal["train", "eval"], profile: Profil
     n = profile.train_examples if purpose == "train" else profile.eval_examples
     if ds.loader is DataLoader.task_rows:
         return data.load_task_rows(ds.name, split)[:n]
-    chunks = [{"text": c} for c in chunk_text(data.load_text(ds.name, split), ds.chunk_chars)]
+    text = data.trainable_text(ds.name, split) if purpose == "train" else data.load_text(ds.name, split)
+    chunks = [{"text": c} for c in chunk_text(text, ds.chunk_chars)]
     skip = profile.eval_examples if purpose == "train" and ds.train_split == ds.eval_split else 0
     return chunks[skip : skip + n]
 

@@ -47,8 +47,7 @@ def main(spec: AdaptSpec) -> dict:
 
     from adapters_hub import registry, settings
     from adapters_hub.backbone import backbone_plan
-    from adapters_hub.data import load_task_rows, load_text
-    from adapters_hub.tasks import load_task
+    from adapters_hub.tasks import load_rows, load_task
 
     t0 = time.perf_counter()
     task = load_task(spec.task)                       # clear error: unknown task / bad spec
@@ -63,7 +62,7 @@ def main(spec: AdaptSpec) -> dict:
 
     plan = backbone_plan(base, tracking_uri=uri)
     init_from = _general_adapter(task.name, spec.kind, base, uri)
-    train_rows, eval_rows = _rows(task, profile)
+    train_rows, eval_rows = load_rows(task, "train", profile), load_rows(task, "eval", profile)
     print(f"[adapt] plan {plan.hash} ({len(plan.layers)} shared layers); {len(train_rows)} train / "
           f"{len(eval_rows)} eval rows; init={'general adapter' if init_from else 'fresh'}", flush=True)
 
@@ -111,20 +110,6 @@ def _profile(task, spec: AdaptSpec):
         return type(profile).model_validate({**profile.model_dump(), **spec.overrides})
     except ValidationError as err:
         raise ValueError(f"overrides for profile {spec.profile!r}: {err.errors()[0]['loc']}: {err.errors()[0]['msg']}") from None
-
-
-def _rows(task, profile):
-    from adapters_hub.data import load_task_rows, load_text
-
-    if task.dataset.loader.value == "task_rows":
-        train = load_task_rows(task.dataset.name, task.dataset.train_split)[: profile.train_examples]
-        evals = load_task_rows(task.dataset.name, task.dataset.eval_split)[: profile.eval_examples]
-        return train, evals
-    # Corpus task (wikitext2): chunks of text; train past the eval chunks.
-    text = load_text(task.dataset.name, task.dataset.eval_split)
-    size = task.dataset.chunk_chars or 2000
-    chunks = [{"text": text[i : i + size]} for i in range(0, len(text), size)]
-    return chunks[profile.eval_examples : profile.eval_examples + profile.train_examples], chunks[: profile.eval_examples]
 
 
 def _general_adapter(task: str, kind: str, base: str, uri: str) -> str | None:

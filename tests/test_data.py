@@ -51,3 +51,19 @@ def test_token_blocks_shape_and_order():
     assert tok.decode(blocks.flatten()) == ("abcdefghij" * 10)[:21]
     with pytest.raises(ValueError, match="fewer than"):
         data.token_blocks(tok, "short", n_blocks=2, block_len=10)
+
+
+@needs_data("wikitext2/test.raw.txt")
+def test_trainable_text_stops_where_the_held_out_tenth_of_wikitext2_begins():
+    text = data.load_text("wikitext2")
+    usable = data.trainable_text("wikitext2")
+    assert len(usable) == 1_157_338 and text.startswith(usable)  # the mirror README's offset
+    assert text[len(usable):].startswith(" = = Equestrian = = ")
+
+
+def test_held_out_start_is_a_line_start_at_or_after_the_cut():
+    text = "a\n" * 50                                            # 100 characters
+    assert data.held_out_start("wikitext2", text) == 90           # 90% = 90, a line start
+    long_lines = "a" * 85 + "\n" + "b" * 10 + "\n" + "c" * 4     # 90% = 92, inside the b line
+    assert data.held_out_start("wikitext2", long_lines) == 97     # -> the c line
+    assert data.held_out_start("tinyshakespeare", text) == len(text)  # nothing held out
