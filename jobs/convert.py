@@ -1,0 +1,461 @@
+"""Conversion job: turn a dense base model into a LiSA backbone that keeps its quality, and
+register it (sharing plan + general adapter) as the base's backbone.
+
+Run (from the repository root):
+
+    python -m jobs.convert --base smollm2-135m --fraction 0.6 --minutes 15 --out runs/smollm2-60
+    lisa-hub convert --base smollm2-135m --max-ppl-increase 0.05 --register     # same thing
+    sdk.submit_conversion(base="smollm2-135m", fraction=0.6, register=True)     # as a Ray job
+
+Steps: 1 tokens: eval / calibration / training (adapters_hub.lisa.convert.token_split; the
+held-out tail of WikiText-2 is never read)   2 attention analysis (head permutations)
+3 sensitivity of every layer after local initialisation, and the plan: the --fraction
+least sensitive layers, or the most whose combined perplexity stays within
+--max-ppl-increase of the base   4 local initialisation of the plan's layers (no backward
+through the model)   5 self-distillation in Ray Train: KL to the dense teacher (the same
+weights, adapters disabled), adapter-only checkpoints, a re-run resumes   6 perplexity of
+base / aligned sharing / local init / converted   7 --out folder (plan.json, report.json,
+local_init.json, adapter/, README.md) and, with --register, an MLflow run and a new
+version of `backbone-<base>` (alias champion) whose adapter/ every task adapter of this
+base starts from. The last line printed is `LISA_HUB_RESULT {json}`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+RESULT_MARKER = "LISA_HUB_RESULT "
+GENERAL = "general"  # adapter name of the general adapter inside a converted backbone
+
+
+@dataclass
+class ConvertSpec:
+    base: str = "smollm2-135m"
+    fraction: float | None = None          # default 0.6 when max_ppl_increase is not given either
+    max_ppl_increase: float | None = None  # e.g. 0.05: combined perplexity <= 1.05 x base (after local init)
+    init_only: bool = False                # stop after local initialisation
+    minutes: float = 15.0                  # wall-clock budget of the self-distillation
+    max_steps: int = 100_000
+    batch_size: int = 4
+    seq_len: int = 256
+    lr: float = 2e-3
+    kd_weight: float = 1.0                 # KL to the teacher's next-token distribution
+    attn_weight: float = 0.0               # attention KL of the substituted layers
+    lm_weight: float = 0.0                 # next-token cross-entropy
+    init_steps: int = 150                  # Adam steps of local initialisation per layer
+    sensitivity_steps: int = 50            # the same, for each one-layer plan of the sensitivity scan
+    aligner: str = "linear"
+    eval_blocks: int = 8
+    eval_len: int = 1024
+    calib_blocks: int = 16
+    save_every: int = 25                   # checkpoint every N steps
+    out: str | None = None
+    register: bool = False
+    fresh_start: bool = False
+
+    def __post_init__(self) -> None:
+        from adapters_hub.lisa.config import ALIGNERS
+
+        if self.fraction is not None and self.max_ppl_increase is not None:
+            raise ValueError("fraction: give --fraction or --max-ppl-increase, not both")
+        if self.fraction is None and self.max_ppl_increase is None:
+            self.fraction = 0.6
+        if self.fraction is not None and not 0 < self.fraction < 1:
+            raise ValueError(f"fraction: must be in (0, 1), got {self.fraction}")
+        if self.max_ppl_increase is not None and not self.max_ppl_increase >= 0:
+            raise ValueError(f"max_ppl_increase: must be >= 0, got {self.max_ppl_increase}")
+        if self.aligner not in ALIGNERS:
+            raise ValueError(f"aligner: {self.aligner!r} is not one of {', '.join(ALIGNERS)}")
+        for name in ("minutes", "lr"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
+        for name in ("max_steps", "batch_size", "seq_len", "init_steps", "eval_blocks", "eval_len", "save_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a positive integer, got {value!r}")
+        if self.calib_blocks < 4:
+            raise ValueError(f"calib_blocks: need at least 4 calibration blocks, got {self.calib_blocks}")
+
+
+def main(spec: ConvertSpec) -> dict:
+    import torch
+
+    from adapters_hub import registry, settings
+    from adapters_hub.evaluation import perplexity
+    from adapters_hub.lisa import LisaConfig, LisaModel, analyze_attention
+    from adapters_hub.lisa.convert import token_split
+    from adapters_hub.lisa.local_init import local_init
+    from adapters_hub.models import fingerprint, load_base
+
+    t0 = time.perf_counter()
+    uri = settings.mlflow_uri() if spec.register else None
+    if uri:
+        registry.Registry(tracking_uri=uri).client()  # probe: fail before any work
+    _use_all_cores()
+    torch.manual_seed(0)
+    print(f"[convert] base={spec.base} " + (f"fraction={spec.fraction}" if spec.fraction is not None else
+                                            f"max_ppl_increase={spec.max_ppl_increase}"), flush=True)
+    model, tok = load_base(spec.base)
+    fp = fingerprint(model)
+    split = token_split(tok, eval_blocks=spec.eval_blocks, eval_len=spec.eval_len,
+                        calib_blocks=spec.calib_blocks, train_len=spec.seq_len)
+    print(f"[convert] tokens: eval {tuple(split.eval.shape)}, calibration {tuple(split.calib.shape)}, "
+          f"training {tuple(split.train.shape)}", flush=True)
+
+    # 2-3. analysis, sensitivities after local init, plan --------------------------------
+    report = analyze_attention(model, [split.calib[i : i + 1] for i in range(4)], progress=False, base=spec.base)
+    plan, sensitivity = _choose_plan(spec, model, report, split.calib, fp)
+    print(f"[convert] {plan.summary()}", flush=True)
+
+    # 4. local initialisation --------------------------------------------------------------
+    lm = LisaModel(model, LisaConfig(plan=plan, aligner=spec.aligner), adapter_name=GENERAL, fingerprint=fp)
+    t = time.perf_counter()
+    fits = local_init(lm, split.calib, steps=spec.init_steps)
+    init_seconds = time.perf_counter() - t
+    work = Path(tempfile.mkdtemp(prefix="lisa-convert-"))
+    lm.save_adapter(work / "init", GENERAL)
+
+    # 5. self-distillation on Ray Train ----------------------------------------------------
+    run_key = _run_key(spec, plan.hash)
+    run_id = _start_run(uri, spec, plan) if uri else None
+    history: list[dict] = []
+    adapter_dir = work / "init"
+    train_seconds = 0.0
+    if not spec.init_only:
+        cfg = {"spec": asdict(spec), "plan": plan.to_dict(), "init_dir": str(work / "init"), "tracking_uri": uri,
+               "run_id": run_id}
+        t = time.perf_counter()
+        adapter_dir, history = _train_on_ray(cfg, run_key=run_key, fresh_start=spec.fresh_start)
+        train_seconds = time.perf_counter() - t
+
+    # 6. evaluation ------------------------------------------------------------------------
+    metrics = _evaluate(lm, split.eval, adapter_dir, perplexity)
+    metrics.update(init_seconds=init_seconds, train_seconds=train_seconds, shared_layers=len(plan.shared),
+                   fraction=plan.fraction, steps=float(history[-1]["step"]) if history else 0.0)
+    for k, v in metrics.items():
+        print(f"[eval] {k} = {v:.4f}", flush=True)
+
+    # 7. the backbone folder, registration ---------------------------------------------------
+    folder = _write_backbone(Path(spec.out) if spec.out else work / "backbone", plan, report, fits,
+                             sensitivity, adapter_dir, metrics, spec)
+    result = {"base": spec.base, "plan_hash": plan.hash, "layers": list(plan.layers), "metrics": metrics,
+              "folder": str(folder), "seconds": round(time.perf_counter() - t0, 1)}
+    if uri:
+        result.update(_register(uri, spec, plan, fp, folder, metrics, history, run_id=run_id))
+    shutil.rmtree(_run_dir(run_key), ignore_errors=True)  # done: a later run starts fresh
+    print(RESULT_MARKER + json.dumps(result), flush=True)
+    return result
+
+
+# ----------------------------------------------------------------------------- pieces
+
+
+def _choose_plan(spec: ConvertSpec, model, report, calib, fp):
+    """(plan, {layer: perplexity increase}) from sensitivities after local initialisation."""
+    from adapters_hub.evaluation import perplexity
+    from adapters_hub.lisa import LisaConfig, LisaModel
+    from adapters_hub.lisa.analysis import layer_sensitivity
+    from adapters_hub.lisa.local_init import local_init
+    from adapters_hub.lisa.plan import SharingPlan, choose_layers
+
+    half = len(calib) // 2  # fit on the first half, measure on the second
+    fit, measure = calib[:half], calib[half:]
+    t = time.perf_counter()
+    base_ppl, sensitivity = layer_sensitivity(model, report, measure, fit_blocks=fit, fit_steps=spec.sensitivity_steps,
+                                              aligner=spec.aligner, fingerprint=fp, progress=True)
+    report.base_ppl, report.sensitivity = base_ppl, sensitivity
+    print(f"[convert] sensitivities of {len(sensitivity)} layers after local init ({time.perf_counter() - t:.0f}s); "
+          f"base calibration perplexity {base_ppl:.2f}", flush=True)
+
+    def combined_ppl(layers: list[int]) -> float:
+        lm = LisaModel(model, LisaConfig(plan=SharingPlan.from_layers(report, layers), aligner=spec.aligner),
+                       fingerprint=fp)
+        try:
+            local_init(lm, fit, steps=spec.sensitivity_steps, log=None)
+            ppl = perplexity(lm, measure, progress=False)
+        finally:
+            lm.unload()
+        print(f"[convert]   {len(layers)} layers: calibration perplexity {ppl:.2f} ({ppl / base_ppl - 1:+.1%})",
+              flush=True)
+        return ppl
+
+    layers = choose_layers(sensitivity, num_layers=report.num_layers, fraction=spec.fraction,
+                           max_ppl_increase=spec.max_ppl_increase, base_ppl=base_ppl, combined_ppl=combined_ppl)
+    meta = {"source": "convert", "fraction": spec.fraction, "max_ppl_increase": spec.max_ppl_increase,
+            "aligner": spec.aligner}
+    return SharingPlan.from_layers(report, layers, meta=meta), sensitivity
+
+
+def _evaluate(lm, blocks, adapter_dir: Path, perplexity) -> dict[str, float]:
+    """WikiText-2 perplexity of the dense base, aligned direct sharing (fresh adapter), the
+    local initialisation and the converted adapter, on the same eval blocks."""
+    from adapters_hub.lisa import LisaConfig
+
+    metrics = {}
+    with lm.disable_adapter():
+        metrics["base.perplexity"] = perplexity(lm, blocks, progress=False)
+    lm.add_adapter("aligned", LisaConfig(plan=lm.plan, aligner=lm.peft_config[GENERAL].aligner))
+    lm.set_adapter("aligned")
+    metrics["aligned.perplexity"] = perplexity(lm, blocks, progress=False)
+    lm.set_adapter(GENERAL)
+    metrics["init.perplexity"] = perplexity(lm, blocks, progress=False)
+    if adapter_dir.name != "init":
+        lm.load_adapter(adapter_dir, "converted", activate=True)
+        metrics["converted.perplexity"] = perplexity(lm, blocks, progress=False)
+    else:
+        metrics["converted.perplexity"] = metrics["init.perplexity"]
+    metrics["converted.ppl_ratio"] = metrics["converted.perplexity"] / metrics["base.perplexity"]
+    return metrics
+
+
+def _write_backbone(folder: Path, plan, report, fits, sensitivity, adapter_dir, metrics, spec) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    plan.save(folder / "plan.json")
+    report.save(folder)  # report.json (+ heatmap.png with the sensitivities)
+    (folder / "local_init.json").write_text(json.dumps([f.to_dict() for f in fits], indent=2) + "\n")
+    shutil.rmtree(folder / "adapter", ignore_errors=True)
+    shutil.copytree(adapter_dir, folder / "adapter")
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
+    fit_rows = "\n".join(f"| {f.layer} | {f.donor} | {f.kl_before:.4f} | {f.kl_after:.4f} |" for f in fits)
+    (folder / "README.md").write_text(
+        f"# LiSA backbone of {spec.base}\n\n{plan.summary()}\n\n"
+        f"Load it: `LisaModel(load_base(\"{spec.base}\")[0], LisaConfig(plan=SharingPlan.load(\"plan.json\")))`, then\n"
+        f"`lm.load_adapter(\"adapter\", \"general\", activate=True)`.\n\n"
+        f"| metric | value |\n|---|---|\n{rows}\n\n"
+        f"Local initialisation, attention KL to the original layer (held-out calibration blocks):\n\n"
+        f"| layer | donor | before | after |\n|---|---|---|---|\n{fit_rows}\n")
+    return folder
+
+
+def _start_run(uri: str, spec: ConvertSpec, plan) -> str:
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name("lisa-hub/convert")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("lisa-hub/convert")
+    run = client.create_run(experiment_id, run_name=f"convert-{spec.base}",
+                            tags={"base_model": spec.base, "plan_hash": plan.hash,
+                                  "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID", "")})
+    for key, value in asdict(spec).items():
+        if value is not None:
+            client.log_param(run.info.run_id, key, value)
+    return run.info.run_id
+
+
+def _register(uri, spec, plan, fp, folder, metrics, history, *, run_id) -> dict:
+    import mlflow
+
+    from adapters_hub import registry
+
+    client = mlflow.MlflowClient(uri)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+    client.log_artifacts(run_id, str(folder), "backbone")
+    _log_curve(client, run_id, history)
+    registered = registry.register_backbone(spec.base, folder, tracking_uri=uri, run_id=run_id, plan_hash=plan.hash,
+                                            base_fingerprint=fp, replace=True)
+    client.set_terminated(run_id, "FINISHED")
+    print(f"[convert] registered {registered.name} version {registered.version} (alias champion)", flush=True)
+    return {"model_name": registered.name, "version": str(registered.version), "run_id": run_id}
+
+
+def _log_curve(client, run_id: str, history: list[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if history:
+        ax.plot([h["step"] for h in history], [h["kd"] for h in history], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("KL to the dense teacher (nats / token)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    client.log_figure(run_id, fig, "distillation_curve.png")
+    plt.close(fig)
+
+
+def _run_key(spec: ConvertSpec, plan_hash: str) -> str:
+    fields = {k: v for k, v in asdict(spec).items() if k not in ("out", "register", "fresh_start")}
+    return f"convert-{hashlib.sha256(json.dumps([fields, plan_hash], sort_keys=True).encode()).hexdigest()[:10]}"
+
+
+def _run_dir(run_key: str) -> Path:
+    from adapters_hub import settings
+
+    return settings.home() / "train" / run_key
+
+
+def _use_all_cores() -> None:
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("LISA_HUB_THREADS") or len(os.sched_getaffinity(0))))
+
+
+def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, list[dict]]:
+    """Run `train_loop` in a Ray Train TorchTrainer (one worker); (adapter dir, history)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    storage = _run_dir(run_key).parent
+    if fresh_start:
+        shutil.rmtree(storage / run_key, ignore_errors=True)
+    elif (storage / run_key).exists():
+        print(f"[convert] found an interrupted run {run_key}: resuming from its last checkpoint", flush=True)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=cfg,
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": cpus}),
+        run_config=RunConfig(name=run_key, storage_path=str(storage), checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise RuntimeError(f"self-distillation failed: {result.error}")
+    out = storage / f"{run_key}-adapter"
+    shutil.rmtree(out, ignore_errors=True)
+    with result.checkpoint.as_directory() as ckpt:
+        shutil.copytree(Path(ckpt) / "adapter", out)
+        history = json.loads((Path(ckpt) / "state.json").read_text())["history"]
+    return out, history
+
+
+def train_loop(cfg: dict) -> None:
+    """Runs on the Ray Train worker: self-distillation of the general adapter only."""
+    import math
+
+    import ray.train
+    import torch
+
+    from adapters_hub.lisa import LisaConfig, LisaModel, SharingPlan
+    from adapters_hub.lisa.convert import self_distillation_loss, token_split
+    from adapters_hub.models import load_base
+
+    spec = ConvertSpec(**cfg["spec"])
+    model, tok = load_base(spec.base)
+    lm = LisaModel(model, LisaConfig(plan=SharingPlan.from_dict(cfg["plan"]), aligner=spec.aligner), adapter_name="fresh")
+    ckpt = ray.train.get_checkpoint()
+    state = {"step": 0, "elapsed": 0.0, "history": []}
+    with contextlib.ExitStack() as stack:
+        resume = Path(stack.enter_context(ckpt.as_directory())) if ckpt else None
+        source = resume / "adapter" if resume else Path(cfg["init_dir"])
+        lm.load_adapter(source, GENERAL, activate=True)
+        lm.delete_adapter("fresh")
+        params = [p for p in lm.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+        if resume:
+            state = json.loads((resume / "state.json").read_text())
+            opt.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
+            print(f"[train] resuming from checkpoint at step {state['step']}", flush=True)
+    train = token_split(tok, eval_blocks=spec.eval_blocks, eval_len=spec.eval_len, calib_blocks=spec.calib_blocks,
+                        train_len=spec.seq_len).train
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    print(f"[train] {sum(p.numel() for p in params):,} trainable parameters; {len(train)} training blocks of "
+          f"{spec.seq_len}; budget {spec.minutes:g} min or {spec.max_steps} steps", flush=True)
+    budget, start = spec.minutes * 60, time.perf_counter()
+    lm.train()
+
+    def elapsed() -> float:
+        return state["elapsed"] + time.perf_counter() - start
+
+    def save(final: bool) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            lm.save_adapter(Path(tmp) / "adapter", GENERAL)
+            torch.save(opt.state_dict(), Path(tmp) / "optimizer.pt")
+            (Path(tmp) / "state.json").write_text(json.dumps({**state, "elapsed": elapsed(), "final": final}))
+            ray.train.report({"step": state["step"], "final": final},
+                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    while state["step"] < spec.max_steps and elapsed() < budget:
+        step = state["step"]
+        rows = order[(torch.arange(spec.batch_size) + step * spec.batch_size) % len(train)]
+        warm = min(1.0, (step + 1) / 10)
+        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed() / budget)))  # cosine over the time budget
+        for group in opt.param_groups:
+            group["lr"] = spec.lr * warm * (0.1 + 0.9 * decay)
+        loss, parts = self_distillation_loss(lm, train[rows], kd_weight=spec.kd_weight,
+                                             attn_weight=spec.attn_weight, lm_weight=spec.lm_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        state["step"] = step + 1
+        state["history"].append({"step": step + 1, "loss": float(loss.detach()), **parts})
+        if step == 0 or (step + 1) % 5 == 0:
+            print(f"[train] step {step + 1:5d}  kd {parts['kd']:.4f}  {elapsed():.0f}s", flush=True)
+            if cfg["tracking_uri"] and cfg["run_id"]:
+                import mlflow
+
+                client = mlflow.MlflowClient(cfg["tracking_uri"])
+                for key, value in parts.items():
+                    client.log_metric(cfg["run_id"], f"train/{key}", value, step=step + 1)
+        if (step + 1) % spec.save_every == 0:
+            save(final=False)
+    save(final=True)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = ConvertSpec()
+    parser.add_argument("--base", default=d.base, help="base model (smollm2-135m, tiny-llama or a HF id)")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--fraction", type=float, default=None, help="share this fraction of the layers (default 0.6)")
+    group.add_argument("--max-ppl-increase", type=float, default=None,
+                       help="share the most layers whose perplexity after local init stays within this of the base")
+    parser.add_argument("--init-only", action="store_true", help="stop after local initialisation")
+    parser.add_argument("--minutes", type=float, default=d.minutes, help="self-distillation wall-clock budget")
+    parser.add_argument("--max-steps", type=int, default=d.max_steps)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--seq-len", type=int, default=d.seq_len)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--kd-weight", type=float, default=d.kd_weight)
+    parser.add_argument("--attn-weight", type=float, default=d.attn_weight)
+    parser.add_argument("--lm-weight", type=float, default=d.lm_weight)
+    parser.add_argument("--init-steps", type=int, default=d.init_steps)
+    parser.add_argument("--sensitivity-steps", type=int, default=d.sensitivity_steps)
+    parser.add_argument("--aligner", default=d.aligner, choices=("linear", "ffn"))
+    parser.add_argument("--eval-blocks", type=int, default=d.eval_blocks)
+    parser.add_argument("--eval-len", type=int, default=d.eval_len)
+    parser.add_argument("--calib-blocks", type=int, default=d.calib_blocks)
+    parser.add_argument("--save-every", type=int, default=d.save_every)
+    parser.add_argument("--out", default=None, help="write the backbone folder here (plan.json, adapter/, ...)")
+    parser.add_argument("--register", action="store_true", help="register it as backbone-<base> in MLflow")
+    parser.add_argument("--fresh-start", action="store_true", help="ignore checkpoints of an interrupted run")
+
+
+def spec_from_args(args) -> ConvertSpec:
+    fields = set(ConvertSpec.__dataclass_fields__)
+    return ConvertSpec(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def parse_args(argv: list[str] | None = None) -> ConvertSpec:
+    parser = argparse.ArgumentParser(prog="python -m jobs.convert", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    return spec_from_args(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    from adapters_hub.registry import RegistryError
+
+    try:
+        main(parse_args())
+    except (LookupError, ValueError, ConnectionError, RegistryError) as err:  # known failures: one clear line
+        print(f"[convert] error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
