@@ -1,10 +1,16 @@
 """Shared-attention backbones: one per base model, made once, shared by every task adapter.
 
   plan = backbone_plan("smollm2-135m")     # from the registry, or analysed + registered now
-  lm, tok = build_backbone("smollm2-135m", plan)   # LisaModel with the fresh adapter FRESH
+  folder = backbone_folder("smollm2-135m") # the registered folder: plan.json [, adapter/]
+  lm, tok = build_backbone("smollm2-135m", plan, general_adapter=folder / "adapter")
 
-The fresh adapter (permutation aligner, zero low-rank difference) is "aligned direct
-sharing": what every new task adapter starts from, and what the `lora` baseline runs on.
+The fresh adapter FRESH (permutation aligner, zero low-rank difference) is "aligned
+direct sharing". A converted backbone (`jobs/convert.py`) also holds a general adapter,
+fitted to keep the base's quality; when given, it is loaded as GENERAL and made active:
+task adapters start from it and `lora` adapters train on top of it.
+
+A *dense* backbone (`dense_plan`: no layer shared) is the unmodified base model, for the
+`lora` baseline; its plan hash differs, so adapters never cross between the two.
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ import tempfile
 from pathlib import Path
 
 FRESH = "fresh"
+GENERAL = "general"
+BACKBONES = ("lisa", "dense")  # the backbone an adapter is trained on
 CALIBRATION = {"data": "wikitext2", "n_blocks": 4, "block_len": 256, "fraction": 0.6}
 
 
@@ -37,6 +45,30 @@ def backbone_plan(base: str, *, create: bool = True, tracking_uri: str | None = 
     return plan
 
 
+def backbone_folder(base: str, *, tracking_uri: str | None = None) -> Path | None:
+    """The verified local folder of the base's registered backbone (None if there is none)."""
+    from adapters_hub import registry
+
+    folder = registry.get_backbone(base, tracking_uri=tracking_uri)
+    return Path(folder) if folder is not None else None
+
+
+def general_adapter_of(folder: Path | None) -> Path | None:
+    """The general adapter inside a backbone folder, when it is a converted backbone."""
+    if folder is None or not (Path(folder) / "adapter" / "adapter_config.json").is_file():
+        return None
+    return Path(folder) / "adapter"
+
+
+def dense_plan(base: str):
+    """The plan of the dense backbone of `base`: the same shape, no layer shared."""
+    from adapters_hub.lisa.plan import SharingPlan
+    from adapters_hub.models import load_base
+
+    model, _ = load_base(base)
+    return SharingPlan.for_model(model, [], meta={"source": "dense"})
+
+
 def analyse_base(base: str, *, fraction: float = CALIBRATION["fraction"]):
     """(plan, report) from the attention analysis of `base` on the calibration text."""
     from adapters_hub.data import load_text, token_blocks
@@ -52,14 +84,26 @@ def analyse_base(base: str, *, fraction: float = CALIBRATION["fraction"]):
     return SharingPlan.from_report(report, fraction=fraction), report
 
 
-def build_backbone(base: str, plan, *, dtype=None):
-    """(LisaModel with the FRESH adapter active, tokenizer) for `base` and `plan`."""
+def build_backbone(base: str, plan, *, dtype=None, general_adapter: str | Path | None = None,
+                   prune: bool = False):
+    """(LisaModel, tokenizer) for `base` and `plan`: the FRESH adapter, and GENERAL (active)
+    when `general_adapter` is given. `prune` drops W_q/W_k of the substituted layers
+    (serving: the memory LiSA saves; no dense teacher or distillation afterwards)."""
     from adapters_hub.lisa.config import LisaConfig
     from adapters_hub.lisa.model import LisaModel
     from adapters_hub.models import load_base
 
     model, tok = load_base(base, dtype=dtype)
-    lm = LisaModel(model, LisaConfig(plan=plan), adapter_name=FRESH)
+    aligner = "linear"
+    if general_adapter is not None:  # the fresh adapter takes the general one's aligner kind
+        import json
+
+        aligner = json.loads((Path(general_adapter) / "adapter_config.json").read_text()).get("aligner", "ffn")
+    lm = LisaModel(model, LisaConfig(plan=plan, aligner=aligner), adapter_name=FRESH)
+    if general_adapter is not None:
+        lm.load_adapter(general_adapter, GENERAL, activate=True)
     for p in lm.parameters():
         p.requires_grad_(False)
+    if prune:
+        lm.prune_qk()
     return lm, tok

@@ -151,6 +151,9 @@ class LoraKind:
             raise AdapterError(f"{directory}: corrupted {WEIGHTS_NAME} ({err})") from None
         self.add(lm, adapter_name, config["lora"])
         state = {_insert_name(k, adapter_name): v for k, v in tensors.items()}
+        if lm.pruned:  # LoRA on a pruned W_q/W_k of a substituted layer never ran: nothing to load there
+            pruned = tuple(f"layers.{i}.self_attn.{proj}." for i in lm.lisa_layers for proj in ("q_proj", "k_proj"))
+            state = {k: v for k, v in state.items() if not any(p in k for p in pruned)}
         missing = set(state) - set(lm.get_base_model().state_dict())
         if missing:
             self.delete(lm, adapter_name)

@@ -205,7 +205,8 @@ def _tiny_llama():
 
 def fingerprint(model) -> str:
     """A short stable hash of a base model: architecture, parameter names, shapes and
-    coarse statistics of every weight (rounded, so fp32/bf16 copies of one model agree).
+    coarse statistics of every weight, taken after rounding the weights to bfloat16, so the
+    float32 and bfloat16 copies of one model have the same fingerprint.
 
     Adapter tensors (names containing ``lisa_``) are skipped; take the fingerprint of the
     unmodified base (before dropping W_q/W_k of shared layers).
@@ -222,7 +223,7 @@ def fingerprint(model) -> str:
         for name, tensor in sorted(model.state_dict().items()):
             if "lisa_" in name:
                 continue
-            t = tensor.detach().float()
+            t = tensor.detach().to(torch.bfloat16).float()
             stats = (t.mean().item(), t.abs().mean().item())
             h.update(f"{name}|{tuple(t.shape)}|{stats[0]:.3e}|{stats[1]:.3e}".encode())
     return h.hexdigest()[:16]

@@ -162,8 +162,9 @@ def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
     return name, alias, version
 
 
-def adapter_model_name(task: str, kind: str) -> str:
-    name = f"{task}-{kind}"
+def adapter_model_name(task: str, kind: str, backbone: str = "lisa") -> str:
+    """<task>-<kind>, or <task>-<kind>-dense for adapters of the dense (unmodified) backbone."""
+    name = f"{task}-{kind}" + ("-dense" if backbone == "dense" else "")
     if not _NAME.match(name):
         raise ValueError(f"registered model name {name!r}: task and kind may use letters, digits, '.', '_', '-'")
     return name
@@ -222,9 +223,10 @@ class Registry:
     def register_adapter(self, *, run_id: str, adapter_dir: str | Path, task: str, kind: str, base: str,
                          base_fingerprint: str, plan_hash: str | None, metrics: dict[str, float],
                          main_metric: str, higher_is_better: bool, trainable_params: int,
-                         tie_breaker: tuple[str, bool] | None = None,
+                         tie_breaker: tuple[str, bool] | None = None, backbone: str = "lisa",
                          artifact_path: str = ADAPTER_ARTIFACT) -> RegisteredAdapter:
-        """Log adapter_dir to the run and register it as a new version of "<task>-<kind>".
+        """Log adapter_dir to the run and register it as a new version of "<task>-<kind>"
+        ("<task>-<kind>-dense" for an adapter of the dense backbone).
 
         Aliases: `candidate` always; `champion` when it beats the current champion on
         main_metric (strictly), or on `tie_breaker` = (metric, higher_is_better) when
@@ -233,7 +235,7 @@ class Registry:
         removes a registered model this call created. (Artifacts already logged to the run
         stay there: they belong to the run, not to the registry.)
         """
-        name = adapter_model_name(task, kind)
+        name = adapter_model_name(task, kind, backbone)
         ranking = [(main_metric, higher_is_better)] + ([tie_breaker] if tie_breaker else [])
         for field, (metric, _) in zip(("main_metric", "tie_breaker"), ranking):
             if metric not in metrics:
@@ -243,7 +245,7 @@ class Registry:
             raise ValueError(f"metrics must be finite numbers: {bad}")
         new_value = float(metrics[main_metric])
         tags = {
-            "task": task, "kind": kind, "base_model": base, "base_fingerprint": base_fingerprint,
+            "task": task, "kind": kind, "backbone": backbone, "base_model": base, "base_fingerprint": base_fingerprint,
             "plan_hash": plan_hash or "", "trainable_params": str(int(trainable_params)),
             "main_metric": main_metric, "higher_is_better": str(bool(higher_is_better)).lower(),
             "tie_breaker": tie_breaker[0] if tie_breaker else "",

@@ -4,6 +4,7 @@ evaluate it against the base and the fresh backbone, and register it in MLflow.
 Run (from the repository root, with the local stack up: `lisa-hub up`):
 
     python -m jobs.adapt --task gsm8k --base smollm2-135m --kind lisa --profile quick
+    python -m jobs.adapt --task gsm8k --kind lora --backbone dense     # LoRA on the unmodified base
     lisa-hub adapt --task gsm8k --profile smoke --base tiny-llama      # same thing
     sdk.submit_adaptation(task="gsm8k")                                # as a Ray job
 
@@ -11,7 +12,8 @@ Steps: 1 task spec + profile   2 backbone plan (registry, or analyse + register)
 3 TRL SFT inside Ray Train (adapter tensors only; adapter-only checkpoints; a re-run of
 an interrupted job resumes from its last checkpoint)   4 evaluate base / fresh backbone /
 general adapter it started from (if any) / adapter   5 MLflow run (params, per-step
-metrics, curves, samples, adapter) + model version `<task>-<kind>` with alias `candidate`
+metrics, curves, samples, adapter) + model version `<task>-<kind>` (`<task>-<kind>-dense`
+on the dense backbone) with alias `candidate`
 (and `champion` if it beats the current one; ties go to the spec's tie_breaker).
 The last line printed is `LISA_HUB_RESULT {json}` for the SDK.
 """
@@ -37,6 +39,7 @@ class AdaptSpec:
     task: str
     base: str | None = None            # None = the profile's default_base
     kind: str = "lisa"
+    backbone: str = "lisa"             # "lisa": the base's LiSA backbone; "dense": the unmodified base
     profile: str = "quick"
     overrides: dict = field(default_factory=dict)   # profile fields, e.g. {"max_steps": 5}
     fresh_start: bool = False          # ignore checkpoints of an interrupted earlier run
@@ -46,7 +49,7 @@ def main(spec: AdaptSpec) -> dict:
     import mlflow
 
     from adapters_hub import registry, settings
-    from adapters_hub.backbone import backbone_plan
+    from adapters_hub.backbone import BACKBONES, backbone_plan, dense_plan
     from adapters_hub.tasks import load_rows, load_task
 
     t0 = time.perf_counter()
@@ -54,14 +57,22 @@ def main(spec: AdaptSpec) -> dict:
     profile = _profile(task, spec)
     if spec.kind not in KINDS:
         raise ValueError(f"kind: unknown {spec.kind!r}; known: {', '.join(KINDS)}")
+    if spec.backbone not in BACKBONES:
+        raise ValueError(f"backbone: unknown {spec.backbone!r}; known: {', '.join(BACKBONES)}")
+    if spec.backbone == "dense" and spec.kind == "lisa":
+        raise ValueError("kind: a lisa adapter needs the LiSA backbone (--backbone lisa); the dense backbone "
+                         "takes lora adapters")
     base = spec.base or profile.default_base
     uri = settings.mlflow_uri()
     registry.Registry(tracking_uri=uri).client()      # probe: fail before any work, leave nothing behind
     _use_all_cores()
     print(f"[adapt] task={task.name} kind={spec.kind} base={base} profile={profile.name} mlflow={uri}", flush=True)
 
-    plan = backbone_plan(base, tracking_uri=uri)
-    init_from = _general_adapter(task.name, spec.kind, base, uri)
+    if spec.backbone == "dense":
+        plan, init_from = dense_plan(base), None
+    else:
+        plan = backbone_plan(base, tracking_uri=uri)
+        init_from = _general_adapter(task.name, base, plan, uri)
     train_rows, eval_rows = load_rows(task, "train", profile), load_rows(task, "eval", profile)
     print(f"[adapt] plan {plan.hash} ({len(plan.layers)} shared layers); {len(train_rows)} train / "
           f"{len(eval_rows)} eval rows; init={'general adapter' if init_from else 'fresh'}", flush=True)
@@ -69,7 +80,8 @@ def main(spec: AdaptSpec) -> dict:
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(f"lisa-hub/{task.name}")
     with mlflow.start_run(run_name=f"{task.name}-{spec.kind}-{base}") as run:
-        mlflow.set_tags({"task": task.name, "kind": spec.kind, "base_model": base, "plan_hash": plan.hash,
+        mlflow.set_tags({"task": task.name, "kind": spec.kind, "backbone": spec.backbone, "base_model": base,
+                         "plan_hash": plan.hash,
                          "profile": profile.name, "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID", "")})
         mlflow.log_params({"task": task.name, "kind": spec.kind, "base": base, **_flat(profile.model_dump())})
         train_cfg = {"task": task.name, "kind": spec.kind, "base": base, "plan": plan.to_dict(),
@@ -85,6 +97,7 @@ def main(spec: AdaptSpec) -> dict:
         (adapter_dir / "README.md").write_text(_model_card(task, spec.kind, base, plan, profile, metrics, trainable))
         registered = registry.register_adapter(
             run_id=run.info.run_id, adapter_dir=adapter_dir, task=task.name, kind=spec.kind, base=base,
+            backbone=spec.backbone,
             base_fingerprint=json.loads((adapter_dir / "adapter_config.json").read_text())["base_fingerprint"],
             plan_hash=plan.hash, metrics=metrics, main_metric=f"adapter.{task.main_metric.value}",
             higher_is_better=task.higher_is_better, trainable_params=trainable, tracking_uri=uri,
@@ -112,23 +125,30 @@ def _profile(task, spec: AdaptSpec):
         raise ValueError(f"overrides for profile {spec.profile!r}: {err.errors()[0]['loc']}: {err.errors()[0]['msg']}") from None
 
 
-def _general_adapter(task: str, kind: str, base: str, uri: str) -> str | None:
-    """The base's general adapter (wikitext2-lisa@champion), if one exists, as init for lisa."""
+def _general_adapter(task: str, base: str, plan, uri: str) -> str | None:
+    """The base's general adapter, which task adapters (lisa) and LiSA-backbone LoRA start
+    from: the adapter/ of the registered converted backbone (backbone-<base>@champion), or
+    else wikitext2-lisa@champion trained on this base and plan."""
     from adapters_hub import registry
+    from adapters_hub.backbone import backbone_folder, general_adapter_of
 
-    if kind != "lisa" or task == "wikitext2":
+    folder = general_adapter_of(backbone_folder(base, tracking_uri=uri))
+    if folder is not None:
+        return str(folder)
+    if task == "wikitext2":
         return None
     try:
         found = registry.get_adapter("wikitext2-lisa@champion", tracking_uri=uri)
     except LookupError:
         return None
-    if found.tags.get("base_model") != base:
+    if found.tags.get("base_model") != base or found.tags.get("plan_hash") not in (None, plan.hash):
         return None
     return str(registry.resolve("wikitext2-lisa@champion", tracking_uri=uri))
 
 
 def _run_key(spec: AdaptSpec, base: str, plan_hash: str) -> str:
-    key = json.dumps([spec.task, spec.kind, base, spec.profile, spec.overrides, plan_hash], sort_keys=True)
+    key = json.dumps([spec.task, spec.kind, spec.backbone, base, spec.profile, spec.overrides, plan_hash],
+                     sort_keys=True)
     return f"{spec.task}-{spec.kind}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -206,9 +226,9 @@ def train_loop(cfg: dict) -> None:
     from adapters_hub.tasks import load_task
 
     task, p = load_task(cfg["task"]), cfg["profile"]
-    lm, tok = build_backbone(cfg["base"], SharingPlan.from_dict(cfg["plan"]))
+    lm, tok = build_backbone(cfg["base"], SharingPlan.from_dict(cfg["plan"]), general_adapter=cfg["init_from"])
     kind, name = get_kind(cfg["kind"]), cfg["task"]
-    if cfg["init_from"]:
+    if cfg["init_from"] and cfg["kind"] == "lisa":
         kind.load(lm, cfg["init_from"], name)     # start from the base's general adapter
         lm.set_adapter(name)
         for n_, t in lm.named_parameters():
@@ -332,7 +352,7 @@ def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows, *, init_d
     on the same eval rows (so what the task training added is visible apart from the start)."""
     import mlflow
 
-    from adapters_hub.backbone import FRESH, build_backbone
+    from adapters_hub.backbone import build_backbone
     from adapters_hub.kinds import get_kind
     from adapters_hub.models import load_base
     from adapters_hub.task_eval import evaluate_task
@@ -343,8 +363,9 @@ def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows, *, init_d
         metrics.update({f"{label}.{k}": v for k, v in evaluate_task(model, tok, task, rows, profile=profile).items()})
     del base_model
     lm, tok = build_backbone(base, plan)
-    results = evaluate_task(lm, tok, task, rows, profile=profile)
-    metrics.update({f"fresh.{k}": v for k, v in results.items()})
+    if plan.shared:  # on the dense backbone "fresh" is the base itself
+        results = evaluate_task(lm, tok, task, rows, profile=profile)
+        metrics.update({f"fresh.{k}": v for k, v in results.items()})
     kind = get_kind(kind_name)
     if init_dir:  # the general adapter is a lisa adapter
         lisa = get_kind("lisa")
@@ -409,6 +430,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, help="task spec name (manifests/tasks/<task>.yaml)")
     parser.add_argument("--base", default=None, help="base model (default: the profile's)")
     parser.add_argument("--kind", default="lisa", choices=KINDS)
+    parser.add_argument("--backbone", default="lisa", choices=("lisa", "dense"),
+                        help="train on the base's LiSA backbone or on the unmodified (dense) base")
     parser.add_argument("--profile", default="quick", help="smoke | quick | full")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                         help="override a profile field, e.g. --set max_steps=5")
@@ -419,7 +442,7 @@ def spec_from_args(args) -> AdaptSpec:
     from adapters_hub.tasks import parse_overrides
 
     overrides = parse_overrides(args.set)
-    return AdaptSpec(task=args.task, base=args.base, kind=args.kind, profile=args.profile,
+    return AdaptSpec(task=args.task, base=args.base, kind=args.kind, backbone=args.backbone, profile=args.profile,
                      overrides=overrides, fresh_start=args.fresh_start)
 
 

@@ -1,6 +1,7 @@
 """lisa-hub SDK: submit adaptations, follow jobs, browse adapters, hot-swap them.
 
     import sdk
+    sdk.submit_conversion(base_model="smollm2-135m", fraction=0.6).wait()  # the LiSA backbone
     job = sdk.submit_adaptation(task="gsm8k")      # a Ray job on the cluster
     result = job.wait()                            # registered model version + metrics
     sdk.list_adapters(task="gsm8k")                # MLflow registry
@@ -9,8 +10,9 @@
 Imports are light: torch, Ray and MLflow load when a call needs them.
 """
 
-from sdk.client import (AdaptationJob, AdaptationResult, ClusterUnavailableError, JobFailedError, JobStatus,
-                        JobSummary, get_job, list_jobs, submit_adaptation)
+from sdk.client import (AdaptationJob, AdaptationResult, ClusterUnavailableError, ConversionJob, ConversionResult,
+                        JobFailedError, JobStatus, JobSummary, get_job, list_jobs, submit_adaptation,
+                        submit_conversion)
 from sdk.hotswap import ActiveAdapter, Backbone
 
 
@@ -39,6 +41,6 @@ def promote(*, name: str, version: str | int, alias: str = "champion", tracking_
     return registry.promote(name, version, alias, tracking_uri=tracking_uri)
 
 
-__all__ = ["submit_adaptation", "get_job", "list_jobs", "AdaptationJob", "AdaptationResult", "JobStatus",
+__all__ = ["submit_adaptation", "submit_conversion", "ConversionJob", "ConversionResult", "get_job", "list_jobs", "AdaptationJob", "AdaptationResult", "JobStatus",
            "JobSummary", "JobFailedError", "ClusterUnavailableError", "Backbone", "ActiveAdapter",
            "list_adapters", "get_adapter", "promote"]

@@ -1,6 +1,8 @@
 """User-facing sub-commands of `lisa-hub` (added to adapters_hub.cli):
 
-  lisa-hub adapt --task gsm8k [--profile quick] [--base B] [--kind lisa]   run the job here
+  lisa-hub convert --base B [--fraction F | --max-ppl-increase X] [--register] [--submit]
+                                              dense base -> LiSA backbone (jobs/convert.py)
+  lisa-hub adapt --task gsm8k [--profile quick] [--base B] [--kind lisa] [--backbone dense]   run the job here
   lisa-hub submit gsm8k [--follow]            submit it to the Ray cluster as a job
   lisa-hub jobs | lisa-hub logs ID            follow jobs (also in the Ray dashboard)
   lisa-hub adapters [--task T]                registered adapters (also in the MLflow UI)
@@ -13,7 +15,14 @@ from __future__ import annotations
 
 
 def add_commands(sub) -> None:
+    from jobs import convert
     from jobs.adapt import add_arguments
+
+    p = sub.add_parser("convert", help="turn a dense base into a LiSA backbone that keeps its quality")
+    convert.add_arguments(p)
+    p.add_argument("--submit", action="store_true", help="run it as a Ray job on the cluster instead of here")
+    p.add_argument("--follow", action="store_true", help="with --submit: stream the log and wait")
+    p.set_defaults(func=_convert)
 
     p = sub.add_parser("adapt", help="run an adaptation job in this process (Ray Train inside)")
     add_arguments(p)
@@ -23,6 +32,7 @@ def add_commands(sub) -> None:
     p.add_argument("task")
     p.add_argument("--base", default=None)
     p.add_argument("--kind", default="lisa")
+    p.add_argument("--backbone", default="lisa", choices=("lisa", "dense"))
     p.add_argument("--profile", default="quick")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON")
     p.add_argument("--follow", action="store_true", help="stream the log and wait for the result")
@@ -59,6 +69,36 @@ def add_commands(sub) -> None:
     p.set_defaults(func=_demo)
 
 
+def _convert(args) -> int:
+    from jobs import convert
+
+    spec = convert.spec_from_args(args)
+    if not args.submit:
+        convert.main(spec)
+        return 0
+    import dataclasses
+
+    import sdk
+
+    if spec.out:
+        raise ValueError("out: a submitted conversion runs on the cluster; use --register, not --out")
+    options = {k: v for k, v in dataclasses.asdict(spec).items()
+               if k not in ("base", "fraction", "max_ppl_increase", "minutes", "init_only", "register", "fresh_start",
+                            "out")}
+    job = sdk.submit_conversion(base_model=spec.base, fraction=spec.fraction if spec.max_ppl_increase is None else None,
+                                max_ppl_increase=spec.max_ppl_increase, minutes=spec.minutes,
+                                init_only=spec.init_only, register=spec.register, options=options,
+                                fresh_start=spec.fresh_start)
+    print(f"submitted conversion {job.id}  (dashboard: {job.address}/#/jobs/{job.id})")
+    if args.follow:
+        job.tail()
+        result = job.wait()
+        print(f"converted {result.base}: {len(result.layers)} layers shared, perplexity ratio "
+              f"{result.metrics['converted.ppl_ratio']:.3f}" + (f"; registered {result.model_name} version "
+                                                               f"{result.version}" if result.version else ""))
+    return 0
+
+
 def _adapt(args) -> int:
     from jobs.adapt import main, spec_from_args
 
@@ -70,7 +110,8 @@ def _submit(args) -> int:
     import sdk
     from adapters_hub.tasks import parse_overrides
 
-    job = sdk.submit_adaptation(args.task, base_model=args.base, kind=args.kind, profile=args.profile,
+    job = sdk.submit_adaptation(args.task, base_model=args.base, kind=args.kind, backbone=args.backbone,
+                                profile=args.profile,
                                 overrides=parse_overrides(args.set), fresh_start=args.fresh_start)
     print(f"submitted job {job.id}  (dashboard: {job.address}/#/jobs/{job.id})")
     if args.follow:

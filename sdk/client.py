@@ -136,7 +136,7 @@ class AdaptationJob:
                 raise TimeoutError(f"job {self.id} still {status} after {timeout:.0f} s")
             time.sleep(poll)
         logs = self.logs()
-        result = parse_result(self.id, logs)
+        result = self._parse(logs)
         if status is JobStatus.SUCCEEDED and result is not None:
             return result
         info = self._client.get_job_info(self.id)
@@ -146,12 +146,16 @@ class AdaptationJob:
     def stop(self) -> bool:
         return self._client.stop_job(self.id)
 
+    def _parse(self, logs: str) -> AdaptationResult | None:
+        return parse_result(self.id, logs)
+
 
 def submit_adaptation(
     task: str,
     *,
     base_model: str | None = None,
     kind: str = "lisa",
+    backbone: str = "lisa",
     profile: str = "quick",
     overrides: dict[str, object] | None = None,
     address: str | None = None,
@@ -159,6 +163,9 @@ def submit_adaptation(
     fresh_start: bool = False,
 ) -> AdaptationJob:
     """Submit an adaptation of `base_model` to `task` as a Ray job; returns its handle.
+
+    `backbone="dense"` trains on the unmodified base (the `lora` baseline, registered as
+    "<task>-lora-dense"); the default is the base's LiSA backbone.
 
     Task, kind, profile and override names are checked here, before anything is submitted.
     A job whose earlier run (same task, kind, base, profile, plan) was interrupted resumes
@@ -174,6 +181,10 @@ def submit_adaptation(
     spec = load_task(task)  # unknown task / malformed spec: clear error, nothing submitted
     if kind not in KINDS:
         raise ValueError(f"kind: unknown {kind!r}; known: {', '.join(KINDS)}")
+    if backbone not in ("lisa", "dense"):
+        raise ValueError(f"backbone: unknown {backbone!r}; known: lisa, dense")
+    if backbone == "dense" and kind == "lisa":
+        raise ValueError("kind: a lisa adapter needs the LiSA backbone; the dense backbone takes lora adapters")
     if profile not in spec.profiles:
         raise ValueError(f"profile: task {task!r} has no profile {profile!r}; known: {', '.join(spec.profiles)}")
     base = base_model or spec.profiles[profile].default_base
@@ -183,21 +194,100 @@ def submit_adaptation(
         raise ValueError(f"overrides: unknown field(s) {unknown}; profile fields: {sorted(known)}")
 
     address = resolve_address(address)
-    argv = ["python", "-m", "jobs.adapt", "--task", task, "--base", base, "--kind", kind, "--profile", profile]
+    argv = ["python", "-m", "jobs.adapt", "--task", task, "--base", base, "--kind", kind, "--backbone", backbone,
+            "--profile", profile]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={json.dumps(value)}"]
     if fresh_start:
         argv.append("--fresh-start")
     env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "LISA_HUB_DATA_DIR") if k in os.environ}
+    job_id = _submit(address, argv, submission_id,
+                     {"task": task, "kind": kind, "backbone": backbone, "base": base, "profile": profile})
+    return AdaptationJob(job_id, address=address)
+
+
+def submit_conversion(
+    *,
+    base_model: str = "smollm2-135m",
+    fraction: float | None = None,
+    max_ppl_increase: float | None = None,
+    minutes: float = 15.0,
+    init_only: bool = False,
+    register: bool = True,
+    options: dict[str, object] | None = None,
+    address: str | None = None,
+    submission_id: str | None = None,
+    fresh_start: bool = False,
+) -> "ConversionJob":
+    """Submit the conversion of `base_model` into a LiSA backbone as a Ray job (jobs/convert.py).
+
+    Exactly one of `fraction` (share that fraction of the layers) and `max_ppl_increase`
+    (share the most layers whose perplexity stays within it) may be given; neither means
+    fraction 0.6. `options` sets other ConvertSpec fields (e.g. {"lr": 1e-3}). With
+    `register`, the result becomes `backbone-<base>@champion` with its general adapter.
+
+    >>> job = submit_conversion(base_model="smollm2-135m", fraction=0.6, minutes=15)  # doctest: +SKIP
+    >>> job.wait().metrics["converted.ppl_ratio"]  # doctest: +SKIP
+    1.4
+    """
+    from jobs.convert import ConvertSpec
+
+    fields = {"base": base_model, "fraction": fraction, "max_ppl_increase": max_ppl_increase, "minutes": minutes,
+              "init_only": init_only, "register": register, "fresh_start": fresh_start, **(options or {})}
+    unknown = sorted(set(fields) - set(ConvertSpec.__dataclass_fields__) - {"out"})
+    if unknown:
+        raise ValueError(f"options: unknown field(s) {unknown}; known: {sorted(ConvertSpec.__dataclass_fields__)}")
+    spec = ConvertSpec(**fields)  # validated here: nothing is submitted for a bad spec
+    argv = ["python", "-m", "jobs.convert"]
+    for key, value in vars(spec).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            argv += [flag] if value else []
+        elif value is not None and key != "out":
+            argv += [flag, str(value)]
+    address = resolve_address(address)
+    job_id = _submit(address, argv, submission_id,
+                     {"task": "convert", "kind": "lisa", "backbone": "lisa", "base": base_model, "profile": "-"})
+    return ConversionJob(job_id, address=address)
+
+
+def _submit(address: str, argv: list[str], submission_id: str | None, metadata: dict[str, str]) -> str:
+    env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "LISA_HUB_DATA_DIR") if k in os.environ}
     client = _client(address)
     with _code_package() as working_dir:  # uploaded by submit_job; gone afterwards
-        job_id = client.submit_job(
+        return client.submit_job(
             entrypoint=shlex.join(argv),
             submission_id=submission_id,
             runtime_env={"working_dir": working_dir, "env_vars": env_vars},
-            metadata={"task": task, "kind": kind, "base": base, "profile": profile, "app": "lisa-hub"},
+            metadata={**metadata, "app": "lisa-hub"},
         )
-    return AdaptationJob(job_id, address=address)
+
+
+@dataclass(frozen=True)
+class ConversionResult:
+    """What a finished conversion produced (from the job's LISA_HUB_RESULT line)."""
+
+    job_id: str
+    base: str
+    plan_hash: str
+    layers: list[int]          # the substituted layers
+    metrics: dict[str, float]  # base / aligned / init / converted perplexity, ...
+    model_name: str | None     # "backbone-<base>" when registered
+    version: str | None
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+class ConversionJob(AdaptationJob):
+    """Handle on a submitted conversion; `wait()` returns a ConversionResult."""
+
+    def _parse(self, logs: str) -> "ConversionResult | None":
+        for line in reversed(logs.splitlines()):
+            if line.startswith(RESULT_MARKER):
+                raw = json.loads(line[len(RESULT_MARKER):])
+                return ConversionResult(job_id=self.id, base=raw["base"], plan_hash=raw["plan_hash"],
+                                        layers=list(raw["layers"]), metrics=dict(raw["metrics"]),
+                                        model_name=raw.get("model_name"), version=raw.get("version"), raw=raw)
+        return None
 
 
 @contextlib.contextmanager

@@ -44,19 +44,49 @@ class Backbone:
 
     @classmethod
     def load(cls, *, base_model: str = "smollm2-135m", plan_path: str | Path | None = None,
-             max_resident: int = 4, tracking_uri: str | None = None) -> "Backbone":
-        """Load `base_model` with its registered sharing plan (or the plan in `plan_path`).
+             max_resident: int = 4, tracking_uri: str | None = None, dtype: str | None = None,
+             prune: bool = True) -> "Backbone":
+        """Load `base_model` as its registered backbone (`backbone-<base>@champion`: the
+        sharing plan and, for a converted backbone, its general adapter, active until an
+        adapter is used), or with the plan in `plan_path` (a backbone folder or plan.json).
+
+        `prune` (default) drops W_q/W_k of the substituted layers: the memory LiSA saves.
+        `dtype` ("bfloat16", "float16"; default float32) halves weights and KV cache.
 
         >>> bb = Backbone.load(base_model="tiny-llama", plan_path="plan.json")  # doctest: +SKIP
+        >>> bb.memory_report()["kv_bytes_per_token"]  # doctest: +SKIP
         """
-        from adapters_hub.backbone import backbone_plan, build_backbone
+        from adapters_hub.backbone import backbone_folder, build_backbone, general_adapter_of
         from adapters_hub.lisa.plan import SharingPlan
 
-        plan = SharingPlan.load(plan_path) if plan_path else backbone_plan(base_model, create=False, tracking_uri=tracking_uri)
-        lm, tok = build_backbone(base_model, plan)
+        if plan_path:
+            path = Path(plan_path)
+            folder = path if path.is_dir() else None
+            plan = SharingPlan.load(path / "plan.json" if folder else path)
+        else:
+            folder = backbone_folder(base_model, tracking_uri=tracking_uri)
+            if folder is None:
+                raise LookupError(f"no backbone registered for base {base_model!r}; run `lisa-hub convert --base "
+                                  f"{base_model} --register` (or `lisa-hub analyze --base {base_model} --register`)")
+            plan = SharingPlan.load(folder / "plan.json")
+        lm, tok = build_backbone(base_model, plan, dtype=dtype, general_adapter=general_adapter_of(folder),
+                                 prune=prune)
         lm.eval()
         tok.padding_side = "left"
         return cls(lm, tok, base_model=base_model, max_resident=max_resident, tracking_uri=tracking_uri)
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of the loaded parameters (adapters included) and of the KV cache per token."""
+        lm = self.lm
+        params = sum(p.numel() * p.element_size() for p in lm.parameters())
+        cfg = lm.config
+        head_dim = lm.plan.head_dim
+        item = next(lm.parameters()).element_size()
+        per_layer = [cfg.num_key_value_heads * ((s.rank if s else head_dim) + head_dim) * item
+                     for s in (lm.plan.get(i) for i in range(lm.plan.num_layers))]  # K (d or r) + V (d)
+        return {"parameter_bytes": params, "kv_bytes_per_token": sum(per_layer),
+                "dense_kv_bytes_per_token": lm.plan.num_layers * cfg.num_key_value_heads * 2 * head_dim * item,
+                "pruned": int(lm.pruned)}
 
     @property
     def resident(self) -> list[str]:

@@ -76,3 +76,87 @@ def test_planner_budget_takes_the_longest_prefix_within_the_budget():
         choose_layers(SENS, num_layers=10, fraction=0.3, max_ppl_increase=0.1)
     with pytest.raises(PlanError, match="fraction"):
         choose_layers(SENS, num_layers=20, fraction=0.5)  # 10 of 9 candidates
+
+
+def test_self_distillation_lowers_the_logit_kl_to_the_dense_teacher(tiny):
+    from adapters_hub.lisa.convert import self_distillation_loss
+
+    torch.manual_seed(0)
+    lm = make(tiny)
+    train, held = calib(16, 32, seed=3), calib(4, 32, seed=4)
+    with torch.no_grad():
+        before = self_distillation_loss(lm, held)[1]["kd"]
+    params = [p for p in lm.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=1e-2)
+    lm.train()
+    for step in range(60):
+        loss, parts = self_distillation_loss(lm, train[step % 16 : step % 16 + 4], attn_weight=0.1)
+        assert set(parts) == {"kd", "attn_kl"}
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    lm.eval()
+    with torch.no_grad():
+        after = self_distillation_loss(lm, held)[1]["kd"]
+    assert after < 0.8 * before, (before, after)
+    assert all(p.grad is None or "lisa_" in n for n, p in lm.named_parameters())  # base weights untouched
+
+
+def test_dense_backbone_lora_and_lisa_backbone_adapters_do_not_cross(tiny, tmp_path):
+    from adapters_hub.backbone import build_backbone, dense_plan
+    from adapters_hub.kinds import get_kind
+    from adapters_hub.lisa import AdapterMismatchError, SharingPlan
+
+    lora = get_kind("lora")
+    dense, _ = build_backbone("tiny-llama", dense_plan("tiny-llama"))
+    assert not dense.lisa_layers  # the unmodified model
+    ids = calib(2, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(dense(input_ids=ids).logits, tiny[0](input_ids=ids).logits)
+    lora.add(dense, "t", {})
+    lora.save(dense, "t", tmp_path / "dense-lora")
+    lisa, _ = build_backbone("tiny-llama", SharingPlan.for_model(tiny[0], [2, 3]))
+    lora.add(lisa, "t", {})
+    lora.save(lisa, "t", tmp_path / "lisa-lora")
+    with pytest.raises(AdapterMismatchError, match="sharing plan"):
+        lora.load(lisa, tmp_path / "dense-lora", "x")
+    with pytest.raises(AdapterMismatchError, match="sharing plan"):
+        lora.load(dense, tmp_path / "lisa-lora", "x")
+    fresh_dense, _ = build_backbone("tiny-llama", dense_plan("tiny-llama"))
+    lora.load(fresh_dense, tmp_path / "dense-lora", "x")  # and each loads into its own kind of backbone
+
+
+def test_serving_backbone_is_pruned_loads_the_general_adapter_and_reports_memory(tiny, tmp_path):
+    from adapters_hub.backbone import GENERAL, build_backbone
+    from adapters_hub.kinds import get_kind
+    from adapters_hub.lisa import SharingPlan
+    from sdk.hotswap import Backbone
+
+    plan = SharingPlan.for_model(tiny[0], [2, 3, 5])
+    trained, _ = build_backbone("tiny-llama", plan)
+    get_kind("lisa").add(trained, "general", {})
+    with torch.no_grad():
+        for t in trained.adapter_state_dict("general").values():
+            t.add_(0.05)
+    folder = tmp_path / "backbone"
+    plan.save(folder / "plan.json")
+    trained.save_adapter(folder / "adapter", "general")
+    lora_dir = tmp_path / "lora"
+    get_kind("lora").add(trained, "lora", {})  # LoRA on q_proj of substituted layers too
+    get_kind("lora").save(trained, "lora", lora_dir)
+
+    bb = Backbone.load(base_model="tiny-llama", plan_path=folder)
+    assert bb.lm.pruned and bb.lm.active_adapter == GENERAL
+    assert all(layer.q_proj is None for layer in bb.lm.lisa_layers.values())
+    report = bb.memory_report()
+    unpruned = Backbone.load(base_model="tiny-llama", plan_path=folder, prune=False).memory_report()
+    assert report["parameter_bytes"] < unpruned["parameter_bytes"]
+    assert report["kv_bytes_per_token"] < report["dense_kv_bytes_per_token"]
+    ids = calib(1, 10)
+    trained.set_adapter("general")
+    get_kind("lora").deactivate(trained, "lora")
+    with torch.no_grad():  # the pruned serving backbone computes what the training one did
+        torch.testing.assert_close(bb.lm(input_ids=ids).logits, trained(input_ids=ids).logits, atol=1e-4, rtol=1e-4)
+    bb.use(str(lora_dir))  # a LoRA adapter of the LiSA backbone still loads on the pruned one
+    half = Backbone.load(base_model="tiny-llama", plan_path=folder, dtype="bfloat16").memory_report()
+    assert half["kv_bytes_per_token"] * 2 == report["kv_bytes_per_token"]
