@@ -43,6 +43,7 @@ class ConvertSpec:
     base: str = "smollm2-135m"
     fraction: float | None = None          # default 0.6 when max_ppl_increase is not given either
     max_ppl_increase: float | None = None  # e.g. 0.05: combined perplexity <= 1.05 x base (after local init)
+    layers: list[int] | None = None        # substitute exactly these layers (no sensitivity scan)
     init_only: bool = False                # stop after local initialisation
     minutes: float = 15.0                  # wall-clock budget of the self-distillation
     max_steps: int = 100_000
@@ -66,10 +67,12 @@ class ConvertSpec:
     def __post_init__(self) -> None:
         from adapters_hub.lisa.config import ALIGNERS
 
-        if self.fraction is not None and self.max_ppl_increase is not None:
-            raise ValueError("fraction: give --fraction or --max-ppl-increase, not both")
-        if self.fraction is None and self.max_ppl_increase is None:
+        if sum(x is not None for x in (self.fraction, self.max_ppl_increase, self.layers)) > 1:
+            raise ValueError("fraction: give one of --fraction, --max-ppl-increase and --layers")
+        if self.fraction is None and self.max_ppl_increase is None and self.layers is None:
             self.fraction = 0.6
+        if self.layers is not None and (not self.layers or not all(isinstance(l, int) and l >= 1 for l in self.layers)):
+            raise ValueError(f"layers: must be a non-empty list of layer indices >= 1, got {self.layers!r}")
         if self.fraction is not None and not 0 < self.fraction < 1:
             raise ValueError(f"fraction: must be in (0, 1), got {self.fraction}")
         if self.max_ppl_increase is not None and not self.max_ppl_increase >= 0:
@@ -103,8 +106,8 @@ def main(spec: ConvertSpec) -> dict:
         registry.Registry(tracking_uri=uri).client()  # probe: fail before any work
     _use_all_cores()
     torch.manual_seed(0)
-    print(f"[convert] base={spec.base} " + (f"fraction={spec.fraction}" if spec.fraction is not None else
-                                            f"max_ppl_increase={spec.max_ppl_increase}"), flush=True)
+    choice = {"fraction": spec.fraction, "max_ppl_increase": spec.max_ppl_increase, "layers": spec.layers}
+    print(f"[convert] base={spec.base} " + " ".join(f"{k}={v}" for k, v in choice.items() if v is not None), flush=True)
     model, tok = load_base(spec.base)
     fp = fingerprint(model)
     split = token_split(tok, eval_blocks=spec.eval_blocks, eval_len=spec.eval_len,
@@ -161,13 +164,18 @@ def main(spec: ConvertSpec) -> dict:
 
 
 def _choose_plan(spec: ConvertSpec, model, report, calib, fp):
-    """(plan, {layer: perplexity increase}) from sensitivities after local initialisation."""
+    """(plan, {layer: perplexity increase}) from sensitivities after local initialisation
+    (or the given `layers`, unmeasured)."""
     from adapters_hub.evaluation import perplexity
     from adapters_hub.lisa import LisaConfig, LisaModel
     from adapters_hub.lisa.analysis import layer_sensitivity
     from adapters_hub.lisa.local_init import local_init
     from adapters_hub.lisa.plan import SharingPlan, choose_layers
 
+    if spec.layers is not None:
+        if max(spec.layers) >= report.num_layers:
+            raise ValueError(f"layers: {spec.layers} has a layer past the last one ({report.num_layers - 1})")
+        return SharingPlan.from_layers(report, spec.layers, meta={"source": "convert", "aligner": spec.aligner}), {}
     half = len(calib) // 2  # fit on the first half, measure on the second
     fit, measure = calib[:half], calib[half:]
     t = time.perf_counter()
@@ -336,77 +344,62 @@ def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, 
 
 
 def train_loop(cfg: dict) -> None:
-    """Runs on the Ray Train worker: self-distillation of the general adapter only."""
-    import math
-
+    """Runs on the Ray Train worker: self-distillation of the general adapter only, with
+    adapter-only checkpoints (adapter, optimizer, DistillState) every `save_every` steps."""
     import ray.train
     import torch
 
     from adapters_hub.lisa import LisaConfig, LisaModel, SharingPlan
-    from adapters_hub.lisa.convert import self_distillation_loss, token_split
+    from adapters_hub.lisa.convert import DistillState, self_distill, token_split
     from adapters_hub.models import load_base
 
     spec = ConvertSpec(**cfg["spec"])
     model, tok = load_base(spec.base)
-    lm = LisaModel(model, LisaConfig(plan=SharingPlan.from_dict(cfg["plan"]), aligner=spec.aligner), adapter_name="fresh")
-    ckpt = ray.train.get_checkpoint()
-    state = {"step": 0, "elapsed": 0.0, "history": []}
+    lm = LisaModel(model, LisaConfig(plan=SharingPlan.from_dict(cfg["plan"]), aligner=spec.aligner),
+                   adapter_name="fresh")
+    state = DistillState()
     with contextlib.ExitStack() as stack:
+        ckpt = ray.train.get_checkpoint()
         resume = Path(stack.enter_context(ckpt.as_directory())) if ckpt else None
-        source = resume / "adapter" if resume else Path(cfg["init_dir"])
-        lm.load_adapter(source, GENERAL, activate=True)
+        lm.load_adapter(resume / "adapter" if resume else Path(cfg["init_dir"]), GENERAL, activate=True)
         lm.delete_adapter("fresh")
-        params = [p for p in lm.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=0.0)
+        opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=spec.lr, weight_decay=0.0)
         if resume:
-            state = json.loads((resume / "state.json").read_text())
+            state = DistillState(**json.loads((resume / "state.json").read_text()))
             opt.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
-            print(f"[train] resuming from checkpoint at step {state['step']}", flush=True)
+            print(f"[train] resuming from checkpoint at step {state.step}", flush=True)
     train = token_split(tok, eval_blocks=spec.eval_blocks, eval_len=spec.eval_len, calib_blocks=spec.calib_blocks,
                         train_len=spec.seq_len).train
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
-    print(f"[train] {sum(p.numel() for p in params):,} trainable parameters; {len(train)} training blocks of "
-          f"{spec.seq_len}; budget {spec.minutes:g} min or {spec.max_steps} steps", flush=True)
-    budget, start = spec.minutes * 60, time.perf_counter()
-    lm.train()
+    print(f"[train] {sum(p.numel() for p in lm.parameters() if p.requires_grad):,} trainable parameters; "
+          f"{len(train)} training blocks of {spec.seq_len}; budget {spec.minutes:g} min or {spec.max_steps} steps",
+          flush=True)
+    client = None
+    if cfg["tracking_uri"] and cfg["run_id"]:
+        import mlflow
 
-    def elapsed() -> float:
-        return state["elapsed"] + time.perf_counter() - start
+        client = mlflow.MlflowClient(cfg["tracking_uri"])
 
-    def save(final: bool) -> None:
+    def save(state: DistillState) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             lm.save_adapter(Path(tmp) / "adapter", GENERAL)
             torch.save(opt.state_dict(), Path(tmp) / "optimizer.pt")
-            (Path(tmp) / "state.json").write_text(json.dumps({**state, "elapsed": elapsed(), "final": final}))
-            ray.train.report({"step": state["step"], "final": final},
-                             checkpoint=ray.train.Checkpoint.from_directory(tmp))
+            (Path(tmp) / "state.json").write_text(json.dumps(asdict(state)))
+            ray.train.report({"step": state.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
-    while state["step"] < spec.max_steps and elapsed() < budget:
-        step = state["step"]
-        rows = order[(torch.arange(spec.batch_size) + step * spec.batch_size) % len(train)]
-        warm = min(1.0, (step + 1) / 10)
-        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, elapsed() / budget)))  # cosine over the time budget
-        for group in opt.param_groups:
-            group["lr"] = spec.lr * warm * (0.1 + 0.9 * decay)
-        loss, parts = self_distillation_loss(lm, train[rows], kd_weight=spec.kd_weight,
-                                             attn_weight=spec.attn_weight, lm_weight=spec.lm_weight)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        state["step"] = step + 1
-        state["history"].append({"step": step + 1, "loss": float(loss.detach()), **parts})
-        if step == 0 or (step + 1) % 5 == 0:
-            print(f"[train] step {step + 1:5d}  kd {parts['kd']:.4f}  {elapsed():.0f}s", flush=True)
-            if cfg["tracking_uri"] and cfg["run_id"]:
-                import mlflow
-
-                client = mlflow.MlflowClient(cfg["tracking_uri"])
+    def on_step(state: DistillState, parts: dict) -> None:
+        if state.step == 1 or state.step % 5 == 0:
+            print(f"[train] step {state.step:5d}  kd {parts['kd']:.4f}  {state.elapsed:.0f}s", flush=True)
+            if client is not None:
                 for key, value in parts.items():
-                    client.log_metric(cfg["run_id"], f"train/{key}", value, step=step + 1)
-        if (step + 1) % spec.save_every == 0:
-            save(final=False)
-    save(final=True)
+                    client.log_metric(cfg["run_id"], f"train/{key}", value, step=state.step)
+        if state.step % spec.save_every == 0:
+            save(state)
+
+    state = self_distill(lm, train, minutes=spec.minutes, max_steps=spec.max_steps, batch_size=spec.batch_size,
+                         lr=spec.lr, kd_weight=spec.kd_weight, attn_weight=spec.attn_weight,
+                         lm_weight=spec.lm_weight, optimizer=opt, state=state, on_step=on_step)
+    if state.step % spec.save_every:  # the last step's checkpoint is the result
+        save(state)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -419,6 +412,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fraction", type=float, default=None, help="share this fraction of the layers (default 0.6)")
     group.add_argument("--max-ppl-increase", type=float, default=None,
                        help="share the most layers whose perplexity after local init stays within this of the base")
+    group.add_argument("--layers", type=_layer_list, default=None, help="share exactly these layers, e.g. 2,3,5")
     parser.add_argument("--init-only", action="store_true", help="stop after local initialisation")
     parser.add_argument("--minutes", type=float, default=d.minutes, help="self-distillation wall-clock budget")
     parser.add_argument("--max-steps", type=int, default=d.max_steps)
@@ -438,6 +432,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write the backbone folder here (plan.json, adapter/, ...)")
     parser.add_argument("--register", action="store_true", help="register it as backbone-<base> in MLflow")
     parser.add_argument("--fresh-start", action="store_true", help="ignore checkpoints of an interrupted run")
+
+
+def _layer_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
 def spec_from_args(args) -> ConvertSpec:

@@ -85,7 +85,7 @@ def _convert(args) -> int:
     options = {k: v for k, v in dataclasses.asdict(spec).items()
                if k not in ("base", "fraction", "max_ppl_increase", "minutes", "init_only", "register", "fresh_start",
                             "out")}
-    job = sdk.submit_conversion(base_model=spec.base, fraction=spec.fraction if spec.max_ppl_increase is None else None,
+    job = sdk.submit_conversion(base_model=spec.base, fraction=spec.fraction,
                                 max_ppl_increase=spec.max_ppl_increase, minutes=spec.minutes,
                                 init_only=spec.init_only, register=spec.register, options=options,
                                 fresh_start=spec.fresh_start)

@@ -243,6 +243,8 @@ def submit_conversion(
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool):
             argv += [flag] if value else []
+        elif isinstance(value, list):
+            argv += [flag, ",".join(str(v) for v in value)]
         elif value is not None and key != "out":
             argv += [flag, str(value)]
     address = resolve_address(address)

@@ -8,12 +8,17 @@ Token layout (one tokenisation of WikiText-2 test, never its held-out last 10%):
 
     split = token_split(tok)                         # TokenSplit(eval, calib, train)
     loss, parts = self_distillation_loss(lm, ids)    # KL to the dense teacher (+ optional terms)
+    self_distill(lm, split.train, minutes=10)        # the training loop (jobs/convert.py runs it
+                                                     # inside Ray Train with checkpoints)
 """
 
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -78,3 +83,50 @@ def self_distillation_loss(lm, ids: torch.Tensor, *, kd_weight: float = 1.0, att
         loss = loss + lm_weight * out.loss
         parts["lm"] = float(out.loss.detach())
     return loss, parts
+
+
+@dataclass
+class DistillState:
+    """Where a self-distillation run is: saved in checkpoints, so a resumed run continues."""
+
+    step: int = 0
+    elapsed: float = 0.0                        # seconds of training so far (all attempts)
+    history: list[dict] = field(default_factory=list)
+
+
+def self_distill(lm, train: torch.Tensor, *, minutes: float, max_steps: int = 100_000, batch_size: int = 4,
+                 lr: float = 2e-3, kd_weight: float = 1.0, attn_weight: float = 0.0, lm_weight: float = 0.0,
+                 optimizer: torch.optim.Optimizer | None = None, state: DistillState | None = None,
+                 on_step: Callable[[DistillState, dict], None] | None = None) -> DistillState:
+    """Train the active adapter of `lm` by `self_distillation_loss` on rows of `train`
+    (a fixed seeded order) until `minutes` of training or `max_steps`. The learning rate
+    warms up over 10 steps and decays (cosine, to 10%) over the time budget, so a run
+    ends annealed whenever the budget ends it. `on_step(state, parts)` runs after every
+    step (logging, checkpoints); pass the optimizer and state of a checkpoint to resume."""
+    params = [p for p in lm.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("self_distill: the model has no trainable parameters (no active adapter?)")
+    opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    state = state or DistillState()
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    budget, start, offset = minutes * 60, time.perf_counter(), state.elapsed
+    was_training = lm.training
+    lm.train()
+    while state.step < max_steps and state.elapsed < budget:
+        rows = order[(torch.arange(batch_size) + state.step * batch_size) % len(train)]
+        decay = 0.5 * (1 + math.cos(math.pi * min(1.0, state.elapsed / budget)))
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (state.step + 1) / 10) * (0.1 + 0.9 * decay)
+        loss, parts = self_distillation_loss(lm, train[rows], kd_weight=kd_weight, attn_weight=attn_weight,
+                                             lm_weight=lm_weight)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        state.step += 1
+        state.elapsed = offset + time.perf_counter() - start
+        state.history.append({"step": state.step, "loss": float(loss.detach()), **parts})
+        if on_step is not None:
+            on_step(state, parts)
+    lm.train(was_training)
+    return state
