@@ -101,3 +101,28 @@ def test_linear_aligner_config_round_trip_and_old_configs_read_as_ffn(tiny):
     old = lm.peft_config["default"].to_dict()
     del old["aligner"]
     assert LisaConfig.from_dict(old).aligner == "ffn"
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_prefill_in_chunks_through_the_cache_equals_one_prefill(tiny, attn):
+    """Chunked prefill (queries 10..16 against a cached prefix: Tq < Tk, offset causal
+    mask) gives the logits of the one-shot prefill, on both paths."""
+    from transformers import DynamicCache
+
+    lm = make(tiny)
+    lm.model.set_attn_implementation(attn)
+    lm.eval()
+    randomize(lm)
+    ids = torch.randint(3, 259, (2, 17), generator=torch.Generator().manual_seed(5))
+
+    def chunked():
+        with torch.no_grad():
+            cache = DynamicCache(config=lm.config)
+            first = lm(input_ids=ids[:, :10], past_key_values=cache, use_cache=True).logits
+            second = lm(input_ids=ids[:, 10:], past_key_values=cache, use_cache=True).logits
+        return torch.cat([first, second], dim=1)
+
+    with torch.no_grad():
+        whole = lm(input_ids=ids, use_cache=False).logits
+    fast, ref = both_paths(lm, chunked)
+    assert (fast - whole).abs().max() < 1e-4 and (ref - whole).abs().max() < 1e-4

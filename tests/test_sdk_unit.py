@@ -43,6 +43,40 @@ def test_validation_happens_before_anything_is_submitted():
         sdk.submit_adaptation(task="gsm8k", address=nowhere)
 
 
+def test_conversion_and_dense_backbone_are_validated_before_submitting():
+    nowhere = "http://127.0.0.1:9"
+    with pytest.raises(ValueError, match="fraction"):
+        sdk.submit_conversion(fraction=0.5, max_ppl_increase=0.05, address=nowhere)
+    with pytest.raises(ValueError, match="fraction"):
+        sdk.submit_conversion(fraction=1.5, address=nowhere)
+    with pytest.raises(ValueError, match="options.*lr_max"):
+        sdk.submit_conversion(options={"lr_max": 1}, address=nowhere)
+    with pytest.raises(ValueError, match="aligner"):
+        sdk.submit_conversion(options={"aligner": "mlp"}, address=nowhere)
+    with pytest.raises(ValueError, match="layers"):
+        sdk.submit_conversion(options={"layers": [0, 2]}, address=nowhere)
+    with pytest.raises(ValueError, match="backbone"):
+        sdk.submit_adaptation(task="gsm8k", backbone="sparse", address=nowhere)
+    with pytest.raises(ValueError, match="lisa adapter needs the LiSA backbone"):
+        sdk.submit_adaptation(task="gsm8k", kind="lisa", backbone="dense", address=nowhere)
+    with pytest.raises(sdk.ClusterUnavailableError):
+        sdk.submit_conversion(fraction=0.5, address=nowhere)
+
+
+def test_conversion_cli_arguments_map_to_the_spec():
+    import argparse
+
+    from jobs import convert
+
+    parser = argparse.ArgumentParser()
+    convert.add_arguments(parser)
+    spec = convert.spec_from_args(parser.parse_args(["--base", "tiny-llama", "--layers", "2,3,5", "--minutes", "2"]))
+    assert spec.layers == [2, 3, 5] and spec.fraction is None and spec.minutes == 2
+    assert convert.spec_from_args(parser.parse_args([])).fraction == 0.6  # the default plan
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--fraction", "0.5", "--max-ppl-increase", "0.1"])
+
+
 def test_kubernetes_manifests_parse():
     root = Path(__file__).resolve().parents[1] / "manifests"
     kinds = set()
