@@ -1,6 +1,7 @@
 """Converting SmolLM2-135M into LiSA backbones: perplexity by shared fraction, one run.
 
-    LISA_HUB_DATA_DIR=/work/shared/data .venv/bin/python benchmarks/convert_smollm2.py [--minutes 10]
+    LISA_HUB_DATA_DIR=/work/shared/data .venv/bin/python benchmarks/convert_smollm2.py \
+        [--convert 0.4:6,0.6:20] [--save runs/convert-bench]
 
 Token layout: `adapters_hub.lisa.convert.token_split` (evaluation = the first 8 x 1024
 WikiText-2 test tokens; calibration = the next 16 x 256; training = the rest of the
@@ -9,8 +10,9 @@ usable text, never its held-out last 10%, interleaved with GSM8K train text).
 1. attention analysis (head permutations) and every layer's sensitivity after local
    initialisation (fit on calibration blocks 0-7, measured on 8-15)
 2. for each fraction: the least sensitive layers; perplexity of aligned direct sharing
-   (fresh adapter), after local initialisation, and, for --convert-fractions, after
-   self-distillation with a budget of --minutes
+   (fresh adapter), after local initialisation, and, for the fractions in --convert,
+   after self-distillation with the stated CPU-minute budget (`--save`: each converted
+   backbone folder, plan.json + adapter/, as `lisa-hub convert --out` writes it)
 3. the plan --max-ppl-increase picks (combined calibration perplexity after local init)
 Printed as one table at the end; everything in it is measured in this run.
 """
@@ -19,14 +21,15 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--fractions", default="0.3,0.4,0.5,0.6,0.7")
-    ap.add_argument("--convert-fractions", default="0.4,0.6")
-    ap.add_argument("--minutes", type=float, default=10.0, help="self-distillation budget per converted fraction")
+    ap.add_argument("--convert", default="0.4:6,0.6:20", help="fraction:minutes of self-distillation, ...")
+    ap.add_argument("--save", default=None, help="folder for the converted backbones (one per fraction)")
     ap.add_argument("--max-ppl-increase", type=float, default=0.05)
     ap.add_argument("--init-steps", type=int, default=150)
     ap.add_argument("--sensitivity-steps", type=int, default=50)
@@ -61,7 +64,7 @@ def main() -> None:
           "least to most sensitive:\n  " + ", ".join(f"{l}:{sens[l]:+.2f}" for l in order), flush=True)
 
     rows = []
-    converts = {float(f) for f in args.convert_fractions.split(",") if f}
+    converts = {float(f): float(m) for f, m in (pair.split(":") for pair in args.convert.split(",") if pair)}
     for fraction in [float(f) for f in args.fractions.split(",")]:
         layers = choose_layers(sens, num_layers=report.num_layers, fraction=fraction)
         plan = SharingPlan.from_layers(report, layers)
@@ -71,12 +74,16 @@ def main() -> None:
         local_init(lm, split.calib, steps=args.init_steps, log=None)
         t_init = time.perf_counter() - t
         init = perplexity(lm, split.eval, progress=False)
-        converted, steps = None, 0
-        if fraction in converts:
-            state = self_distill(lm, split.train, minutes=args.minutes, lr=args.lr)
+        converted, steps, minutes = None, 0, converts.get(fraction, 0.0)
+        if minutes:
+            state = self_distill(lm, split.train, minutes=minutes, lr=args.lr)
             converted, steps = perplexity(lm, split.eval, progress=False), state.step
+            if args.save:
+                folder = Path(args.save) / f"fraction-{fraction}"
+                plan.save(folder / "plan.json")
+                lm.save_adapter(folder / "adapter")
         lm.unload()
-        rows.append((fraction, len(layers), aligned, init, t_init, converted, steps))
+        rows.append((fraction, len(layers), aligned, init, t_init, converted, steps, minutes))
         print(f"fraction {fraction}: {len(layers)} layers {layers}; aligned {aligned:.2f}, local init {init:.2f} "
               f"({t_init:.0f}s)" + (f", converted {converted:.2f} ({steps} steps)" if converted else ""), flush=True)
 
@@ -99,14 +106,15 @@ def main() -> None:
     lm.unload()
 
     print(f"\n{'=' * 100}\n{args.base}, aligner {args.aligner}, WikiText-2 {tuple(split.eval.shape)} tokens; "
-          f"base perplexity {base_ppl:.2f}; self-distillation budget {args.minutes:g} CPU-min "
-          f"(batch 4 x 256, lr {args.lr}); {time.perf_counter() - t0:.0f}s total")
+          f"base perplexity {base_ppl:.2f}; self-distillation batch 4 x 256, lr {args.lr}; "
+          f"{time.perf_counter() - t0:.0f}s total")
     print(f"{'fraction':>8} {'layers':>6} {'aligned sharing':>16} {'local init':>11} {'init s':>7} "
-          f"{'converted':>10} {'steps':>6} {'converted/base':>15}")
-    for fraction, n, aligned, init, t_init, converted, steps in rows:
+          f"{'converted':>10} {'CPU-min':>8} {'steps':>6} {'ppl / base':>11}")
+    for fraction, n, aligned, init, t_init, converted, steps, minutes in rows:
         conv = f"{converted:10.2f}" if converted else f"{'-':>10}"
-        ratio = f"{converted / base_ppl:15.3f}" if converted else f"{init / base_ppl:14.3f}*"
-        print(f"{fraction:8.1f} {n:6d} {aligned:16.2f} {init:11.2f} {t_init:7.0f} {conv} {steps:6d} {ratio}")
+        ratio = f"{converted / base_ppl:11.3f}" if converted else f"{init / base_ppl:10.3f}*"
+        print(f"{fraction:8.1f} {n:6d} {aligned:16.2f} {init:11.2f} {t_init:7.0f} {conv} {minutes:8.0f} {steps:6d} "
+              f"{ratio}")
     print("* ratio after local initialisation only")
     print(f"--max-ppl-increase {args.max_ppl_increase}: {len(picked)}/{report.num_layers} layers "
           f"({len(picked) / report.num_layers:.0%}) {picked}; eval perplexity after local init {picked_ppl:.2f} "
