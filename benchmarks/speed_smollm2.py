@@ -31,6 +31,8 @@ def main() -> None:
     ap.add_argument("--fraction", type=float, default=0.6)
     ap.add_argument("--plan", default=None, help="a plan.json instead of the analysis plan")
     ap.add_argument("--adapter", default=None, help="a saved LiSA adapter folder (default: fresh adapter)")
+    ap.add_argument("--kernel", default="auto", choices=("auto", "blocks", "fused"),
+                    help="how the LiSA fast path attends over factored scores")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--reps", type=int, default=3)
@@ -55,9 +57,11 @@ def main() -> None:
     if args.adapter:
         lm.load_adapter(args.adapter, "trained", activate=True)
     freed = lm.prune_qk()
+    lm.fast_kernel = args.kernel
     lm.eval()
     models = {"dense": dense, "lisa": lm}
-    print(f"{args.base} {args.dtype} on {args.device}; {plan.summary()}; W_q/W_k pruned: {freed:,} params")
+    print(f"{args.base} {args.dtype} on {args.device}; {plan.summary()}; W_q/W_k pruned: {freed:,} params; "
+          f"fast kernel {args.kernel}")
     vocab = dense.config.vocab_size
     dev = args.device
 

@@ -39,10 +39,11 @@ def prefill_and_decode(lm, ids, mask, steps, adapter_names=None):
     return torch.cat(logits, dim=1), mask
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_fast_path_equals_reference_with_left_padding_and_cache(tiny, attn):
+@pytest.mark.parametrize("attn,kernel", [("sdpa", "blocks"), ("eager", "blocks"), ("sdpa", "fused")])
+def test_fast_path_equals_reference_with_left_padding_and_cache(tiny, attn, kernel):
     lm = make(tiny)
     lm.model.set_attn_implementation(attn)
+    lm.fast_kernel = kernel
     lm.eval()
     randomize(lm)
     _, ids, mask = padded_batch([11, 7, 4])
@@ -78,8 +79,11 @@ def test_fast_path_mixed_adapter_batch_equals_reference(tiny):
     _, ids, mask = padded_batch([9, 6, 8, 5])
     steps = torch.randint(3, 259, (4, 3), generator=torch.Generator().manual_seed(2))
     names = ["default", "b", "b", "default"]
+    lm.fast_kernel = "fused"
+    fused, _ = prefill_and_decode(lm, ids, mask, steps, names)
+    lm.fast_kernel = "auto"
     (fast, m), (ref, _) = both_paths(lm, lambda: prefill_and_decode(lm, ids, mask, steps, names))
-    assert (fast - ref)[m.bool()].abs().max() < 1e-4
+    assert (fast - ref)[m.bool()].abs().max() < 1e-4 and (fused - ref)[m.bool()].abs().max() < 1e-4
     single, _ = prefill_and_decode(lm, ids[1:2], mask[1:2], steps[1:2], ["b"])  # row 1 alone, adapter b
     assert (fast[1:2] - single)[m[1:2].bool()].abs().max() < 1e-4
 
@@ -126,3 +130,30 @@ def test_prefill_in_chunks_through_the_cache_equals_one_prefill(tiny, attn):
         whole = lm(input_ids=ids, use_cache=False).logits
     fast, ref = both_paths(lm, chunked)
     assert (fast - whole).abs().max() < 1e-4 and (ref - whole).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_blockwise_and_fused_attention_over_factors_agree_with_materialised_scores(per_row):
+    """ScoreFactors.attend (CPU: query blocks, root mixed in score space) and attend_fused
+    (GPU: one SDPA over per-kv-head queries) both equal softmax(materialize() + mask) V."""
+    from adapters_hub.lisa.layer import ScoreFactors, additive_mask, gqa_apply
+
+    g = torch.Generator().manual_seed(0)
+    b, h, j, t, d, r = 2, 6, 3, 37, 8, 2
+    f = ScoreFactors.own(torch.randn(b, h, t, d, generator=g), torch.randn(b, j, t, d, generator=g), d**-0.5)
+    for _ in range(2):  # a chain of two substituted layers
+        w = torch.randn(b, h, h, generator=g) if per_row else torch.randn(h, h, generator=g)
+        f = f.mix(w / h**0.5).plus_lowrank(torch.randn(b, h, t, r, generator=g), torch.randn(b, j, t, r, generator=g),
+                                           r**-0.5)
+    v = torch.randn(b, j, t, d, generator=g)
+    expect = gqa_apply(torch.softmax(f.materialize() + additive_mask(None, t, t, "cpu"), -1), v)
+    blocks = f.attend(v, None, True, chunk_bytes=4 * b * h * t * 5)  # 5 query rows a block
+    fused = f.attend_fused(v, None, True)
+    torch.testing.assert_close(blocks, expect, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(fused, expect, atol=1e-5, rtol=1e-4)
+    pad = torch.ones(b, t, dtype=torch.bool)
+    pad[0, :4] = False  # left padding in row 0
+    allowed = pad[:, None, None, :] & torch.ones(t, t, dtype=torch.bool).tril()
+    add = torch.zeros(()).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    expect = gqa_apply(torch.softmax(f.materialize() + add, -1), v)
+    torch.testing.assert_close(f.attend(v, add, False, chunk_bytes=4 * b * h * t * 7), expect, atol=1e-5, rtol=1e-4)

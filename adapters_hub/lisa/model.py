@@ -165,6 +165,19 @@ class LisaModel(nn.Module):
         self._backbone.fast_path = bool(value)
 
     @property
+    def fast_kernel(self) -> str:
+        """How the fast path attends over factored scores: "blocks" (query blocks, the
+        root's head mix in score space), "fused" (one SDPA call over mixed queries) or
+        "auto" (blocks on CPU, fused elsewhere). Same results; benchmarks compare them."""
+        return self._backbone.bus.kernel
+
+    @fast_kernel.setter
+    def fast_kernel(self, value: str) -> None:
+        if value not in ("auto", "blocks", "fused"):
+            raise ValueError(f"fast_kernel: {value!r} is not one of auto, blocks, fused")
+        self._backbone.bus.kernel = value
+
+    @property
     def active_adapter(self) -> str | None:
         return self._active
 
