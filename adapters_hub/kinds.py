@@ -7,9 +7,12 @@ A backbone is a `LisaModel` (base model + sharing plan). Every kind works on it:
   attn_drop a training-free structural plan (layers dropped); no tensors
 
 Third-party kinds register through the entry-point group `lisa_hub.adapter_kinds` (an
-object with the methods of `AdapterKind`); built-ins are found without it. Every adapter
-folder holds `adapter_config.json` with at least `kind`, `base_fingerprint`; kinds that
-depend on the plan also hold `plan_hash`, and loading checks both.
+object with the attributes and methods of `AdapterKind`); built-ins are found without it.
+Everything that accepts kinds (the adaptation job, the SDK, the CLI) asks this module:
+`trainable_kinds()` are the kinds a job can train. Every adapter folder holds
+`adapter_config.json` with at least `kind`, `base_fingerprint`; kinds that depend on the
+plan also hold `plan_hash`, and loading checks both. Per-model state of a kind lives on
+the model, under the kind's name (`kind_state(lm, kind)`), and goes with it.
 """
 
 from __future__ import annotations
@@ -32,6 +35,9 @@ class AdapterError(ValueError):
 
 class AdapterKind(Protocol):
     name: str
+    trainable: bool     # a job can train it (then `prefix` names its tensors)
+    prefix: str         # parameter-name prefix of its tensors, e.g. "lisa_"; "" if it has none
+    needs_plan: bool    # an adapter only fits backbones with the sharing plan it was made on
 
     def add(self, lm: "LisaModel", adapter_name: str, options: dict) -> None:
         """Create a fresh adapter under `adapter_name`; only its tensors require grad."""
@@ -46,6 +52,19 @@ class AdapterKind(Protocol):
     def deactivate(self, lm: "LisaModel", adapter_name: str) -> None: ...
 
     def delete(self, lm: "LisaModel", adapter_name: str) -> None: ...
+
+
+def kind_state(lm, kind: str) -> dict:
+    """The per-model state of a kind (e.g. LoRA options per adapter), kept on the model."""
+    store = lm.__dict__.setdefault("_kind_state", {})
+    return store.setdefault(kind, {})
+
+
+def only_trainable(lm, kind: "AdapterKind", adapter_name: str) -> None:
+    """requires_grad on exactly the tensors of `adapter_name` of `kind`."""
+    tag = f".{adapter_name}."
+    for name, p in lm.named_parameters():
+        p.requires_grad_(bool(kind.prefix) and kind.prefix in name and tag in name)
 
 
 def read_config(directory: str | Path) -> dict:
@@ -81,13 +100,16 @@ class LisaKind:
     """Native LiSA adapters: LisaModel already keeps them per name."""
 
     name = "lisa"
+    trainable = True
+    prefix = "lisa_"
+    needs_plan = True
 
     def add(self, lm, adapter_name, options):
         from dataclasses import replace
 
         config = replace(next(iter(lm.peft_config.values())), **options)
         lm.add_adapter(adapter_name, config)
-        _only_trainable(lm, lambda n: "lisa_" in n and f".{adapter_name}." in n)
+        only_trainable(lm, self, adapter_name)
 
     def save(self, lm, adapter_name, directory):
         return lm.save_adapter(directory, adapter_name)
@@ -115,6 +137,9 @@ class LoraKind:
     LoRA adapter is comparable to a LiSA one trained on the same backbone."""
 
     name = "lora"
+    trainable = True
+    prefix = "lora_"
+    needs_plan = True
     defaults = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
 
     def add(self, lm, adapter_name, options):
@@ -122,8 +147,8 @@ class LoraKind:
 
         options = {**self.defaults, **options}
         inject_adapter_in_model(LoraConfig(**options), lm.get_base_model(), adapter_name=adapter_name)
-        lm._lora_options = {**getattr(lm, "_lora_options", {}), adapter_name: options}
-        _only_trainable(lm, lambda n: "lora_" in n and f".{adapter_name}." in n)
+        kind_state(lm, self.name)[adapter_name] = options
+        only_trainable(lm, self, adapter_name)
         self.activate(lm, adapter_name)
 
     def save(self, lm, adapter_name, directory):
@@ -136,7 +161,7 @@ class LoraKind:
                    for k, v in lm.get_base_model().state_dict().items() if "lora_" in k and tag in k}
         save_file(tensors, str(directory / WEIGHTS_NAME))
         config = {"kind": self.name, "base_model": lm.base_name, "base_fingerprint": lm.base_fingerprint,
-                  "plan_hash": lm.plan.hash, "lora": lm._lora_options[adapter_name]}
+                  "plan_hash": lm.plan.hash, "lora": kind_state(lm, self.name)[adapter_name]}
         (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
         return directory
 
@@ -183,18 +208,13 @@ class LoraKind:
         for module in lm.get_base_model().modules():
             if isinstance(module, BaseTunerLayer) and adapter_name in module.lora_A:
                 module.delete_adapter(adapter_name)
-        getattr(lm, "_lora_options", {}).pop(adapter_name, None)
+        kind_state(lm, self.name).pop(adapter_name, None)
 
 
 def _insert_name(key: str, adapter_name: str) -> str:
     # "...q_proj.lora_A.weight" -> "...q_proj.lora_A.<name>.weight"
     head, _, leaf = key.rpartition(".")
     return f"{head}.{adapter_name}.{leaf}"
-
-
-def _only_trainable(lm, keep) -> None:
-    for name, p in lm.named_parameters():
-        p.requires_grad_(bool(keep(name)))
 
 
 # ----------------------------------------------------------------------------- attn_drop
@@ -204,31 +224,31 @@ class AttnDropKind:
     """A training-free drop plan; activating applies it, deactivating restores the layers."""
 
     name = "attn_drop"
-
-    def __init__(self):
-        self._plans: dict[int, dict] = {}
+    trainable = False
+    prefix = ""
+    needs_plan = False
 
     def add(self, lm, adapter_name, options):
         raise AdapterError("attn_drop adapters are made by `lisa-hub drop`, not trained; load one instead")
 
     def save(self, lm, adapter_name, directory):
-        return self._plans[id(lm)][adapter_name].save(directory)
+        return kind_state(lm, self.name)[adapter_name].save(directory)
 
     def load(self, lm, directory, adapter_name):
         from adapters_hub.drop.model import DropAdapter
 
         config = read_config(directory)
         check_compatible(config, lm, str(directory), needs_plan=False)
-        self._plans.setdefault(id(lm), {})[adapter_name] = DropAdapter.load(directory)
+        kind_state(lm, self.name)[adapter_name] = DropAdapter.load(directory)
 
     def activate(self, lm, adapter_name):
-        self._plans[id(lm)][adapter_name].activate(lm.get_base_model())
+        kind_state(lm, self.name)[adapter_name].activate(lm.get_base_model())
 
     def deactivate(self, lm, adapter_name):
-        self._plans[id(lm)][adapter_name].deactivate(lm.get_base_model())
+        kind_state(lm, self.name)[adapter_name].deactivate(lm.get_base_model())
 
     def delete(self, lm, adapter_name):
-        self._plans.get(id(lm), {}).pop(adapter_name, None)
+        kind_state(lm, self.name).pop(adapter_name, None)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -256,3 +276,9 @@ def known_kinds() -> list[str]:
     from importlib.metadata import entry_points
 
     return sorted(set(_BUILTIN) | {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP)})
+
+
+def trainable_kinds() -> list[str]:
+    """The kinds a job can train (built-in first: lisa, lora, then registered ones)."""
+    names = [n for n in ("lisa", "lora") if n in _BUILTIN] + [n for n in known_kinds() if n not in _BUILTIN]
+    return [n for n in names if getattr(get_kind(n), "trainable", False)]

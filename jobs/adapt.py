@@ -31,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 RESULT_MARKER = "LISA_HUB_RESULT "
-KINDS = ("lisa", "lora")
 
 
 @dataclass
@@ -55,8 +54,10 @@ def main(spec: AdaptSpec) -> dict:
     t0 = time.perf_counter()
     task = load_task(spec.task)                       # clear error: unknown task / bad spec
     profile = _profile(task, spec)
-    if spec.kind not in KINDS:
-        raise ValueError(f"kind: unknown {spec.kind!r}; known: {', '.join(KINDS)}")
+    from adapters_hub.kinds import trainable_kinds
+
+    if spec.kind not in trainable_kinds():
+        raise ValueError(f"kind: unknown {spec.kind!r}; trainable kinds: {', '.join(trainable_kinds())}")
     if spec.backbone not in BACKBONES:
         raise ValueError(f"backbone: unknown {spec.backbone!r}; known: {', '.join(BACKBONES)}")
     if spec.backbone == "dense" and spec.kind == "lisa":
@@ -220,7 +221,7 @@ def train_loop(cfg: dict) -> None:
     from trl import SFTConfig, SFTTrainer
 
     from adapters_hub.backbone import build_backbone
-    from adapters_hub.kinds import get_kind
+    from adapters_hub.kinds import get_kind, only_trainable
     from adapters_hub.lisa.plan import SharingPlan
     from adapters_hub.task_eval import sft_examples
     from adapters_hub.tasks import load_task
@@ -230,9 +231,8 @@ def train_loop(cfg: dict) -> None:
     kind, name = get_kind(cfg["kind"]), cfg["task"]
     if cfg["init_from"] and cfg["kind"] == "lisa":
         kind.load(lm, cfg["init_from"], name)     # start from the base's general adapter
-        lm.set_adapter(name)
-        for n_, t in lm.named_parameters():
-            t.requires_grad_("lisa_" in n_ and f".{name}." in n_)
+        kind.activate(lm, name)
+        only_trainable(lm, kind, name)
     else:
         kind.add(lm, name, {})
         kind.activate(lm, name)
@@ -429,7 +429,9 @@ def parse_args(argv: list[str] | None = None) -> AdaptSpec:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, help="task spec name (manifests/tasks/<task>.yaml)")
     parser.add_argument("--base", default=None, help="base model (default: the profile's)")
-    parser.add_argument("--kind", default="lisa", choices=KINDS)
+    from adapters_hub.kinds import trainable_kinds
+
+    parser.add_argument("--kind", default="lisa", choices=trainable_kinds())
     parser.add_argument("--backbone", default="lisa", choices=("lisa", "dense"),
                         help="train on the base's LiSA backbone or on the unmodified (dense) base")
     parser.add_argument("--profile", default="quick", help="smoke | quick | full")

@@ -31,7 +31,9 @@ def add_commands(sub) -> None:
     p = sub.add_parser("submit", help="submit an adaptation job to the Ray cluster")
     p.add_argument("task")
     p.add_argument("--base", default=None)
-    p.add_argument("--kind", default="lisa")
+    from adapters_hub.kinds import trainable_kinds
+
+    p.add_argument("--kind", default="lisa", choices=trainable_kinds())
     p.add_argument("--backbone", default="lisa", choices=("lisa", "dense"))
     p.add_argument("--profile", default="quick")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON")

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Iterator
 
 RESULT_MARKER = "LISA_HUB_RESULT "
-KINDS = ("lisa", "lora")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -179,8 +178,10 @@ def submit_adaptation(
     from adapters_hub.tasks import load_task
 
     spec = load_task(task)  # unknown task / malformed spec: clear error, nothing submitted
-    if kind not in KINDS:
-        raise ValueError(f"kind: unknown {kind!r}; known: {', '.join(KINDS)}")
+    from adapters_hub.kinds import trainable_kinds
+
+    if kind not in trainable_kinds():
+        raise ValueError(f"kind: unknown {kind!r}; trainable kinds: {', '.join(trainable_kinds())}")
     if backbone not in ("lisa", "dense"):
         raise ValueError(f"backbone: unknown {backbone!r}; known: lisa, dense")
     if backbone == "dense" and kind == "lisa":

@@ -157,3 +157,15 @@ def test_blockwise_and_fused_attention_over_factors_agree_with_materialised_scor
     add = torch.zeros(()).masked_fill(~allowed, torch.finfo(torch.float32).min)
     expect = gqa_apply(torch.softmax(f.materialize() + add, -1), v)
     torch.testing.assert_close(f.attend(v, add, False, chunk_bytes=4 * b * h * t * 7), expect, atol=1e-5, rtol=1e-4)
+
+
+def test_disabled_adapters_on_the_fast_path_give_the_dense_model(tiny):
+    """The distillation teacher (adapters disabled) runs on the fast path and is the base."""
+    lm = make(tiny)
+    lm.eval()
+    randomize(lm)
+    ids = torch.randint(3, 259, (2, 11), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad(), lm.disable_adapter():
+        fast, ref = both_paths(lm, lambda: lm(input_ids=ids).logits)
+        base = tiny[0](input_ids=ids).logits
+    assert (fast - base).abs().max() < 1e-4 and (ref - base).abs().max() < 1e-4

@@ -66,8 +66,13 @@ def self_distillation_loss(lm, ids: torch.Tensor, *, kd_weight: float = 1.0, att
 
     if getattr(lm, "pruned", False):
         raise RuntimeError("self-distillation: W_q/W_k were pruned (prune_qk); the dense teacher is gone")
-    with torch.no_grad(), lm.disable_adapter():
-        teacher = torch.log_softmax(lm(input_ids=ids, use_cache=False).logits.float(), dim=-1)  # (B, T, V)
+    was_training = lm.training
+    lm.eval()  # inference mode: the teacher runs on the fast path (SDPA, no score tensors)
+    try:
+        with torch.no_grad(), lm.disable_adapter():
+            teacher = torch.log_softmax(lm(input_ids=ids, use_cache=False).logits.float(), dim=-1)  # (B, T, V)
+    finally:
+        lm.train(was_training)
     ctx = distillation(lm) if attn_weight else contextlib.nullcontext()
     with ctx as d:
         out = lm(input_ids=ids, labels=ids if lm_weight else None, use_cache=False)

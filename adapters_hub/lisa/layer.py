@@ -353,6 +353,16 @@ class _AttentionBase(nn.Module):
     def _project(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return self.o_proj(out.transpose(1, 2).reshape(*x.shape[:-1], -1).to(x.dtype))
 
+    def _dense_fast(self, x, cos, sin, attention_mask, past_key_values) -> torch.Tensor:
+        """The layer's own dense attention as one SDPA call; consumers get its factors."""
+        q, k, v = self._dense_qkv(x, cos, sin, past_key_values)
+        if self._bus.wants(self.layer_idx):
+            self._bus.put(self.layer_idx, ScoreFactors.own(q, k, self.scaling))
+        mask, causal = sdpa_mask(attention_mask, q.shape[2], k.shape[2], q.dtype, q.device)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling,
+                                             enable_gqa=self.num_key_value_groups > 1)
+        return self._project(out, x)
+
     def _fast(self, x: torch.Tensor) -> bool:
         """The fast path runs for prefill-like steps (Tq > 1); a decode step's scores are
         (B, H, 1, Tk), small enough that materialising them is the cheaper way."""
@@ -366,13 +376,7 @@ class ScoredAttention(_AttentionBase):
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
         cos, sin = position_embeddings
         if self._fast(hidden_states):  # SDPA for itself; its consumers get factors, not scores
-            q, k, v = self._dense_qkv(hidden_states, cos, sin, past_key_values)
-            if self._bus.wants(self.layer_idx):
-                self._bus.put(self.layer_idx, ScoreFactors.own(q, k, self.scaling))
-            mask, causal = sdpa_mask(attention_mask, q.shape[2], k.shape[2], q.dtype, q.device)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling,
-                                                 enable_gqa=self.num_key_value_groups > 1)
-            return self._project(out, hidden_states), None
+            return self._dense_fast(hidden_states, cos, sin, attention_mask, past_key_values), None
         z, v = self._dense_scores(hidden_states, cos, sin, past_key_values)  # (B, H, Tq, Tk)
         mask = additive_mask(attention_mask, z.shape[-2], z.shape[-1], z.device)
         self._bus.put(self.layer_idx, z)
@@ -516,9 +520,11 @@ class LisaAttention(_AttentionBase):
             if not isinstance(names, str) and len(names) != x.shape[0]:
                 raise ValueError(f"adapter_names: {len(names)} names for a batch of {x.shape[0]} rows")
         donor = bus.take(self.donor)
+        if names is None and self._fast(x):  # adapters disabled (e.g. the distillation teacher)
+            return self._dense_fast(x, cos, sin, attention_mask, past_key_values), None
         if names is not None and isinstance(donor, ScoreFactors) and self._all_linear(names):
             return self._forward_fast(names, x, cos, sin, donor, attention_mask, past_key_values)
-        if isinstance(donor, ScoreFactors):  # an FFN aligner (or disabled adapters) needs Z itself
+        if isinstance(donor, ScoreFactors):  # an FFN aligner needs Z itself
             donor = donor.materialize()
         if names is None:  # adapters disabled: the layer's original attention
             z, v = self._dense_scores(x, cos, sin, past_key_values)
