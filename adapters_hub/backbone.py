@@ -2,7 +2,7 @@
 
   plan = backbone_plan("smollm2-135m")     # from the registry, or analysed + registered now
   folder = backbone_folder("smollm2-135m") # the registered folder: plan.json [, adapter/]
-  lm, tok = build_backbone("smollm2-135m", plan, general_adapter=folder / "adapter")
+  lm, tok = load_lisa_model("smollm2-135m", plan, general_adapter=folder / "adapter")
 
 The fresh adapter FRESH (permutation aligner, zero low-rank difference) is "aligned
 direct sharing". A converted backbone (`jobs/convert.py`) also holds a general adapter,
@@ -84,7 +84,7 @@ def analyse_base(base: str, *, fraction: float = CALIBRATION["fraction"]):
     return SharingPlan.from_report(report, fraction=fraction), report
 
 
-def build_backbone(base: str, plan, *, dtype=None, general_adapter: str | Path | None = None,
+def load_lisa_model(base: str, plan, *, dtype=None, general_adapter: str | Path | None = None,
                    prune: bool = False):
     """(LisaModel, tokenizer) for `base` and `plan`: the FRESH adapter, and GENERAL (active)
     when `general_adapter` is given. `prune` drops W_q/W_k of the substituted layers

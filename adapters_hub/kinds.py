@@ -29,8 +29,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 ENTRY_POINT_GROUP = "lisa_hub.adapter_kinds"
 
 
-class AdapterError(ValueError):
-    """A corrupted adapter folder, an unknown kind, or an adapter for another backbone."""
+from adapters_hub.errors import AdapterError, AdapterMismatchError  # noqa: F401  (re-exported)
 
 
 class AdapterKind(Protocol):
@@ -82,8 +81,6 @@ def read_config(directory: str | Path) -> dict:
 
 
 def check_compatible(config: dict, lm: "LisaModel", where: str, *, needs_plan: bool) -> None:
-    from adapters_hub.lisa.model import AdapterMismatchError
-
     if config.get("base_fingerprint") != lm.base_fingerprint:
         raise AdapterMismatchError(
             f"{where}: adapter was made for base {config.get('base_model')!r} (fingerprint "

@@ -43,7 +43,7 @@ def main() -> None:
     import torch
 
     from adapters_hub import registry, stack
-    from adapters_hub.backbone import analyse_base, build_backbone
+    from adapters_hub.backbone import analyse_base, load_lisa_model
     from adapters_hub.models import load_base
     from sdk.hotswap import Backbone
 
@@ -53,7 +53,7 @@ def main() -> None:
     uri = stack.mlflow_url(home)
     try:
         plan, _ = analyse_base(args.base)
-        lm, tok = build_backbone(args.base, plan)
+        lm, tok = load_lisa_model(args.base, plan)
         refs = []
         for i, task in enumerate(("bench_a", "bench_b")):
             lm.add_adapter(task, next(iter(lm.peft_config.values())))
@@ -74,10 +74,10 @@ def main() -> None:
         del lm
 
         def reload():
-            build_backbone(args.base, plan)
+            load_lisa_model(args.base, plan)
 
         t_reload = timed(reload, max(1, args.repeats // 2))
-        bb = Backbone(*build_backbone(args.base, plan), base_model=args.base, tracking_uri=uri, max_resident=8)
+        bb = Backbone(*load_lisa_model(args.base, plan), base_model=args.base, tracking_uri=uri, max_resident=8)
         tok = bb.tokenizer
         tok.padding_side = "left"
 

@@ -220,14 +220,14 @@ def train_loop(cfg: dict) -> None:
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from adapters_hub.backbone import build_backbone
+    from adapters_hub.backbone import load_lisa_model
     from adapters_hub.kinds import get_kind, only_trainable
     from adapters_hub.lisa.plan import SharingPlan
     from adapters_hub.task_eval import sft_examples
     from adapters_hub.tasks import load_task
 
     task, p = load_task(cfg["task"]), cfg["profile"]
-    lm, tok = build_backbone(cfg["base"], SharingPlan.from_dict(cfg["plan"]), general_adapter=cfg["init_from"])
+    lm, tok = load_lisa_model(cfg["base"], SharingPlan.from_dict(cfg["plan"]), general_adapter=cfg["init_from"])
     kind, name = get_kind(cfg["kind"]), cfg["task"]
     if cfg["init_from"] and cfg["kind"] == "lisa":
         kind.load(lm, cfg["init_from"], name)     # start from the base's general adapter
@@ -352,7 +352,7 @@ def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows, *, init_d
     on the same eval rows (so what the task training added is visible apart from the start)."""
     import mlflow
 
-    from adapters_hub.backbone import build_backbone
+    from adapters_hub.backbone import load_lisa_model
     from adapters_hub.kinds import get_kind
     from adapters_hub.models import load_base
     from adapters_hub.task_eval import evaluate_task
@@ -362,7 +362,7 @@ def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows, *, init_d
     for label, model in (("base", base_model),):
         metrics.update({f"{label}.{k}": v for k, v in evaluate_task(model, tok, task, rows, profile=profile).items()})
     del base_model
-    lm, tok = build_backbone(base, plan)
+    lm, tok = load_lisa_model(base, plan)
     if plan.shared:  # on the dense backbone "fresh" is the base itself
         results = evaluate_task(lm, tok, task, rows, profile=profile)
         metrics.update({f"fresh.{k}": v for k, v in results.items()})

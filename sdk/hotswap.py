@@ -56,7 +56,7 @@ class Backbone:
         >>> bb = Backbone.load(base_model="tiny-llama", plan_path="plan.json")  # doctest: +SKIP
         >>> bb.memory_report()["kv_bytes_per_token"]  # doctest: +SKIP
         """
-        from adapters_hub.backbone import backbone_folder, build_backbone, general_adapter_of
+        from adapters_hub.backbone import backbone_folder, load_lisa_model, general_adapter_of
         from adapters_hub.lisa.plan import SharingPlan
 
         if plan_path:
@@ -69,7 +69,7 @@ class Backbone:
                 raise LookupError(f"no backbone registered for base {base_model!r}; run `lisa-hub convert --base "
                                   f"{base_model} --register` (or `lisa-hub analyze --base {base_model} --register`)")
             plan = SharingPlan.load(folder / "plan.json")
-        lm, tok = build_backbone(base_model, plan, dtype=dtype, general_adapter=general_adapter_of(folder),
+        lm, tok = load_lisa_model(base_model, plan, dtype=dtype, general_adapter=general_adapter_of(folder),
                                  prune=prune)
         lm.eval()
         tok.padding_side = "left"
@@ -177,7 +177,7 @@ class Backbone:
             return Path(), f"{name}/{version}"  # a pinned version never changes: no registry round trip
         info = registry.get_adapter(ref, tracking_uri=self.tracking_uri)
         if info.tags.get("base_model") not in (None, self.base_model):
-            from adapters_hub.lisa.model import AdapterMismatchError
+            from adapters_hub.errors import AdapterMismatchError
 
             raise AdapterMismatchError(f"{ref}: adapter is for base {info.tags.get('base_model')!r}, "
                                        f"this backbone is {self.base_model!r}")

@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from adapters_hub.drop import (BaseMismatchError, DropAdapter, DropPlan, active_plan, apply_drop, cache_bytes,
+from adapters_hub.drop import (AdapterMismatchError, DropAdapter, DropPlan, active_plan, apply_drop, cache_bytes,
                                iterative_plan, kv_cache_bytes_per_token, layer_importance, module_importance,
                                restore)
 from tests.conftest import needs_data
@@ -252,10 +252,10 @@ def test_adapter_refuses_another_base(model, tmp_path):
     other = copy.deepcopy(model)
     with torch.no_grad():
         other.model.layers[1].mlp.up_proj.weight.mul_(1.5)
-    with pytest.raises(BaseMismatchError, match="fingerprint"):
+    with pytest.raises(AdapterMismatchError, match="fingerprint"):
         DropAdapter.load(tmp_path, model=other)
     adapter = DropAdapter.load(tmp_path)
-    with pytest.raises(BaseMismatchError):
+    with pytest.raises(AdapterMismatchError):
         adapter.activate(other)
     assert active_plan(other) is None
 

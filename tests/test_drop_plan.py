@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from adapters_hub.drop.config import DropConfig, DropPlan
+from adapters_hub.drop.plan import DropConfig, DropPlan
 
 
 # -- validation: errors name the field ------------------------------------------------------

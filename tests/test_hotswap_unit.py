@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from adapters_hub.backbone import build_backbone
+from adapters_hub.backbone import load_lisa_model
 from adapters_hub.lisa import AdapterMismatchError, SharingPlan
 from sdk.hotswap import Backbone
 
@@ -15,7 +15,7 @@ PROMPTS = ["Question: 2+3?\nAnswer:", "Hi", "The cat sat on the"]
 
 def _folders(tmp_path, plan, n=2):
     """Save `n` adapters with distinct non-trivial weights for `plan`; return their folders."""
-    lm, _ = build_backbone("tiny-llama", plan)
+    lm, _ = load_lisa_model("tiny-llama", plan)
     folders = []
     for i in range(n):
         name = f"task{i}"
@@ -32,13 +32,13 @@ def _folders(tmp_path, plan, n=2):
 def setup(tiny, tmp_path):
     plan = SharingPlan.for_model(tiny[0], [2, 3, 5])
     folders = _folders(tmp_path, plan)
-    bb = Backbone(*build_backbone("tiny-llama", plan), base_model="tiny-llama", max_resident=2)
+    bb = Backbone(*load_lisa_model("tiny-llama", plan), base_model="tiny-llama", max_resident=2)
     bb.tokenizer.padding_side = "left"
     return bb, folders, plan
 
 
 def _alone(plan, folder):
-    solo = Backbone(*build_backbone("tiny-llama", plan), base_model="tiny-llama")
+    solo = Backbone(*load_lisa_model("tiny-llama", plan), base_model="tiny-llama")
     solo.tokenizer.padding_side = "left"
     solo.use(folder)
     return solo.generate(PROMPTS, max_new_tokens=6)

@@ -15,13 +15,13 @@ TRAINABLE = trainable_kinds()
 
 
 def backbone(layers=(2, 3, 5), base=None):
-    from adapters_hub.backbone import build_backbone
+    from adapters_hub.backbone import load_lisa_model
     from adapters_hub.lisa import LisaConfig, LisaModel
     from adapters_hub.models import load_base
 
     if base is None:
         model, _ = load_base("tiny-llama")
-        return build_backbone("tiny-llama", SharingPlan.for_model(model, list(layers)))[0]
+        return load_lisa_model("tiny-llama", SharingPlan.for_model(model, list(layers)))[0]
     return LisaModel(base, LisaConfig(plan=SharingPlan.for_model(base, list(layers))), adapter_name="fresh")
 
 

@@ -103,37 +103,37 @@ def test_self_distillation_lowers_the_logit_kl_to_the_dense_teacher(tiny):
 
 
 def test_dense_backbone_lora_and_lisa_backbone_adapters_do_not_cross(tiny, tmp_path):
-    from adapters_hub.backbone import build_backbone, dense_plan
+    from adapters_hub.backbone import load_lisa_model, dense_plan
     from adapters_hub.kinds import get_kind
     from adapters_hub.lisa import AdapterMismatchError, SharingPlan
 
     lora = get_kind("lora")
-    dense, _ = build_backbone("tiny-llama", dense_plan("tiny-llama"))
+    dense, _ = load_lisa_model("tiny-llama", dense_plan("tiny-llama"))
     assert not dense.lisa_layers  # the unmodified model
     ids = calib(2, 12)
     with torch.no_grad():
         torch.testing.assert_close(dense(input_ids=ids).logits, tiny[0](input_ids=ids).logits)
     lora.add(dense, "t", {})
     lora.save(dense, "t", tmp_path / "dense-lora")
-    lisa, _ = build_backbone("tiny-llama", SharingPlan.for_model(tiny[0], [2, 3]))
+    lisa, _ = load_lisa_model("tiny-llama", SharingPlan.for_model(tiny[0], [2, 3]))
     lora.add(lisa, "t", {})
     lora.save(lisa, "t", tmp_path / "lisa-lora")
     with pytest.raises(AdapterMismatchError, match="sharing plan"):
         lora.load(lisa, tmp_path / "dense-lora", "x")
     with pytest.raises(AdapterMismatchError, match="sharing plan"):
         lora.load(dense, tmp_path / "lisa-lora", "x")
-    fresh_dense, _ = build_backbone("tiny-llama", dense_plan("tiny-llama"))
+    fresh_dense, _ = load_lisa_model("tiny-llama", dense_plan("tiny-llama"))
     lora.load(fresh_dense, tmp_path / "dense-lora", "x")  # and each loads into its own kind of backbone
 
 
 def test_serving_backbone_is_pruned_loads_the_general_adapter_and_reports_memory(tiny, tmp_path):
-    from adapters_hub.backbone import GENERAL, build_backbone
+    from adapters_hub.backbone import GENERAL, load_lisa_model
     from adapters_hub.kinds import get_kind
     from adapters_hub.lisa import SharingPlan
     from sdk.hotswap import Backbone
 
     plan = SharingPlan.for_model(tiny[0], [2, 3, 5])
-    trained, _ = build_backbone("tiny-llama", plan)
+    trained, _ = load_lisa_model("tiny-llama", plan)
     get_kind("lisa").add(trained, "general", {})
     with torch.no_grad():
         for t in trained.adapter_state_dict("general").values():

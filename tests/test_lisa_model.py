@@ -278,7 +278,7 @@ def test_distillation_loss_and_prune(tiny):
         (out.loss + 1.0 * fresh).backward()
     grads = {n: p.grad for n, p in lm.named_parameters() if p.grad is not None}
     assert grads and all("lisa_" in n for n in grads)
-    assert lm._backbone.bus.distill is None
+    assert lm._patch.bus.distill is None
     # a few steps of pure distillation reduce the KL
     opt = torch.optim.Adam([p for p in lm.parameters() if p.requires_grad], lr=1e-2)
     with distillation(lm) as d:

@@ -8,7 +8,7 @@
 Importing this package is cheap: torch and transformers load inside the functions.
 """
 
-from adapters_hub.drop.config import DropConfig, DropPlan
+from adapters_hub.drop.plan import DropConfig, DropPlan
 from adapters_hub.drop.importance import (
     calibration_blocks,
     iterative_plan,
@@ -18,7 +18,7 @@ from adapters_hub.drop.importance import (
 )
 from adapters_hub.drop.model import (
     KIND,
-    BaseMismatchError,
+    AdapterMismatchError,
     DropAdapter,
     active_plan,
     apply_drop,
@@ -28,7 +28,7 @@ from adapters_hub.drop.model import (
 )
 
 __all__ = [
-    "KIND", "BaseMismatchError", "DropAdapter", "DropConfig", "DropPlan", "active_plan", "apply_drop",
+    "KIND", "AdapterMismatchError", "DropAdapter", "DropConfig", "DropPlan", "active_plan", "apply_drop",
     "cache_bytes", "calibration_blocks", "iterative_plan", "kv_cache_bytes_per_token", "layer_importance",
     "make_plan", "module_importance", "restore",
 ]

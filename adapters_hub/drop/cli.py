@@ -35,7 +35,7 @@ def _drop(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from adapters_hub.data import load_text
-    from adapters_hub.drop.config import DropConfig
+    from adapters_hub.drop.plan import DropConfig
     from adapters_hub.drop.importance import calibration_blocks, make_plan
     from adapters_hub.drop.model import DropAdapter
     from adapters_hub.models import load_base

@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Mapping
 
 from adapters_hub.drop import layer as drop_layer
-from adapters_hub.drop.config import DropConfig, DropPlan
+from adapters_hub.drop.plan import DropConfig, DropPlan
 from adapters_hub.drop.model import apply_drop, active_plan, decoder_layers, restore
 
 if TYPE_CHECKING:

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from adapters_hub.drop import layer as drop_layer
-from adapters_hub.drop.config import DropConfig, DropPlan
+from adapters_hub.drop.plan import DropConfig, DropPlan
+from adapters_hub.errors import AdapterMismatchError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -32,10 +33,6 @@ KIND = "attn_drop"
 CONFIG_FILE = "adapter_config.json"
 _PLAN_ATTR = "_lisa_hub_drop_plan"        # on the top-level model while a plan is applied
 _LAYER_IDX_ATTR = "_lisa_hub_orig_layer_idx"  # on self_attn modules that were renumbered
-
-
-class BaseMismatchError(ValueError):
-    """A drop adapter made for one base model was offered to another."""
 
 
 def decoder_layers(model: "nn.Module") -> "nn.ModuleList":
@@ -210,7 +207,7 @@ class DropAdapter:
 
         actual = fingerprint(model)
         if actual != self.base_fingerprint:
-            raise BaseMismatchError(
+            raise AdapterMismatchError(
                 f"attn_drop adapter was made for base {self.base!r} (fingerprint {self.base_fingerprint}); "
                 f"this model is {base_name(model)!r} with fingerprint {actual}. Refusing to apply it to another base."
             )

@@ -16,7 +16,7 @@ import importlib
 _EXPORTS = {
     "SharingPlan": "plan", "SharedLayer": "plan", "PlanError": "plan", "default_rank": "plan",
     "LisaConfig": "config", "LisaConfigError": "config",
-    "LisaModel": "model", "AdapterMismatchError": "model", "Backbone": "model",
+    "LisaModel": "model", "AdapterMismatchError": "model", "SharingPatch": "model",
     "analyze_attention": "analysis", "AttentionReport": "analysis", "layer_sensitivity": "analysis",
     "distillation": "distill", "AttentionDistiller": "distill",
     "LisaAttention": "layer", "ScoredAttention": "layer",

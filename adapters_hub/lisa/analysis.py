@@ -216,7 +216,7 @@ def analyze_attention(
     import torch
     from tqdm.auto import tqdm
 
-    from adapters_hub.lisa.model import Backbone
+    from adapters_hub.lisa.model import SharingPatch
     from adapters_hub.lisa.plan import SharingPlan
     from adapters_hub.models import fingerprint
 
@@ -227,8 +227,8 @@ def analyze_attention(
     acc = _Accumulator(n_layers, n_heads)
     device = next(model.parameters()).device
     empty = SharingPlan(n_layers, n_heads, head_dim)
-    backbone = Backbone(model, empty, score_all=True)
-    backbone.bus.observer = acc
+    patch = SharingPatch(model, empty, score_all=True)
+    patch.bus.observer = acc
     n_texts = n_tokens = 0
     was_training = model.training
     model.eval()
@@ -245,8 +245,8 @@ def analyze_attention(
                 n_texts += ids.shape[0]
                 n_tokens += int(acc.row_weight.sum())
     finally:
-        backbone.bus.observer = None
-        backbone.restore()
+        patch.bus.observer = None
+        patch.restore()
         model.train(was_training)
     if n_texts == 0:
         raise ValueError("batches: no calibration text given")

@@ -23,6 +23,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from adapters_hub.errors import AdapterMismatchError
 from adapters_hub.lisa.config import LisaConfig
 from adapters_hub.lisa.layer import LisaAttention, ScoreBus, ScoredAttention
 from adapters_hub.lisa.plan import SharingPlan
@@ -33,10 +34,6 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 SUPPORTED_ATTN = (None, "eager", "sdpa")
 
 
-class AdapterMismatchError(ValueError):
-    """An adapter made for another base model or another sharing plan."""
-
-
 def decoder_of(model: nn.Module) -> nn.Module:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else getattr(model, "model", None)
     if decoder is None or not hasattr(decoder, "layers"):
@@ -44,7 +41,7 @@ def decoder_of(model: nn.Module) -> nn.Module:
     return decoder
 
 
-class Backbone:
+class SharingPatch:
     """The structural part: swaps attention modules for a plan and back (no adapters).
     Dense donors become `ScoredAttention`, substituted layers `LisaAttention`."""
 
@@ -114,7 +111,7 @@ class LisaModel(nn.Module):
         self.base_name = getattr(model.config, "lisa_hub_base", None) or getattr(model.config, "_name_or_path", None)
         self.model = model
         self.plan = config.plan
-        self._backbone = Backbone(model, config.plan)
+        self._patch = SharingPatch(model, config.plan)
         self.peft_config: dict[str, LisaConfig] = {}
         self._active: str | None = None
         self.pruned = False
@@ -152,30 +149,30 @@ class LisaModel(nn.Module):
     # ---- adapters -----------------------------------------------------------------
     @property
     def lisa_layers(self) -> dict[int, LisaAttention]:
-        return self._backbone.lisa_layers()
+        return self._patch.lisa_layers()
 
     @property
     def fast_path(self) -> bool:
         """Inference runs the fused path (see `adapters_hub.lisa.layer`); False forces the
         reference path, which materialises every score tensor."""
-        return self._backbone.fast_path
+        return self._patch.fast_path
 
     @fast_path.setter
     def fast_path(self, value: bool) -> None:
-        self._backbone.fast_path = bool(value)
+        self._patch.fast_path = bool(value)
 
     @property
     def fast_kernel(self) -> str:
         """How the fast path attends over factored scores: "blocks" (query blocks, the
         root's head mix in score space), "fused" (one SDPA call over mixed queries) or
         "auto" (blocks on CPU, fused elsewhere). Same results; benchmarks compare them."""
-        return self._backbone.bus.kernel
+        return self._patch.bus.kernel
 
     @fast_kernel.setter
     def fast_kernel(self, value: str) -> None:
         if value not in ("auto", "blocks", "fused"):
             raise ValueError(f"fast_kernel: {value!r} is not one of auto, blocks, fused")
-        self._backbone.bus.kernel = value
+        self._patch.bus.kernel = value
 
     @property
     def active_adapter(self) -> str | None:
@@ -248,7 +245,7 @@ class LisaModel(nn.Module):
         unknown = sorted(set(names) - set(self.peft_config))
         if unknown:
             raise KeyError(f"adapter_names: {unknown} not loaded (loaded: {', '.join(self.peft_config)})")
-        bus = self._backbone.bus
+        bus = self._patch.bus
         previous, bus.row_adapters = bus.row_adapters, names
         try:
             yield
@@ -327,7 +324,7 @@ class LisaModel(nn.Module):
                 continue
             freed += sum(p.numel() for m in (layer.q_proj, layer.k_proj) for p in m.parameters())
             layer.q_proj = layer.k_proj = None
-            original = self._backbone.originals[i]
+            original = self._patch.originals[i]
             original.q_proj = original.k_proj = None
         self.pruned = True
         return freed
@@ -336,7 +333,7 @@ class LisaModel(nn.Module):
         """Remove LiSA: the base model with its original attention modules (not after prune_qk)."""
         for name in list(self.peft_config):
             self.delete_adapter(name)
-        return self._backbone.restore()
+        return self._patch.restore()
 
     def trainable_report(self) -> dict[str, Any]:
         total = sum(p.numel() for p in self.model.parameters())
