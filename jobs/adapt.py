@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-RESULT_MARKER = "LISA_HUB_RESULT "
+from jobs import RESULT_MARKER
 
 
 @dataclass
@@ -217,8 +217,9 @@ def train_loop(cfg: dict) -> None:
 
     import ray.train
     from datasets import Dataset
-    from transformers import TrainerCallback
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    from jobs.trainer import AdapterSFTTrainer, MlflowSteps, ReportCheckpoints
 
     from adapters_hub.backbone import load_lisa_model
     from adapters_hub.kinds import get_kind, only_trainable
@@ -260,34 +261,13 @@ def train_loop(cfg: dict) -> None:
         bf16=bool(p["use_gpu"]),
     )
 
-    class MlflowSteps(TrainerCallback):  # per-step metrics into the job's MLflow run (rank 0)
-        def on_log(self, args, state, control, logs=None, **kw):
-            if ray.train.get_context().get_world_rank() == 0 and logs:
-                import mlflow
-
-                client = mlflow.MlflowClient(cfg["tracking_uri"])
-                for key, value in logs.items():
-                    if isinstance(value, (int, float)):
-                        client.log_metric(cfg["run_id"], f"train/{key}", float(value), step=state.global_step)
-
-    class ReportCheckpoints(TrainerCallback):  # adapter-only checkpoints to Ray Train
-        def on_save(self, args, state, control, **kw):
-            from transformers.trainer_utils import get_last_checkpoint
-
-            _report(get_last_checkpoint(args.output_dir), state, final=False)
-
-    def _report(hf_ckpt, state, final):
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copytree(hf_ckpt, Path(tmp) / "checkpoint")
-            kind.save(lm, name, Path(tmp) / "adapter")
-            meta = {"history": state.log_history, "trainable": trainable, "final": final}
-            (Path(tmp) / "meta.json").write_text(json.dumps(meta))
-            ray.train.report({"step": state.global_step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    trainer = _make_trainer_class()(model=lm, args=args, train_dataset=dataset, processing_class=tok,
-                                    callbacks=[MlflowSteps(), ReportCheckpoints()])
-    trainer.lisa_model, trainer.adapter_kind, trainer.adapter_name = lm, kind, name
-    trainer.distill_beta = p["distill_beta"] if cfg["kind"] == "lisa" else 0.0
+    checkpoints = ReportCheckpoints(lisa_model=lm, adapter_kind=kind, adapter_name=name, trainable=trainable)
+    trainer = AdapterSFTTrainer(model=lm, args=args, train_dataset=dataset, processing_class=tok,
+                                callbacks=[MlflowSteps(cfg["tracking_uri"], cfg["run_id"],
+                                                       lambda: ray.train.get_context().get_world_rank()),
+                                           checkpoints],
+                                lisa_model=lm, adapter_kind=kind, adapter_name=name,
+                                distill_beta=p["distill_beta"] if cfg["kind"] == "lisa" else 0.0)
     resume = None
     if (ckpt := ray.train.get_checkpoint()) is not None:
         resume_dir = Path(tempfile.mkdtemp(prefix="lisa-resume-"))
@@ -298,53 +278,7 @@ def train_loop(cfg: dict) -> None:
     trainer.train(resume_from_checkpoint=resume)
     trainer.save_model(str(work / "final"))
     trainer.state.save_to_json(str(work / "final" / "trainer_state.json"))
-    _report(work / "final", trainer.state, final=True)
-
-
-def _make_trainer_class():
-    from trl import SFTTrainer
-
-    class AdapterSFTTrainer(SFTTrainer):
-        """SFTTrainer whose checkpoints hold the adapter only (not the 135M base weights), and
-        whose loss adds `distill_beta` x attention-distillation KL (lisa kind) when set."""
-
-        distill_beta = 0.0
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            if not self.distill_beta or return_outputs:  # return_outputs: evaluation only
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            from adapters_hub.lisa.distill import distillation
-
-            with distillation(self.lisa_model) as d:  # collects one KL term per substituted layer
-                loss = super().compute_loss(model, inputs, False, num_items_in_batch)
-                kl = d.loss()
-            self._metrics["train" if model.training else "eval"]["distill_kl"].append(float(kl.detach()))
-            return loss + self.distill_beta * kl
-
-        def _save(self, output_dir=None, state_dict=None):
-            out = Path(output_dir or self.args.output_dir)
-            self.adapter_kind.save(self.lisa_model, self.adapter_name, out)
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            from safetensors.torch import load_file
-
-            tensors = load_file(str(Path(resume_from_checkpoint) / "adapter_model.safetensors"))
-            own = {k: v for k, v in self.model.named_parameters() if v.requires_grad}
-            loaded = 0
-            for key, value in tensors.items():  # saved names lack the adapter name; match by suffix
-                for full, param in own.items():
-                    if _strip(full, self.adapter_name).endswith(key):
-                        param.data.copy_(value)
-                        loaded += 1
-                        break
-            if loaded != len(tensors):
-                raise RuntimeError(f"checkpoint {resume_from_checkpoint}: {len(tensors) - loaded} tensors did not load")
-
-    return AdapterSFTTrainer
-
-
-def _strip(name: str, adapter: str) -> str:
-    return name.replace(f".{adapter}.", ".")
+    checkpoints.report(work / "final", trainer.state, final=True)
 
 
 def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows, *, init_dir=None) -> dict[str, float]:

@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-RESULT_MARKER = "LISA_HUB_RESULT "
+from jobs import RESULT_MARKER
 GENERAL = "general"  # adapter name of the general adapter inside a converted backbone
 
 

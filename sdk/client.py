@@ -26,7 +26,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Iterator
 
-RESULT_MARKER = "LISA_HUB_RESULT "
+from jobs import RESULT_MARKER
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 

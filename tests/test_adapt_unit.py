@@ -24,9 +24,10 @@ def _trainer(tiny, tmp_path, beta, steps=2, save_steps=0):
     args = SFTConfig(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=2, learning_rate=1e-2,
                      report_to=[], logging_steps=1, max_length=64, use_cpu=True, dataloader_num_workers=0, activation_checkpointing=False,
                      save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500)
-    trainer = adapt._make_trainer_class()(model=lm, args=args, train_dataset=data, processing_class=tiny[1])
-    trainer.lisa_model, trainer.adapter_kind, trainer.adapter_name = lm, get_kind("lisa"), "t"
-    trainer.distill_beta = beta
+    from jobs.trainer import AdapterSFTTrainer
+
+    trainer = AdapterSFTTrainer(model=lm, args=args, train_dataset=data, processing_class=tiny[1], lisa_model=lm,
+                                adapter_kind=get_kind("lisa"), adapter_name="t", distill_beta=beta)
     return trainer, lm
 
 

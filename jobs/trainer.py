@@ -1,0 +1,99 @@
+"""The adaptation job's TRL trainer and callbacks (imported on the Ray Train worker only).
+
+    trainer = AdapterSFTTrainer(lisa_model=lm, adapter_kind=kind, adapter_name="gsm8k",
+                                distill_beta=0.0, model=lm, args=sft_config, ...)
+
+Checkpoints hold the adapter only (not the base weights); the loss may add attention
+distillation; callbacks send per-step metrics to the job's MLflow run and adapter-only
+checkpoints to Ray Train.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from transformers import TrainerCallback
+from trl import SFTTrainer
+
+
+class AdapterSFTTrainer(SFTTrainer):
+    """SFTTrainer whose checkpoints hold the adapter only (not the 135M base weights), and
+    whose loss adds `distill_beta` x attention-distillation KL (lisa kind) when set."""
+
+    def __init__(self, *args, lisa_model, adapter_kind, adapter_name: str, distill_beta: float = 0.0, **kwargs):
+        self.lisa_model, self.adapter_kind, self.adapter_name = lisa_model, adapter_kind, adapter_name
+        self.distill_beta = distill_beta
+        super().__init__(*args, **kwargs)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if not self.distill_beta or return_outputs:  # return_outputs: evaluation only
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        from adapters_hub.lisa.distill import distillation
+
+        with distillation(self.lisa_model) as d:  # collects one KL term per substituted layer
+            loss = super().compute_loss(model, inputs, False, num_items_in_batch)
+            kl = d.loss()
+        self._metrics["train" if model.training else "eval"]["distill_kl"].append(float(kl.detach()))
+        return loss + self.distill_beta * kl
+
+    def _save(self, output_dir=None, state_dict=None):
+        out = Path(output_dir or self.args.output_dir)
+        self.adapter_kind.save(self.lisa_model, self.adapter_name, out)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(Path(resume_from_checkpoint) / "adapter_model.safetensors"))
+        own = {k: v for k, v in self.model.named_parameters() if v.requires_grad}
+        loaded = 0
+        for key, value in tensors.items():  # saved names lack the adapter name; match by suffix
+            for full, param in own.items():
+                if full.replace(f".{self.adapter_name}.", ".").endswith(key):
+                    param.data.copy_(value)
+                    loaded += 1
+                    break
+        if loaded != len(tensors):
+            raise RuntimeError(f"checkpoint {resume_from_checkpoint}: {len(tensors) - loaded} tensors did not load")
+
+
+class MlflowSteps(TrainerCallback):
+    """Per-step training metrics into the job's MLflow run (world rank 0 only)."""
+
+    def __init__(self, tracking_uri: str, run_id: str, rank: Callable[[], int]) -> None:
+        self.tracking_uri, self.run_id, self.rank = tracking_uri, run_id, rank
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        if self.rank() != 0 or not logs:
+            return
+        import mlflow
+
+        client = mlflow.MlflowClient(self.tracking_uri)
+        for key, value in logs.items():
+            if isinstance(value, (int, float)):
+                client.log_metric(self.run_id, f"train/{key}", float(value), step=state.global_step)
+
+
+class ReportCheckpoints(TrainerCallback):
+    """Adapter-only checkpoints to Ray Train at every HF save (and `report` for the last)."""
+
+    def __init__(self, *, lisa_model, adapter_kind, adapter_name: str, trainable: int) -> None:
+        self.lm, self.kind, self.name, self.trainable = lisa_model, adapter_kind, adapter_name, trainable
+
+    def on_save(self, args, state, control, **kw):
+        from transformers.trainer_utils import get_last_checkpoint
+
+        self.report(get_last_checkpoint(args.output_dir), state, final=False)
+
+    def report(self, hf_checkpoint, state, *, final: bool) -> None:
+        import ray.train
+
+        with tempfile.TemporaryDirectory() as tmp:
+            shutil.copytree(hf_checkpoint, Path(tmp) / "checkpoint")
+            self.kind.save(self.lm, self.name, Path(tmp) / "adapter")
+            meta = {"history": state.log_history, "trainable": self.trainable, "final": final}
+            (Path(tmp) / "meta.json").write_text(json.dumps(meta))
+            ray.train.report({"step": state.global_step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
