@@ -24,7 +24,8 @@ def list_adapters(*, task: str | None = None, tracking_uri: str | None = None):
     """
     from adapters_hub import registry
 
-    return registry.list_adapters(task=task, tracking_uri=tracking_uri)
+    records = registry.list_adapters(task=task, tracking_uri=tracking_uri)
+    return sorted(records, key=lambda r: (r.name, -int(r.version)))
 
 
 def get_adapter(ref: str, *, tracking_uri: str | None = None):

@@ -92,6 +92,11 @@ class Backbone:
     def resident(self) -> list[str]:
         return list(self._resident)
 
+    def preload(self, adapter: str) -> str:
+        """Make an adapter resident (resolved, verified, loaded) without activating it;
+        returns its resolved identity ("gsm8k-lisa/3" or a folder)."""
+        return self._ensure_resident(adapter)[0]
+
     def use(self, adapter: str) -> ActiveAdapter:
         """Activate an adapter: a task name ("gsm8k" = gsm8k-lisa@champion), a registry
         reference ("gsm8k-lisa@champion", "gsm8k-lisa/3") or a local adapter folder."""
@@ -170,12 +175,17 @@ class Backbone:
             return path, str(path.resolve())
         from adapters_hub import registry
 
-        if "@" not in ref and "/" not in ref and "-" not in ref:
-            ref = f"{ref}-{DEFAULT_KIND}@champion"  # a bare task name
         name, _, version = registry.parse_ref(ref)
         if version is not None and f"{name}/{version}" in self._resident:
             return Path(), f"{name}/{version}"  # a pinned version never changes: no registry round trip
-        info = registry.get_adapter(ref, tracking_uri=self.tracking_uri)
+        try:
+            info = registry.get_adapter(ref, tracking_uri=self.tracking_uri)
+        except registry.AdapterNotFoundError:
+            if "@" in ref or "/" in ref:
+                raise
+            # a bare name that is no registered model is a task name ("gsm8k", "math-qa")
+            ref = f"{ref}-{DEFAULT_KIND}@champion"
+            info = registry.get_adapter(ref, tracking_uri=self.tracking_uri)
         if info.tags.get("base_model") not in (None, self.base_model):
             from adapters_hub.errors import AdapterMismatchError
 

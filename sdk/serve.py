@@ -39,7 +39,7 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
         @serve.multiplexed(max_num_models_per_replica=max_resident)
         async def warm(self, adapter: str) -> str:
             with self.lock:  # pre-load into the backbone's pool; the pool owns the tensors
-                self.backbone._ensure_resident(adapter)
+                self.backbone.preload(adapter)
             return adapter
 
         async def __call__(self, request: Request):

@@ -41,7 +41,7 @@ def distillation(lisa_model) -> Iterator[AttentionDistiller]:
     if getattr(lisa_model, "pruned", False):
         raise RuntimeError("distillation: W_q/W_k of the substituted layers were pruned (prune_qk); "
                            "distil before pruning")
-    bus = lisa_model._patch.bus
+    bus = lisa_model.bus
     if bus.distill is not None:
         raise RuntimeError("distillation: already active on this model")
     bus.distill = DistillCollector()

@@ -152,6 +152,11 @@ class LisaModel(nn.Module):
         return self._patch.lisa_layers()
 
     @property
+    def bus(self):
+        """The per-forward side channel of this model's layers (`layer.ScoreBus`)."""
+        return self._patch.bus
+
+    @property
     def fast_path(self) -> bool:
         """Inference runs the fused path (see `adapters_hub.lisa.layer`); False forces the
         reference path, which materialises every score tensor."""
