@@ -20,6 +20,7 @@ corrupted download nor a swapped file goes unnoticed.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -181,6 +182,24 @@ def backbone_model_name(base: str) -> str:
 # ----------------------------------------------------------------------------- registry
 
 
+def beats(new: dict[str, float], champion_tags: dict[str, str], ranking: list[tuple[str, bool]], *,
+          where: str = "champion") -> bool:
+    """The champion policy: does a version with metrics `new` beat the champion whose tags
+    hold `metric.<name>` = repr(float)? `ranking` = [(metric, higher_is_better), ...]: the
+    first metric that differs decides (the main metric, then the tie-breaker); a full tie
+    keeps the champion. A champion lacking a metric (the spec changed) loses on the main
+    metric and keeps its place on a tie-breaker."""
+    for i, (metric, higher) in enumerate(ranking):
+        old = champion_tags.get(f"metric.{metric}")
+        if old is None:
+            log.warning("%s has no %s", where, metric)
+            return i == 0
+        a, b = float(new[metric]), float(old)  # tags hold repr(float): an exact round trip
+        if a != b:
+            return a > b if higher else a < b
+    return False
+
+
 @dataclass
 class Registry:
     tracking_uri: str = field(default_factory=settings.mlflow_uri)
@@ -255,15 +274,7 @@ class Registry:
         def beats_champion(champion: "ModelVersion | None") -> bool:
             if champion is None:
                 return True
-            for i, (metric, higher) in enumerate(ranking):  # first metric that differs decides
-                old = champion.tags.get(f"metric.{metric}")
-                if old is None:  # not comparable (spec changed?): on the main metric the measured one wins
-                    log.warning("%s champion v%s has no %s", name, champion.version, metric)
-                    return i == 0
-                new, old = float(metrics[metric]), float(old)  # tags hold repr(float): exact round trip
-                if new != old:
-                    return new > old if higher else new < old
-            return False  # a full tie keeps the champion
+            return beats(metrics, champion.tags, ranking, where=f"{name} champion v{champion.version}")
 
         better = "higher" if higher_is_better else "lower"
         return self._register(
@@ -506,29 +517,39 @@ def _not_found(err) -> bool:
 # ----------------------------------------------------------------------------- module-level API
 
 
+@functools.lru_cache(maxsize=8)
+def _registry(tracking_uri: str) -> Registry:
+    """One Registry (one client, one health probe) per tracking URI for module-level calls."""
+    return Registry(tracking_uri)
+
+
+def _for(tracking_uri: str | None) -> Registry:
+    return _registry(tracking_uri or settings.mlflow_uri())
+
+
 def register_adapter(*, tracking_uri: str | None = None, **kwargs) -> RegisteredAdapter:
-    return Registry(tracking_uri or settings.mlflow_uri()).register_adapter(**kwargs)
+    return _for(tracking_uri).register_adapter(**kwargs)
 
 
 def resolve(ref: str, *, tracking_uri: str | None = None) -> Path:
-    return Registry(tracking_uri or settings.mlflow_uri()).resolve(ref)
+    return _for(tracking_uri).resolve(ref)
 
 
 def get_adapter(ref: str, *, tracking_uri: str | None = None) -> AdapterRecord:
-    return Registry(tracking_uri or settings.mlflow_uri()).get_adapter(ref)
+    return _for(tracking_uri).get_adapter(ref)
 
 
 def list_adapters(task: str | None = None, *, tracking_uri: str | None = None) -> list[AdapterRecord]:
-    return Registry(tracking_uri or settings.mlflow_uri()).list_adapters(task)
+    return _for(tracking_uri).list_adapters(task)
 
 
 def promote(name: str, version: int | str, alias: str = CHAMPION, *, tracking_uri: str | None = None) -> AdapterRecord:
-    return Registry(tracking_uri or settings.mlflow_uri()).promote(name, version, alias)
+    return _for(tracking_uri).promote(name, version, alias)
 
 
 def register_backbone(base: str, plan_dir: str | Path, *, tracking_uri: str | None = None, **kwargs) -> RegisteredAdapter:
-    return Registry(tracking_uri or settings.mlflow_uri()).register_backbone(base, plan_dir, **kwargs)
+    return _for(tracking_uri).register_backbone(base, plan_dir, **kwargs)
 
 
 def get_backbone(base: str, *, tracking_uri: str | None = None) -> Path | None:
-    return Registry(tracking_uri or settings.mlflow_uri()).get_backbone(base)
+    return _for(tracking_uri).get_backbone(base)

@@ -261,3 +261,19 @@ def test_analyze_cli_registers_the_backbone_jobs_use(mlflow_server, tiny, tmp_pa
     assert cli.main(args) == 2  # a second plan for the same base needs --replace
     assert "already has a champion plan" in capsys.readouterr().err
     assert cli.main(args + ["--replace"]) == 0
+
+
+@pytest.mark.parametrize("new,champion,expect", [
+    ({"acc": 0.5, "nll": 2.0}, {"acc": 0.4, "nll": 1.0}, True),    # main metric higher: wins
+    ({"acc": 0.3, "nll": 1.0}, {"acc": 0.4, "nll": 2.0}, False),   # main metric lower: loses
+    ({"acc": 0.4, "nll": 1.5}, {"acc": 0.4, "nll": 2.0}, True),    # tie, tie-breaker lower NLL: wins
+    ({"acc": 0.4, "nll": 2.5}, {"acc": 0.4, "nll": 2.0}, False),   # tie, tie-breaker worse: loses
+    ({"acc": 0.4, "nll": 2.0}, {"acc": 0.4, "nll": 2.0}, False),   # full tie keeps the champion
+    ({"acc": 0.1, "nll": 9.0}, {"nll": 1.0}, True),                # champion lacks the main metric: loses
+    ({"acc": 0.4, "nll": 9.0}, {"acc": 0.4}, False),               # ... lacks the tie-breaker: stays
+])
+def test_champion_policy_table(new, champion, expect):
+    from adapters_hub.registry import beats
+
+    tags = {f"metric.{k}": repr(float(v)) for k, v in champion.items()}
+    assert beats(new, tags, [("acc", True), ("nll", False)]) is expect
