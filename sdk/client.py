@@ -262,7 +262,9 @@ def _submit(address: str, argv: list[str], submission_id: str | None, metadata: 
             entrypoint=shlex.join(argv),
             submission_id=submission_id,
             runtime_env={"working_dir": working_dir, "env_vars": env_vars},
-            metadata={**metadata, "app": "lisa-hub"},
+            # job_name: the readable name Ray's dashboard lists the job under
+            metadata={**metadata, "app": "lisa-hub",
+                      "job_name": " · ".join(metadata[k] for k in ("task", "kind", "base", "profile") if metadata.get(k))},
         )
 
 
