@@ -76,17 +76,22 @@ def main() -> None:
         print(f"  {name}: dense {d:.3f} {unit}, lisa {l:.3f} {unit}, lisa speed/size {ratio:.2f}x", flush=True)
 
     shapes = [(1, 512), (4, 1024)] if not args.quick else [(1, 128), (2, 256)]
+    other = "fused" if args.kernel in ("auto", "blocks") and dev == "cpu" else "blocks"
     for b, t in shapes:
         x = ids(b, t)
-        times, peaks = {k: [] for k in models}, {k: [] for k in models}
-        for _ in range(args.reps):
-            for name, m in models.items():
+        times, peaks = {k: [] for k in (*models, other)}, {k: [] for k in (*models, other)}
+        for _ in range(args.reps):  # dense, LiSA, LiSA with the other fast kernel: interleaved
+            for name, m in (*models.items(), (other, lm)):
+                lm.fast_kernel = other if name == other else args.kernel
                 secs, peak = _timed(lambda: m(input_ids=x, use_cache=False), dev)
                 times[name].append(secs)
                 peaks[name].append(peak)
+        lm.fast_kernel = args.kernel
         report(f"prefill {b} x {t}, seconds", *(statistics.median(times[k]) for k in models), "s", False)
         report(f"prefill {b} x {t}, peak memory MiB", *(statistics.median(peaks[k]) / 2**20 for k in models),
                "MiB", False)
+        report(f"prefill {b} x {t}, seconds, LiSA with the {other} kernel", statistics.median(times["dense"]),
+               statistics.median(times[other]), "s", False)
 
     prompt = 128 if not args.quick else 32
     for b in ([1, 8, 32] if not args.quick else [1, 4]):
