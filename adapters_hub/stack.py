@@ -116,7 +116,7 @@ def status(*, home: Path | None = None) -> list[ServiceStatus]:
         rec = state.get(name)
         port = rec.port if rec else {"ray": settings.RAY_DASHBOARD_PORT, "mlflow": settings.MLFLOW_PORT}[name]
         url = f"http://127.0.0.1:{port}"
-        ok, detail = _http_ok(url + path)
+        ok, detail = _http_ok(url + path, settings.ray_auth_headers() if name == "ray" else None)
         pid = rec.pid if rec and _alive(rec) else None
         if rec is None:
             detail = "not started by lisa-hub" + (" (but something answers there)" if ok else "")
@@ -270,11 +270,11 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-def _http_ok(url: str) -> tuple[bool, str]:
+def _http_ok(url: str, headers: dict[str, str] | None = None) -> tuple[bool, str]:
     import requests
 
     try:
-        resp = requests.get(url, timeout=2)
+        resp = requests.get(url, timeout=2, headers=headers or {})
         return resp.ok, "" if resp.ok else f"HTTP {resp.status_code}"
     except requests.RequestException as err:
         return False, f"no answer ({err.__class__.__name__})"
