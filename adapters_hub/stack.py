@@ -202,6 +202,11 @@ def _start_ray(home: Path, ports: Ports, mlflow_uri: str) -> _Record:
     # a resubmit of unchanged code then skips the upload and its Ray Train workers fail to
     # fetch a deleted package (ray-project/ray#46625, seen here). Keep packages for a day.
     env.setdefault("RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S", "86400")
+    # Ray >= 2.59 may switch a new local head to token auth on its own (e.g. when an earlier
+    # `ray.init()` left ~/.ray/auth_token), while clients without RAY_AUTH_MODE=token send
+    # no token: every job submission then fails with 401. Say it explicitly; a user who
+    # wants token auth sets RAY_AUTH_MODE=token (and the token) for the stack and clients.
+    env.setdefault("RAY_AUTH_MODE", "disabled")
     argv = [_bin("ray"), "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1",
             "--port", str(ports.gcs),
