@@ -4,6 +4,7 @@ LISA_HUB_HOME        state folder (model cache, MLflow db + artifacts, pids, log
 LISA_HUB_DATA_DIR    offline data mirror (layout of ../shared/data); unset = use the HF hub
 MLFLOW_TRACKING_URI  MLflow server; default http://127.0.0.1:5000
 RAY_ADDRESS          Ray cluster; default the local head (dashboard http://127.0.0.1:8265)
+RAY_AUTH_TOKEN(_PATH) Ray's token authentication (else ~/.ray/auth_token), sent by our HTTP checks
 """
 
 from __future__ import annotations
@@ -46,3 +47,14 @@ def ray_dashboard_url() -> str:
     if address.startswith("http"):
         return address.rstrip("/")
     return f"http://{RAY_DASHBOARD_HOST}:{RAY_DASHBOARD_PORT}"
+
+
+def ray_auth_headers() -> dict[str, str]:
+    """The Authorization header Ray's token authentication expects, when a token exists
+    (Ray >= 2.59 turns token auth on for local clusters and keeps the token in
+    ~/.ray/auth_token); harmless for a cluster without authentication."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
+    if not token and path.is_file():
+        token = path.read_text(encoding="utf-8").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}

@@ -116,7 +116,7 @@ def status(*, home: Path | None = None) -> list[ServiceStatus]:
         rec = state.get(name)
         port = rec.port if rec else {"ray": settings.RAY_DASHBOARD_PORT, "mlflow": settings.MLFLOW_PORT}[name]
         url = f"http://127.0.0.1:{port}"
-        ok, detail = _http_ok(url + path)
+        ok, detail = _http_ok(url + path, settings.ray_auth_headers() if name == "ray" else None)
         pid = rec.pid if rec and _alive(rec) else None
         if rec is None:
             detail = "not started by lisa-hub" + (" (but something answers there)" if ok else "")
@@ -202,6 +202,11 @@ def _start_ray(home: Path, ports: Ports, mlflow_uri: str) -> _Record:
     # a resubmit of unchanged code then skips the upload and its Ray Train workers fail to
     # fetch a deleted package (ray-project/ray#46625, seen here). Keep packages for a day.
     env.setdefault("RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S", "86400")
+    # Ray >= 2.59 may switch a new local head to token auth on its own (e.g. when an earlier
+    # `ray.init()` left ~/.ray/auth_token), while clients without RAY_AUTH_MODE=token send
+    # no token: every job submission then fails with 401. Say it explicitly; a user who
+    # wants token auth sets RAY_AUTH_MODE=token (and the token) for the stack and clients.
+    env.setdefault("RAY_AUTH_MODE", "disabled")
     argv = [_bin("ray"), "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1",
             "--port", str(ports.gcs),
@@ -270,11 +275,11 @@ def _pgid(pid: int) -> int | None:
         return None
 
 
-def _http_ok(url: str) -> tuple[bool, str]:
+def _http_ok(url: str, headers: dict[str, str] | None = None) -> tuple[bool, str]:
     import requests
 
     try:
-        resp = requests.get(url, timeout=2)
+        resp = requests.get(url, timeout=2, headers=headers or {})
         return resp.ok, "" if resp.ok else f"HTTP {resp.status_code}"
     except requests.RequestException as err:
         return False, f"no answer ({err.__class__.__name__})"

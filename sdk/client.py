@@ -375,7 +375,9 @@ def _answers(url: str) -> bool:
     import requests
 
     try:
-        return requests.get(f"{url}/api/version", timeout=3).ok
+        from adapters_hub import settings
+
+        return requests.get(f"{url}/api/version", timeout=3, headers=settings.ray_auth_headers()).ok
     except requests.RequestException:
         return False
 
