@@ -147,14 +147,16 @@ def test_two_task_adapters_mixed_batch_and_serve(first, cluster):
         ray.shutdown()
 
 
-def test_killed_job_resumes_from_its_checkpoint(cluster):
+def test_killed_job_resumes_from_its_checkpoint(cluster, ray_stack):
     import sdk
 
-    dashboard = cluster[0]
+    dashboard, home = cluster[0], ray_stack[0]
     overrides = {"max_steps": 40, "save_steps": 4, "eval_examples": 4, "max_new_tokens": 2}
     job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
     deadline = time.monotonic() + 600
-    while "Checkpoint successfully created" not in job.logs():
+    # Stop once Ray Train has recorded a checkpoint in the run's snapshot (the worker's
+    # "Checkpoint successfully created" line may come before the controller writes it).
+    while not _checkpoint_recorded(home / "train", "gsm8k-lisa-"):
         assert not job.status().is_terminal(), job.logs()[-2000:]
         assert time.monotonic() < deadline
         time.sleep(1)
@@ -181,6 +183,19 @@ def test_killed_job_resumes_from_its_checkpoint(cluster):
     assert expected in logs, logs[-3000:]
     assert ("init.answer_nll" in result.metrics) == (expected == "init=general adapter"), result.metrics
     assert result.version  # registered after the resumed run
+
+
+def _checkpoint_recorded(storage, prefix: str) -> bool:
+    """A Ray Train run under `storage` whose checkpoint-manager snapshot lists a checkpoint."""
+    import json
+
+    for snapshot in storage.glob(f"{prefix}*/checkpoint_manager_snapshot.json"):
+        try:
+            if json.loads(snapshot.read_text()).get("checkpoint_results"):
+                return True
+        except (OSError, ValueError):  # being written
+            pass
+    return False
 
 
 def test_bad_inputs_fail_clearly_and_leave_nothing(cluster, tmp_path):
