@@ -1,6 +1,9 @@
 """The conversion job end to end on tiny-llama with a real Ray head and MLflow server:
 a killed conversion resumes from its checkpoint, registers backbone-<base> with its
-general adapter, and the next adaptation of that base starts from it."""
+general adapter, and the next adaptation of that base starts from it.
+
+It registers into an MLflow server of its own: the session's registry belongs to the
+ordered e2e tests, which expect tiny-llama's plain backbone and empty adapter models."""
 
 from __future__ import annotations
 
@@ -41,8 +44,21 @@ def _convert(extra, env, *, kill_after_checkpoint=False):
     return proc.returncode, "".join(lines)
 
 
-def test_killed_conversion_resumes_registers_the_backbone_and_adaptation_starts_from_it(ray_stack, tmp_path):
-    home, dashboard, mlflow_uri = ray_stack
+@pytest.fixture
+def own_mlflow(tmp_path_factory):
+    from adapters_hub import stack
+
+    home = tmp_path_factory.mktemp("convert-mlflow")
+    ports = stack.Ports(dashboard=stack.free_port(), gcs=stack.free_port(), mlflow=stack.free_port())
+    stack.up(home=home, ray=False, ports=ports)
+    yield stack.mlflow_url(home)
+    stack.down(home=home)
+
+
+def test_killed_conversion_resumes_registers_the_backbone_and_adaptation_starts_from_it(ray_stack, own_mlflow,
+                                                                                       tmp_path, monkeypatch):
+    home, dashboard, _ = ray_stack
+    mlflow_uri = own_mlflow
     from adapters_hub import stack
 
     env = {**os.environ, "RAY_ADDRESS": stack._load_state(home)["ray"].extra["gcs_address"],
@@ -68,6 +84,7 @@ def test_killed_conversion_resumes_registers_the_backbone_and_adaptation_starts_
 
     import sdk
 
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)  # the job logs and registers there
     job = sdk.submit_adaptation(task="gsm8k", address=dashboard, base_model="tiny-llama", profile="smoke")
     adapted = job.wait(timeout=900)
     assert "init=general adapter" in job.logs()
