@@ -22,8 +22,9 @@ Two paths compute the same attention:
   fast       (inference, `bus.fast`, Tq > 1, linear aligners) Z is never materialised. A
              linear head mix commutes with the query-key product,
                  W Z_donor = sum_j (W q_donor)[:, :, :, j] k_donor[j]^T,
-             so the bus carries `ScoreFactors` (queries per kv head, keys) and a substituted
-             layer is one SDPA call over [donor keys; every rank-r key of its chain].
+             so the bus carries `ScoreFactors` (the root donor's queries and keys, the
+             product of the head mixes, the chain's rank-r terms) and a substituted layer
+             attends over them in query blocks (CPU) or as one SDPA call (GPU).
 
 The 4-D mask the decoder hands to attention depends on `config._attn_implementation`:
 None (sdpa: pure causal), bool (sdpa: True = attend) or additive float (eager);
@@ -387,9 +388,10 @@ class ScoredAttention(_AttentionBase):
 
 
 class MixAligner(nn.Module):
-    """align(z) = W z over the head axis, applied to already permuted scores (P z); W starts
-    as the identity, so a fresh aligner is exactly the permutation. Being linear, it also
-    acts on a score's query factors (`matrix`), which is what the fast path uses."""
+    """align(z) = W P z over the head axis; W starts as the identity, so a fresh aligner is
+    exactly the permutation. Both paths use it as one (H, H) matrix W P (`matrix`): on
+    materialised scores (reference) and on a score's query factors (fast); `forward`
+    serves batches that mix it with FFN adapters."""
 
     linear = True
 
@@ -397,7 +399,8 @@ class MixAligner(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.eye(num_heads))  # (H, H)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:  # z: (B, H, Tq, Tk), permuted
+    def forward(self, z: torch.Tensor) -> torch.Tensor:  # z: (B, H, Tq, Tk), already permuted
+        """W (P z): the per-row route of a batch mixing linear and FFN adapters."""
         return torch.einsum("hg,bgqk->bhqk", self.weight.to(z.dtype), z)
 
     def matrix(self, perm: torch.Tensor) -> torch.Tensor:
