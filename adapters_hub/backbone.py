@@ -63,10 +63,9 @@ def general_adapter_of(folder: Path | None) -> Path | None:
 def dense_plan(base: str):
     """The plan of the dense backbone of `base`: the same shape, no layer shared."""
     from adapters_hub.lisa.plan import SharingPlan
-    from adapters_hub.models import load_base
+    from adapters_hub.models import base_config
 
-    model, _ = load_base(base)
-    return SharingPlan.for_model(model, [], meta={"source": "dense"})
+    return SharingPlan.for_config(base_config(base), [], meta={"source": "dense"})
 
 
 def analyse_base(base: str, *, fraction: float = CALIBRATION["fraction"]):

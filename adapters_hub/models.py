@@ -84,6 +84,19 @@ def load_base(
     return model, tok
 
 
+def base_config(name: str):
+    """The HF config of a base model, without loading its weights (plans need only shapes)."""
+    from transformers import AutoConfig
+
+    if name == "tiny-llama":
+        return tiny_llama_config()
+    source = str(smollm2_folder()) if name == "smollm2-135m" else name
+    try:
+        return AutoConfig.from_pretrained(source)
+    except OSError as err:
+        raise ModelNotFoundError(f"base model {name!r}: no config found ({err})") from None
+
+
 def smollm2_folder() -> Path:
     """The safetensors folder of SmolLM2-135M-Instruct, converting the GGUF on first use."""
     target = settings.cache_dir("models") / "smollm2-135m"

@@ -94,7 +94,11 @@ class SharingPlan:
     @classmethod
     def for_model(cls, model, layers: Iterable[int], **kwargs) -> "SharingPlan":
         """`explicit` with the shape read from a HF model's config."""
-        cfg = model.config
+        return cls.for_config(model.config, layers, **kwargs)
+
+    @classmethod
+    def for_config(cls, cfg, layers: Iterable[int], **kwargs) -> "SharingPlan":
+        """`explicit` with the shape read from a HF config."""
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         return cls.explicit(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
                             head_dim=head_dim, layers=layers, **kwargs)
