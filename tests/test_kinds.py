@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from adapters_hub.kinds import AdapterError, get_kind, known_kinds, trainable_kinds
+from adapters_hub.kinds import AdapterError, get_kind, kind_state, known_kinds, trainable_kinds
 from adapters_hub.lisa import AdapterMismatchError, SharingPlan
 
 TRAINABLE = trainable_kinds()
@@ -98,7 +98,9 @@ def test_delete_removes_the_adapter_and_state_stays_per_model(name):
     kind.delete(first, "a")
     assert not [n for n, _ in first.named_parameters() if kind.prefix in n and ".a." in n]
     assert [n for n, _ in second.named_parameters() if kind.prefix in n and ".a." in n]  # untouched
-    copy.deepcopy(second)  # per-model state travels with the model (nothing keyed by id())
+    assert "a" not in kind_state(first, name)  # the kind's per-model state went with the adapter ...
+    if name == "lora":  # ... and a kind that keeps state keeps it per model, not per process
+        assert "a" in kind_state(second, name) and "a" in kind_state(copy.deepcopy(second), name)
 
 
 def test_kinds_that_cannot_be_trained_refuse_to_add():
