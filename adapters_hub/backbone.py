@@ -40,7 +40,12 @@ def backbone_plan(base: str, *, create: bool = True, tracking_uri: str | None = 
     with tempfile.TemporaryDirectory() as tmp:
         report.save(tmp)
         plan.save(Path(tmp) / "plan.json")
-        registry.register_backbone(base, tmp, tracking_uri=tracking_uri, plan_hash=plan.hash)
+        try:
+            registry.register_backbone(base, tmp, tracking_uri=tracking_uri, plan_hash=plan.hash)
+        except registry.PlanExistsError:  # a job racing us registered its plan first: one plan per base
+            folder = registry.get_backbone(base, tracking_uri=tracking_uri)
+            log(f"[backbone] another job registered the plan of {base} first; using it")
+            return SharingPlan.load(Path(folder) / "plan.json")
     log(f"[backbone] registered plan {plan.hash}: {plan.summary()}")
     return plan
 

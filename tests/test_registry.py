@@ -219,7 +219,7 @@ def test_backbone_plan_is_shared_per_base(reg, tmp_path):
     assert reg.get_adapter(done.name).tags["plan_hash"] == "h1"
     assert done.name not in {r.name for r in reg.list_adapters()}  # backbones are not adapters
 
-    with pytest.raises(RegistryError, match="already has a champion plan"):
+    with pytest.raises(reg_mod.PlanExistsError, match="already has a champion plan"):
         reg.register_backbone(base, plan)
     (plan / "plan.json").write_text('{"layers": [5]}')
     assert reg.register_backbone(base, plan, replace=True).version == 2
@@ -271,9 +271,88 @@ def test_analyze_cli_registers_the_backbone_jobs_use(mlflow_server, tiny, tmp_pa
     ({"acc": 0.4, "nll": 2.0}, {"acc": 0.4, "nll": 2.0}, False),   # full tie keeps the champion
     ({"acc": 0.1, "nll": 9.0}, {"nll": 1.0}, True),                # champion lacks the main metric: loses
     ({"acc": 0.4, "nll": 9.0}, {"acc": 0.4}, False),               # ... lacks the tie-breaker: stays
+    ({"acc": 0.4, "nll": 2.0 - 6e-7}, {"acc": 0.4, "nll": 2.0}, False),  # within TOLERANCE: a tie
+    ({"acc": 0.4, "nll": 2.0 - 1e-4}, {"acc": 0.4, "nll": 2.0}, True),   # beyond it: better
 ])
 def test_champion_policy_table(new, champion, expect):
     from adapters_hub.registry import beats
 
     tags = {f"metric.{k}": repr(float(v)) for k, v in champion.items()}
     assert beats(new, tags, [("acc", True), ("nll", False)]) is expect
+
+
+def _tags(**metrics):
+    return {f"metric.{k}": repr(float(v)) for k, v in metrics.items()}
+
+
+@pytest.mark.parametrize("champion,contenders,expect", [
+    (None, [], None),
+    (None, [(1, _tags(acc=0.3)), (2, _tags(acc=0.4)), (3, _tags(acc=0.2))], 2),      # best of all
+    ((1, _tags(acc=0.3)), [(2, _tags(acc=0.3)), (3, _tags(acc=0.1))], 1),             # ties keep the champion
+    ((1, _tags(acc=0.3)), [(3, _tags(acc=0.5)), (2, _tags(acc=0.5))], 2),             # version order: first to beat
+    ((1, _tags(acc=0.3)), [(2, _tags(nll=0.1)), (3, _tags(acc=0.35))], 3),            # lacking the metric: no contender
+    ((4, _tags(acc=0.1)), [(5, _tags(acc=0.1, nll=0.5))], 4),                         # same order wherever computed
+])
+def test_champion_is_a_function_of_the_versions(champion, contenders, expect):
+    from adapters_hub.registry import pick_champion
+
+    assert pick_champion(champion, contenders, [("acc", True)]) == expect
+    assert pick_champion(champion, list(reversed(contenders)), [("acc", True)]) == expect  # order of listing
+
+
+@pytest.mark.stack
+def test_concurrent_registrations_keep_every_version_and_the_best_champion(reg, tmp_path, task):
+    """4 threads with their own clients register at once on a new registered model (the
+    raw MLflow calls race on 'create model', version numbers and the champion alias)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    values = [0.1, 0.4, 0.2, 0.3]
+    barrier = __import__("threading").Barrier(len(values))
+
+    def one(value):
+        own = Registry(reg.tracking_uri)
+        own.client()
+        barrier.wait()
+        return _register(own, tmp_path, task, value)
+
+    with ThreadPoolExecutor(len(values)) as pool:
+        done = list(pool.map(one, values))
+    name = f"{task}-lisa"
+    records = {r.version: r for r in reg.list_adapters(task)}
+    assert sorted(records) == [1, 2, 3, 4] and sorted(d.version for d in done) == [1, 2, 3, 4]
+    champion = reg.get_adapter(f"{name}@champion")
+    assert champion.metrics["accuracy"] == 0.4
+    assert {d.version: d for d in done}[champion.version].aliases[-1] == "champion"
+
+    # a manual promotion (rollback) is kept until a later registration beats it
+    reg.promote(name, [v for v, r in records.items() if r.metrics["accuracy"] == 0.1][0])
+    assert _register(reg, tmp_path, task, 0.05).aliases == ("candidate",)
+    assert reg.get_adapter(name).metrics["accuracy"] == 0.1
+    assert "champion" in _register(reg, tmp_path, task, 0.15).aliases
+
+
+@pytest.mark.stack
+def test_racing_plan_registrations_leave_one_plan(reg, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from adapters_hub.registry import PlanExistsError
+
+    base = f"race-{uuid.uuid4().hex[:6]}"
+    barrier = __import__("threading").Barrier(3)
+
+    def one(i):
+        plan = tmp_path / f"plan{i}"
+        plan.mkdir()
+        (plan / "plan.json").write_text(f'{{"layers": [{i}]}}')
+        own = Registry(reg.tracking_uri)
+        own.client()
+        barrier.wait()
+        try:
+            return own.register_backbone(base, plan).version
+        except PlanExistsError:
+            return None
+
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(one, range(3)))
+    assert sorted(results, key=str) == [1, None, None]
+    assert [mv.version for mv in reg.client().search_model_versions(f"name = '{reg_mod.backbone_model_name(base)}'")] == ["1"]

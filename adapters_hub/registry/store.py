@@ -1,40 +1,54 @@
-"""Adapters and backbone plans in the MLflow model registry.
+"""The registry client: connection, registration (atomic against other registrations),
+resolution into the verified local cache, listing and promotion.
 
-Vocabulary is MLflow's: a *registered model* per task and adapter kind ("gsm8k-lisa"), one
-*model version* per adaptation run, *tags* for what the version is, and *aliases*:
-`candidate` (the latest registration) and `champion` (the best on the task's main metric,
-what `Backbone.use("gsm8k")` loads). Stages are deprecated in MLflow and never used.
-
-    reg = Registry()                                  # settings.mlflow_uri(), probed quickly
-    reg.register_adapter(run_id=..., adapter_dir=..., task="gsm8k", kind="lisa", ...)
-    reg.resolve("gsm8k-lisa@champion") -> Path        # verified local copy (cache)
-    reg.list_adapters("gsm8k"), reg.get_adapter("gsm8k-lisa/3"), reg.promote("gsm8k-lisa", 3, "champion")
-    reg.register_backbone("smollm2-135m", plan_dir) ; reg.get_backbone("smollm2-135m") -> Path | None
-
-The module-level functions of the same names use a Registry on settings.mlflow_uri().
-
-Integrity: the artifact folder is logged with a sha256 manifest (MANIFEST) and the version
-carries the manifest's digest as tag `sha256`; resolve() checks both, so neither a
-corrupted download nor a swapped file goes unnoticed.
+Concurrency (several jobs registering into one MLflow at once; MLflow has no transactions
+across calls and no compare-and-set on aliases):
+- creating a registered model that another process just created is not an error;
+- `champion` is settled, not set: after its own write each registration re-reads the
+  versions and the alias, recomputes the champion with `champion.pick_champion` (a pure
+  function of the versions) and writes again until what it reads is what it computed. The
+  last writer has therefore seen every version registered before its write, and every
+  later version's registration settles after it: the best version ends champion;
+- a failed registration deletes its own version only, restores an alias only when the
+  deletion left it unset, and removes a registered model only when it created it and no
+  version is left;
+- one sharing plan per base: the first registration of `backbone-<base>` is the one that
+  creates the registered model (an atomic create in MLflow's store); a racing second one
+  waits for that plan and gets PlanExistsError, which callers treat as "use it".
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import json
 import logging
 import math
 import os
-import re
+import random
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from adapters_hub import settings
+from adapters_hub.registry.champion import metrics_of, pick_champion
+from adapters_hub.registry.errors import (
+    AdapterNotFoundError,
+    ChecksumError,
+    PlanExistsError,
+    RegistryError,
+    RegistryUnavailableError,
+)
+from adapters_hub.registry.manifest import MANIFEST, build_manifest, manifest_digest, manifest_json, verify_folder
+from adapters_hub.registry.refs import (
+    CANDIDATE,
+    CHAMPION,
+    adapter_model_name,
+    backbone_model_name,
+    check_alias,
+    parse_ref,
+)
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -42,31 +56,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CANDIDATE, CHAMPION = "candidate", "champion"
-MANIFEST = "lisa_hub_sha256.json"
 ADAPTER_ARTIFACT = "adapter"          # artifact path of an adapter folder inside its run
 BACKBONE_ARTIFACT = "backbone_plan"
 BACKBONE_EXPERIMENT = "lisa-hub-backbones"
 TYPE_TAG = "lisa_hub.type"            # registered-model tag: "adapter" | "backbone"
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-_ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
-
-
-class RegistryError(RuntimeError):
-    """A registry operation failed; the message says which and why."""
-
-
-class RegistryUnavailableError(RegistryError):
-    """The MLflow tracking server does not answer."""
-
-
-class AdapterNotFoundError(RegistryError, LookupError):
-    """No registered model / version / alias of that name; the message lists what exists."""
-
-
-class ChecksumError(RegistryError):
-    """Downloaded files do not match the manifest or the version's sha256 tag."""
+FLOOR_TAG = "lisa_hub.champion_floor"  # registered-model tag: versions <= it no longer contend (manual promote)
+PLAN_WAIT_S = 60.0                    # how long a racing plan registration waits for the winner's plan
 
 
 @dataclass(frozen=True)
@@ -94,110 +89,6 @@ class AdapterRecord:
     @property
     def ref(self) -> str:
         return f"{self.name}/{self.version}"
-
-
-# ----------------------------------------------------------------------------- manifest
-
-
-def build_manifest(folder: Path) -> dict[str, str]:
-    """relative path -> sha256 of every file under folder (the manifest file itself excluded)."""
-    files = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        rel = path.relative_to(folder).as_posix()
-        if rel != MANIFEST:
-            files[rel] = _sha256(path)
-    return files
-
-
-def manifest_digest(files: dict[str, str]) -> str:
-    """One digest for the folder: sha256 over "hash  path" lines, sorted (sha256sum's format)."""
-    lines = "".join(f"{digest}  {rel}\n" for rel, digest in sorted(files.items()))
-    return hashlib.sha256(lines.encode()).hexdigest()
-
-
-def verify_folder(folder: Path, expected_digest: str | None) -> None:
-    """Raise ChecksumError unless folder holds exactly the manifest's files with their hashes."""
-    manifest_path = folder / MANIFEST
-    if not manifest_path.is_file():
-        raise ChecksumError(f"{folder}: no {MANIFEST}")
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-    except (ValueError, KeyError, TypeError) as err:
-        raise ChecksumError(f"{manifest_path}: unreadable manifest ({err})") from None
-    if expected_digest and manifest_digest(files) != expected_digest:
-        raise ChecksumError(f"{manifest_path}: manifest digest differs from the version's sha256 tag")
-    actual = build_manifest(folder)
-    missing, extra = sorted(set(files) - set(actual)), sorted(set(actual) - set(files))
-    bad = sorted(rel for rel in set(files) & set(actual) if files[rel] != actual[rel])
-    if missing or extra or bad:
-        raise ChecksumError(f"{folder}: checksum mismatch (changed: {bad}, missing: {missing}, unexpected: {extra})")
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------- names
-
-
-def parse_ref(ref: str) -> tuple[str, str | None, int | None]:
-    """"name@alias" | "name/3" | "name" (= champion), optionally "models:/"-prefixed -> (name, alias, version)."""
-    body = ref.removeprefix("models:/").strip()
-    name, alias, version = body, None, None
-    if "@" in body:
-        name, alias = body.split("@", 1)
-    elif "/" in body:
-        name, raw = body.split("/", 1)
-        if not raw.isdigit():
-            raise ValueError(f"adapter ref {ref!r}: version must be a number (name/3) or use name@alias")
-        version = int(raw)
-    else:
-        alias = CHAMPION
-    if not _NAME.match(name) or (alias is not None and not _ALIAS.match(alias)):
-        raise ValueError(f"adapter ref {ref!r}: expected NAME, NAME@ALIAS or NAME/VERSION "
-                         "(letters, digits, '.', '_', '-')")
-    return name, alias, version
-
-
-def adapter_model_name(task: str, kind: str, backbone: str = "lisa") -> str:
-    """<task>-<kind>, or <task>-<kind>-dense for adapters of the dense (unmodified) backbone."""
-    name = f"{task}-{kind}" + ("-dense" if backbone == "dense" else "")
-    if not _NAME.match(name):
-        raise ValueError(f"registered model name {name!r}: task and kind may use letters, digits, '.', '_', '-'")
-    return name
-
-
-def backbone_model_name(base: str) -> str:
-    """backbone-<base>, with base made MLflow-safe; a short hash keeps sanitised names distinct."""
-    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-._") or "base"
-    if safe != base or len(safe) > 100:
-        safe = f"{safe[:100]}-{hashlib.sha256(base.encode()).hexdigest()[:8]}"
-    return f"backbone-{safe}"
-
-
-# ----------------------------------------------------------------------------- registry
-
-
-def beats(new: dict[str, float], champion_tags: dict[str, str], ranking: list[tuple[str, bool]], *,
-          where: str = "champion") -> bool:
-    """The champion policy: does a version with metrics `new` beat the champion whose tags
-    hold `metric.<name>` = repr(float)? `ranking` = [(metric, higher_is_better), ...]: the
-    first metric that differs decides (the main metric, then the tie-breaker); a full tie
-    keeps the champion. A champion lacking a metric (the spec changed) loses on the main
-    metric and keeps its place on a tie-breaker."""
-    for i, (metric, higher) in enumerate(ranking):
-        old = champion_tags.get(f"metric.{metric}")
-        if old is None:
-            log.warning("%s has no %s", where, metric)
-            return i == 0
-        a, b = float(new[metric]), float(old)  # tags hold repr(float): an exact round trip
-        if a != b:
-            return a > b if higher else a < b
-    return False
 
 
 @dataclass
@@ -248,21 +139,20 @@ class Registry:
         ("<task>-<kind>-dense" for an adapter of the dense backbone).
 
         Aliases: `candidate` always; `champion` when it beats the current champion on
-        main_metric (strictly), or on `tie_breaker` = (metric, higher_is_better) when
-        main_metric ties, or there is no champion. All or nothing in the registry: any
-        failure after the version exists deletes it, restores the aliases it moved and
-        removes a registered model this call created. (Artifacts already logged to the run
-        stay there: they belong to the run, not to the registry.)
+        main_metric by more than champion.TOLERANCE, or on `tie_breaker` = (metric,
+        higher_is_better) when main_metric ties, or there is no champion. All or nothing
+        for this registration: a failure after the version exists deletes that version
+        (never another's) and puts back an alias the deletion unset. (Artifacts already
+        logged to the run stay there: they belong to the run, not to the registry.)
         """
         name = adapter_model_name(task, kind, backbone)
         ranking = [(main_metric, higher_is_better)] + ([tie_breaker] if tie_breaker else [])
-        for field, (metric, _) in zip(("main_metric", "tie_breaker"), ranking):
+        for what, (metric, _) in zip(("main_metric", "tie_breaker"), ranking):
             if metric not in metrics:
-                raise ValueError(f"{field} {metric!r} is not among the metrics {sorted(metrics)}")
+                raise ValueError(f"{what} {metric!r} is not among the metrics {sorted(metrics)}")
         bad = {k: v for k, v in metrics.items() if not isinstance(v, (int, float)) or not math.isfinite(v)}
         if bad:
             raise ValueError(f"metrics must be finite numbers: {bad}")
-        new_value = float(metrics[main_metric])
         tags = {
             "task": task, "kind": kind, "backbone": backbone, "base_model": base, "base_fingerprint": base_fingerprint,
             "plan_hash": plan_hash or "", "trainable_params": str(int(trainable_params)),
@@ -270,20 +160,14 @@ class Registry:
             "tie_breaker": tie_breaker[0] if tie_breaker else "",
             **{f"metric.{k}": repr(float(v)) for k, v in metrics.items()},
         }
-
-        def beats_champion(champion: "ModelVersion | None") -> bool:
-            if champion is None:
-                return True
-            return beats(metrics, champion.tags, ranking, where=f"{name} champion v{champion.version}")
-
         better = "higher" if higher_is_better else "lower"
         return self._register(
             name, Path(adapter_dir), run_id=run_id, artifact_path=artifact_path, tags=tags, type_="adapter",
             model_description=(f"lisa-hub {kind} adapters for task {task}, one version per adaptation run. "
                                f"Aliases: candidate = latest, champion = best {main_metric} ({better} is better)"
                                + (f", ties broken by {tie_breaker[0]}." if tie_breaker else ".")),
-            version_description=f"{kind} adapter for {task} on {base}: {main_metric} = {new_value:.6g}",
-            make_champion=beats_champion)
+            version_description=f"{kind} adapter for {task} on {base}: {main_metric} = {float(metrics[main_metric]):.6g}",
+            ranking=ranking)
 
     def resolve(self, ref: str) -> Path:
         """A verified local copy of the version's artifact folder, from the cache or downloaded.
@@ -332,11 +216,17 @@ class Registry:
         return sorted(out, key=lambda r: (r.name, r.version))
 
     def promote(self, name: str, version: int | str, alias: str = CHAMPION) -> AdapterRecord:
-        """Point `alias` at name/version (e.g. a manual champion choice or a rollback)."""
-        if not _ALIAS.match(alias):
-            raise ValueError(f"alias {alias!r}: letters, digits, '_' and '-', starting with a letter")
+        """Point `alias` at name/version (e.g. a manual champion choice or a rollback).
+
+        A manual champion stays until a version registered *after* the promotion beats it:
+        the versions that existed then no longer contend (tag lisa_hub.champion_floor)."""
+        check_alias(alias)
         self._version(f"{name}/{int(version)}")  # clear error when it does not exist
-        self.client().set_registered_model_alias(name, alias, str(int(version)))
+        client = self.client()
+        if alias == CHAMPION:
+            newest = max(int(mv.version) for mv in self._versions(name))
+            client.set_registered_model_tag(name, FLOOR_TAG, str(newest))
+        self._set_alias(name, alias, str(int(version)))
         return self.get_adapter(f"{name}/{int(version)}")
 
     # -- backbones
@@ -347,15 +237,14 @@ class Registry:
         """Store a base model's sharing plan folder as registered model backbone-<base>, alias champion.
 
         One plan per base: every task adapter of that base is trained on it, so replacing
-        it orphans their champions; that takes replace=True. Without run_id, a run in the
-        experiment "lisa-hub-backbones" holds the artifacts.
+        it orphans their champions; that takes replace=True. Without replace, a base that
+        has a plan (or gets one from a racing registration) raises PlanExistsError.
+        Without run_id, a run in the experiment "lisa-hub-backbones" holds the artifacts.
         """
         name = backbone_model_name(base)
-        if not replace:
-            existing = self._alias_version(name, CHAMPION)
-            if existing is not None:
-                raise RegistryError(f"{name} already has a champion plan (version {existing}); "
-                                    "pass replace=True (CLI: --replace) to make a new plan the backbone of this base")
+        description = (f"lisa-hub sharing plan of base model {base}; alias champion = the plan "
+                       "every task adapter of this base is trained on.")
+        created_model = False if replace else self._claim_plan(name, description)
         client = self.client()
         own_run = run_id is None
         if own_run:
@@ -367,10 +256,8 @@ class Registry:
         try:
             result = self._register(
                 name, Path(plan_dir), run_id=run_id, artifact_path=BACKBONE_ARTIFACT, tags=tags, type_="backbone",
-                model_description=(f"lisa-hub sharing plan of base model {base}; alias champion = the plan "
-                                   "every task adapter of this base is trained on."),
-                version_description=f"sharing plan for {base}", make_champion=lambda _: True,
-                candidate=False)  # a plan is not a candidate of anything: it is the plan or it is not
+                model_description=description, version_description=f"sharing plan for {base}",
+                ranking=None, candidate=False, created_model=created_model)  # a plan is not a candidate of anything: it is the plan or it is not
             status = "FINISHED"
             return result
         finally:
@@ -384,13 +271,31 @@ class Registry:
             return None
         return self.resolve(f"{name}@{CHAMPION}")
 
+    def _claim_plan(self, name: str, description: str) -> bool:
+        """Return when this process may register the first plan of `name` (True when it created
+        the registered model); raise PlanExistsError when a plan exists or a racing registration
+        (the one whose create won) delivers one."""
+        existing = self._alias_version(name, CHAMPION)
+        if existing is None and self._create_model(name, "backbone", description):
+            return True  # we created the registered model: the first plan is ours to register
+        deadline = time.monotonic() + PLAN_WAIT_S
+        while existing is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+            existing = self._alias_version(name, CHAMPION)
+        if existing is None:  # a registered model without a plan: an earlier registration died half-way
+            log.warning("%s has no champion plan after %.0f s; registering ours", name, PLAN_WAIT_S)
+            return False
+        raise PlanExistsError(f"{name} already has a champion plan (version {existing}); pass replace=True "
+                              "(CLI: --replace) to make a new plan the backbone of this base")
+
     # -- internals
 
     def _register(self, name: str, folder: Path, *, run_id: str, artifact_path: str, tags: dict[str, str],
                   type_: str, model_description: str, version_description: str,
-                  make_champion: Callable[["ModelVersion | None"], bool], candidate: bool = True) -> RegisteredAdapter:
-        from mlflow.exceptions import MlflowException
-
+                  ranking: list[tuple[str, bool]] | None, candidate: bool = True,
+                  created_model: bool = False) -> RegisteredAdapter:
+        """Log folder + manifest to the run, create a version, move the aliases. `ranking`
+        None makes the new version champion unconditionally (backbone plans)."""
         if not folder.is_dir() or not any(p.is_file() for p in folder.rglob("*")):
             raise FileNotFoundError(f"artifact folder {folder} does not exist or holds no files")
         client = self.client()
@@ -398,50 +303,107 @@ class Registry:
         # 1. artifacts (no registry change yet)
         with tempfile.TemporaryDirectory() as tmp:
             manifest = Path(tmp) / MANIFEST
-            manifest.write_text(json.dumps({"algorithm": "sha256", "files": files}, indent=1, sort_keys=True))
+            manifest.write_text(manifest_json(files))
             client.log_artifacts(run_id, str(folder), artifact_path)
             client.log_artifact(run_id, str(manifest), artifact_path)
         tags = {**tags, "sha256": manifest_digest(files), "artifact_path": artifact_path}
 
-        # 2. registry: everything from here is undone on failure
-        created_model = False
-        try:
-            model = client.get_registered_model(name)
-        except MlflowException as err:
-            if not _not_found(err):
-                raise
-            model = client.create_registered_model(name, tags={TYPE_TAG: type_}, description=model_description)
-            created_model = True
-        previous = dict(model.aliases)  # alias -> version, to restore on failure
+        # 2. registry: from here this registration's changes are undone on failure
+        created_model = self._create_model(name, type_, model_description) or created_model
+        previous = dict(client.get_registered_model(name).aliases)  # alias -> version, to restore on failure
         version = None
         try:
-            mv = client.create_model_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags,
-                                             description=version_description)
-            version = str(mv.version)
+            version = self._create_version(name, f"runs:/{run_id}/{artifact_path}", run_id=run_id, tags=tags,
+                                           description=version_description)
             if candidate:
-                client.set_registered_model_alias(name, CANDIDATE, version)
-            champion = client.get_model_version(name, previous[CHAMPION]) if CHAMPION in previous else None
-            if make_champion(champion):
-                client.set_registered_model_alias(name, CHAMPION, version)
+                self._set_alias(name, CANDIDATE, version)
+            if ranking is None:
+                self._set_alias(name, CHAMPION, version)
+            else:
+                self._settle_champion(name, ranking)
             aliases = client.get_model_version(name, version).aliases
         except BaseException as err:
-            self._rollback(name, version, previous, created_model)
+            self._rollback(name, version, previous, created_model, ranking)
             if not isinstance(err, Exception):  # KeyboardInterrupt & co. stay what they are
                 raise
             raise RegistryError(f"registering {name} from run {run_id} failed and was rolled back: "
                                 f"{err.__class__.__name__}: {err}") from err
         return RegisteredAdapter(name, int(version), tuple(sorted(aliases)))
 
-    def _rollback(self, name: str, version: str | None, previous: dict[str, str], created_model: bool) -> None:
+    def _create_model(self, name: str, type_: str, description: str) -> bool:
+        """Create the registered model; False when it exists (made earlier or by a racing process)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client().create_registered_model(name, tags={TYPE_TAG: type_}, description=description)
+            return True
+        except MlflowException as err:
+            if getattr(err, "error_code", "") == "RESOURCE_ALREADY_EXISTS":
+                return False
+            raise
+
+    def _create_version(self, name: str, source: str, **kwargs) -> str:
+        return str(self._retrying(self.client().create_model_version, name, source, **kwargs).version)
+
+    def _set_alias(self, name: str, alias: str, version: str) -> None:
+        self._retrying(self.client().set_registered_model_alias, name, alias, version)
+
+    @staticmethod
+    def _retrying(call, *args, attempts: int = 6, **kwargs):
+        """`call`, retried when concurrent writers collide in MLflow's SQL store (version
+        numbers are max+1, an alias is an insert-or-update: both can hit a UNIQUE constraint)."""
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(attempts):
+            try:
+                return call(*args, **kwargs)
+            except MlflowException as err:
+                text = str(err)
+                if attempt == attempts - 1 or not any(s in text for s in ("UNIQUE", "IntegrityError", "locked")):
+                    raise
+                time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+        raise AssertionError("unreachable")
+
+    def _settle_champion(self, name: str, ranking: list[tuple[str, bool]], *, rounds: int = 20) -> None:
+        """Write `champion` until a fresh read agrees with pick_champion over the versions."""
         client = self.client()
+        for _ in range(rounds):
+            model = client.get_registered_model(name)
+            current = model.aliases.get(CHAMPION)
+            versions = {int(mv.version): mv for mv in self._versions(name)}
+            floor = max(int(current or 0), int(model.tags.get(FLOOR_TAG, 0) or 0))
+            champion = (int(current), versions[int(current)].tags) if current and int(current) in versions else None
+            contenders = [(v, mv.tags) for v, mv in versions.items() if v > floor]
+            best = pick_champion(champion, contenders, ranking)
+            if best is None or str(best) == current:
+                return
+            self._set_alias(name, CHAMPION, str(best))
+        raise RegistryError(f"{name}: champion did not settle after {rounds} rounds of concurrent registrations")
+
+    def _rollback(self, name: str, version: str | None, previous: dict[str, str], created_model: bool,
+                  ranking: list[tuple[str, bool]] | None) -> None:
+        """Undo this registration only: its version, and the aliases its deletion unset."""
+        client = self.client()
+
+        def restore_aliases():
+            aliases = client.get_registered_model(name).aliases
+            existing = {str(mv.version) for mv in self._versions(name)}
+            for alias in (CANDIDATE, CHAMPION):  # unset by deleting our version, not moved by someone else
+                if alias in previous and alias not in aliases and previous[alias] in existing:
+                    self._set_alias(name, alias, previous[alias])
+            if ranking is not None:
+                self._settle_champion(name, ranking)  # a version registered meanwhile may now be the best
+
+        def delete_model_if_empty():
+            if not self._versions(name):
+                client.delete_registered_model(name)
+
         steps: list[tuple[str, Callable[[], object]]] = []
         if version is not None:
             steps.append((f"delete version {version}", lambda: client.delete_model_version(name, version)))
-        for alias in (CANDIDATE, CHAMPION):  # deleting the version dropped any alias we had moved onto it
-            if alias in previous:
-                steps.append((f"restore {alias}", lambda a=alias: client.set_registered_model_alias(name, a, previous[a])))
+            steps.append(("restore aliases", restore_aliases))
         if created_model:
-            steps.append(("delete registered model", lambda: client.delete_registered_model(name)))
+            steps.append(("delete the registered model it created", delete_model_if_empty))
         for what, step in steps:
             try:
                 step()
@@ -505,51 +467,10 @@ class Registry:
     def _record(mv: "ModelVersion", aliases: dict[str, str]) -> AdapterRecord:
         # search results may lack aliases; the registered model's alias map is authoritative
         mine = tuple(sorted(a for a, v in aliases.items() if str(v) == str(mv.version)))
-        metrics = {k.removeprefix("metric."): float(v) for k, v in mv.tags.items() if k.startswith("metric.")}
         created = datetime.fromtimestamp((mv.creation_timestamp or 0) / 1000, tz=timezone.utc)
-        return AdapterRecord(mv.name, int(mv.version), mine, dict(mv.tags), metrics, mv.run_id, created, mv.source or "")
+        return AdapterRecord(mv.name, int(mv.version), mine, dict(mv.tags), metrics_of(mv.tags), mv.run_id, created,
+                             mv.source or "")
 
 
 def _not_found(err) -> bool:
     return getattr(err, "error_code", "") == "RESOURCE_DOES_NOT_EXIST"
-
-
-# ----------------------------------------------------------------------------- module-level API
-
-
-@functools.lru_cache(maxsize=8)
-def _registry(tracking_uri: str) -> Registry:
-    """One Registry (one client, one health probe) per tracking URI for module-level calls."""
-    return Registry(tracking_uri)
-
-
-def _for(tracking_uri: str | None) -> Registry:
-    return _registry(tracking_uri or settings.mlflow_uri())
-
-
-def register_adapter(*, tracking_uri: str | None = None, **kwargs) -> RegisteredAdapter:
-    return _for(tracking_uri).register_adapter(**kwargs)
-
-
-def resolve(ref: str, *, tracking_uri: str | None = None) -> Path:
-    return _for(tracking_uri).resolve(ref)
-
-
-def get_adapter(ref: str, *, tracking_uri: str | None = None) -> AdapterRecord:
-    return _for(tracking_uri).get_adapter(ref)
-
-
-def list_adapters(task: str | None = None, *, tracking_uri: str | None = None) -> list[AdapterRecord]:
-    return _for(tracking_uri).list_adapters(task)
-
-
-def promote(name: str, version: int | str, alias: str = CHAMPION, *, tracking_uri: str | None = None) -> AdapterRecord:
-    return _for(tracking_uri).promote(name, version, alias)
-
-
-def register_backbone(base: str, plan_dir: str | Path, *, tracking_uri: str | None = None, **kwargs) -> RegisteredAdapter:
-    return _for(tracking_uri).register_backbone(base, plan_dir, **kwargs)
-
-
-def get_backbone(base: str, *, tracking_uri: str | None = None) -> Path | None:
-    return _for(tracking_uri).get_backbone(base)
