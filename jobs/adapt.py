@@ -21,16 +21,20 @@ The last line printed is `LISA_HUB_RESULT {json}` for the SDK.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from jobs import RESULT_MARKER
+
+MAX_WORKER_FAILURES = 2  # Ray Train restarts of a failed worker group, each from the newest checkpoint
 
 
 @dataclass
@@ -78,18 +82,18 @@ def main(spec: AdaptSpec) -> dict:
     print(f"[adapt] plan {plan.hash} ({len(plan.layers)} shared layers); {len(train_rows)} train / "
           f"{len(eval_rows)} eval rows; init={'general adapter' if init_from else 'fresh'}", flush=True)
 
+    run_key = _run_key(spec, base, plan.hash)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(f"lisa-hub/{task.name}")
-    with mlflow.start_run(run_name=f"{task.name}-{spec.kind}-{base}") as run:
+    with _run_lock(run_key), mlflow.start_run(run_name=f"{task.name}-{spec.kind}-{base}") as run:
         mlflow.set_tags({"task": task.name, "kind": spec.kind, "backbone": spec.backbone, "base_model": base,
                          "plan_hash": plan.hash,
-                         "profile": profile.name, "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID", "")})
+                         "profile": profile.name, "ray_job_id": os.environ.get("LISA_HUB_JOB_ID", "")})
         mlflow.log_params({"task": task.name, "kind": spec.kind, "base": base, **_flat(profile.model_dump())})
         train_cfg = {"task": task.name, "kind": spec.kind, "base": base, "plan": plan.to_dict(),
                      "profile": profile.model_dump(), "train_rows": train_rows, "init_from": init_from,
                      "run_id": run.info.run_id, "tracking_uri": uri}
-        adapter_dir, history, trainable = _train_on_ray(train_cfg, run_key=_run_key(spec, base, plan.hash),
-                                                        fresh_start=spec.fresh_start)
+        adapter_dir, history, trainable = _train_on_ray(train_cfg, run_key=run_key, fresh_start=spec.fresh_start)
         mlflow.log_metric("train_seconds", time.perf_counter() - t0)
 
         metrics = _evaluate(task, profile, base, plan, spec.kind, adapter_dir, eval_rows, init_dir=init_from)
@@ -104,7 +108,8 @@ def main(spec: AdaptSpec) -> dict:
             higher_is_better=task.higher_is_better, trainable_params=trainable, tracking_uri=uri,
             tie_breaker=(f"adapter.{task.tie_breaker.value}", task.tie_breaker.higher_is_better)
             if task.tie_breaker else None)
-        shutil.rmtree(_run_dir(_run_key(spec, base, plan.hash)), ignore_errors=True)  # done: next run starts fresh
+        shutil.rmtree(_run_dir(run_key), ignore_errors=True)  # done: the next run starts fresh
+        shutil.rmtree(adapter_dir, ignore_errors=True)
 
     result = {"run_id": run.info.run_id, "model_name": registered.name, "version": str(registered.version),
               "aliases": list(registered.aliases), "metrics": metrics, "trainable_params": trainable,
@@ -117,13 +122,7 @@ def main(spec: AdaptSpec) -> dict:
 
 
 def _profile(task, spec: AdaptSpec):
-    from pydantic import ValidationError
-
-    profile = task.profile(spec.profile)
-    try:
-        return type(profile).model_validate({**profile.model_dump(), **spec.overrides})
-    except ValidationError as err:
-        raise ValueError(f"overrides for profile {spec.profile!r}: {err.errors()[0]['loc']}: {err.errors()[0]['msg']}") from None
+    return task.profile_with(spec.profile, spec.overrides)
 
 
 def _general_adapter(task: str, base: str, plan, uri: str) -> str | None:
@@ -153,6 +152,38 @@ def _run_key(spec: AdaptSpec, base: str, plan_hash: str) -> str:
     return f"{spec.task}-{spec.kind}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
+class JobConflictError(RuntimeError):
+    """An identical job (same run key) is running: its checkpoints and folders are in use."""
+
+
+@contextlib.contextmanager
+def _run_lock(run_key: str):
+    """Hold `train/<run_key>.lock` for the job's life. The same spec submitted twice while
+    the first runs: the second fails at once, naming the first; it does not race on the
+    first's checkpoints. An OS file lock dies with its process, so a killed job's re-run
+    takes the lock and resumes from the checkpoints it left."""
+    import fcntl
+
+    path = _run_dir(run_key).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise JobConflictError(f"an identical job is running ({holder}, run key {run_key}); wait for it to "
+                                   "finish, or change the spec (e.g. --set seed=...)") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"job {os.environ.get('LISA_HUB_JOB_ID') or '-'} pid {os.getpid()}")
+        fh.flush()
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
 def _run_dir(run_key: str) -> Path:
     from adapters_hub import settings
 
@@ -171,7 +202,9 @@ def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, 
     elif (storage / run_key).exists():
         print(f"[adapt] found an interrupted run {run_key}: resuming from its last checkpoint", flush=True)
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+        from adapters_hub.stack import check_ray_address
+
+        ray.init(address=check_ray_address(os.environ.get("RAY_ADDRESS")), log_to_driver=True)
     profile = cfg["profile"]
     trainer = TorchTrainer(
         train_loop,
@@ -180,16 +213,21 @@ def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, 
                                      resources_per_worker={"CPU": _cpus_per_worker(profile["num_workers"])}),
         run_config=RunConfig(name=run_key, storage_path=str(storage),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=0)),
+                             # a killed worker is restarted from the run's newest checkpoint
+                             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES)),
     )
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
-    out = Path(_run_dir(run_key).parent / f"{run_key}-adapter")
-    shutil.rmtree(out, ignore_errors=True)
+    out = Path(tempfile.mkdtemp(prefix=f"{run_key}-adapter-", dir=storage))  # this job's own copy
     with result.checkpoint.as_directory() as ckpt:
-        shutil.copytree(Path(ckpt) / "adapter", out)
+        shutil.copytree(Path(ckpt) / "adapter", out, dirs_exist_ok=True)
         meta = json.loads((Path(ckpt) / "meta.json").read_text())
+    if meta.get("mlflow_lost"):
+        shutil.rmtree(out, ignore_errors=True)
+        from adapters_hub.registry import RegistryUnavailableError
+
+        raise RegistryUnavailableError(f"MLflow became unreachable during training: {meta['mlflow_lost']}")
     return out, meta["history"], meta["trainable"]
 
 
@@ -213,8 +251,6 @@ def _use_all_cores() -> None:
 
 def train_loop(cfg: dict) -> None:
     """Runs on each Ray Train worker: TRL SFT of the adapter tensors only."""
-    import tempfile
-
     import ray.train
     from datasets import Dataset
     from trl import SFTConfig
@@ -227,6 +263,10 @@ def train_loop(cfg: dict) -> None:
     from adapters_hub.task_eval import sft_examples
     from adapters_hub.tasks import load_task
 
+    # MLflow's client retries a dead server for minutes by default; on a worker that only
+    # logs step metrics, a lost server stops training at once (MlflowSteps) instead.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     task, p = load_task(cfg["task"]), cfg["profile"]
     lm, tok = load_lisa_model(cfg["base"], SharingPlan.from_dict(cfg["plan"]), general_adapter=cfg["init_from"])
     kind, name = get_kind(cfg["kind"]), cfg["task"]
@@ -261,11 +301,11 @@ def train_loop(cfg: dict) -> None:
         bf16=bool(p["use_gpu"]),
     )
 
-    checkpoints = ReportCheckpoints(lisa_model=lm, adapter_kind=kind, adapter_name=name, trainable=trainable)
+    steps = MlflowSteps(cfg["tracking_uri"], cfg["run_id"], lambda: ray.train.get_context().get_world_rank())
+    checkpoints = ReportCheckpoints(lisa_model=lm, adapter_kind=kind, adapter_name=name, trainable=trainable,
+                                    mlflow_steps=steps)
     trainer = AdapterSFTTrainer(model=lm, args=args, train_dataset=dataset, processing_class=tok,
-                                callbacks=[MlflowSteps(cfg["tracking_uri"], cfg["run_id"],
-                                                       lambda: ray.train.get_context().get_world_rank()),
-                                           checkpoints],
+                                callbacks=[steps, checkpoints],
                                 lisa_model=lm, adapter_kind=kind, adapter_name=name,
                                 distill_beta=p["distill_beta"] if cfg["kind"] == "lisa" else 0.0)
     resume = None
@@ -387,6 +427,6 @@ if __name__ == "__main__":
 
     try:
         main(parse_args())
-    except (LookupError, ValueError, ConnectionError, RegistryError) as err:  # known failures: one clear line
+    except (LookupError, ValueError, ConnectionError, RegistryError, JobConflictError) as err:  # one clear line
         print(f"[adapt] error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)

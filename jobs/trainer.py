@@ -61,27 +61,40 @@ class AdapterSFTTrainer(SFTTrainer):
 
 
 class MlflowSteps(TrainerCallback):
-    """Per-step training metrics into the job's MLflow run (world rank 0 only)."""
+    """Per-step training metrics into the job's MLflow run (world rank 0 only).
+
+    A server that stops answering stops training at once (`lost` says why) instead of
+    failing the worker: a failed worker would be restarted by Ray Train, to fail again."""
 
     def __init__(self, tracking_uri: str, run_id: str, rank: Callable[[], int]) -> None:
         self.tracking_uri, self.run_id, self.rank = tracking_uri, run_id, rank
+        self.lost: str | None = None
+        self._client = None
 
     def on_log(self, args, state, control, logs=None, **kw):
-        if self.rank() != 0 or not logs:
+        if self.rank() != 0 or not logs or self.lost:
             return
         import mlflow
 
-        client = mlflow.MlflowClient(self.tracking_uri)
-        for key, value in logs.items():
-            if isinstance(value, (int, float)):
-                client.log_metric(self.run_id, f"train/{key}", float(value), step=state.global_step)
+        if self._client is None:
+            self._client = mlflow.MlflowClient(self.tracking_uri)
+        try:
+            for key, value in logs.items():
+                if isinstance(value, (int, float)):
+                    self._client.log_metric(self.run_id, f"train/{key}", float(value), step=state.global_step)
+        except Exception as err:  # MLflow's errors wrap connection errors in several types
+            self.lost = f"{self.tracking_uri} at step {state.global_step}: {err.__class__.__name__}: {str(err)[:200]}"
+            print(f"[train] MLflow lost ({self.lost}); stopping", flush=True)
+            control.should_training_stop = True
 
 
 class ReportCheckpoints(TrainerCallback):
     """Adapter-only checkpoints to Ray Train at every HF save (and `report` for the last)."""
 
-    def __init__(self, *, lisa_model, adapter_kind, adapter_name: str, trainable: int) -> None:
+    def __init__(self, *, lisa_model, adapter_kind, adapter_name: str, trainable: int,
+                 mlflow_steps: MlflowSteps | None = None) -> None:
         self.lm, self.kind, self.name, self.trainable = lisa_model, adapter_kind, adapter_name, trainable
+        self.mlflow_steps = mlflow_steps
 
     def on_save(self, args, state, control, **kw):
         from transformers.trainer_utils import get_last_checkpoint
@@ -94,6 +107,7 @@ class ReportCheckpoints(TrainerCallback):
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copytree(hf_checkpoint, Path(tmp) / "checkpoint")
             self.kind.save(self.lm, self.name, Path(tmp) / "adapter")
-            meta = {"history": state.log_history, "trainable": self.trainable, "final": final}
+            meta = {"history": state.log_history, "trainable": self.trainable, "final": final,
+                    "mlflow_lost": self.mlflow_steps.lost if self.mlflow_steps else None}
             (Path(tmp) / "meta.json").write_text(json.dumps(meta))
             ray.train.report({"step": state.global_step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))

@@ -175,6 +175,7 @@ def submit_adaptation(
     >>> job.status()  # doctest: +SKIP
     <JobStatus.PENDING: 'PENDING'>
     """
+    from adapters_hub.models import check_base
     from adapters_hub.tasks import load_task
 
     spec = load_task(task)  # unknown task / malformed spec: clear error, nothing submitted
@@ -188,20 +189,17 @@ def submit_adaptation(
         raise ValueError("kind: a lisa adapter needs the LiSA backbone; the dense backbone takes lora adapters")
     if profile not in spec.profiles:
         raise ValueError(f"profile: task {task!r} has no profile {profile!r}; known: {', '.join(spec.profiles)}")
-    base = base_model or spec.profiles[profile].default_base
     overrides = dict(overrides or {})
-    known = set(type(spec.profiles[profile]).model_fields)
-    if unknown := sorted(set(overrides) - known):
-        raise ValueError(f"overrides: unknown field(s) {unknown}; profile fields: {sorted(known)}")
-
+    base = base_model or spec.profile_with(profile, overrides).default_base  # checks override values too
+    check_base(base)
     address = resolve_address(address)
+    _check_mlflow()
     argv = ["python", "-m", "jobs.adapt", "--task", task, "--base", base, "--kind", kind, "--backbone", backbone,
             "--profile", profile]
     for key, value in overrides.items():
         argv += ["--set", f"{key}={json.dumps(value)}"]
     if fresh_start:
         argv.append("--fresh-start")
-    env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "LISA_HUB_DATA_DIR") if k in os.environ}
     job_id = _submit(address, argv, submission_id,
                      {"task": task, "kind": kind, "backbone": backbone, "base": base, "profile": profile})
     return AdaptationJob(job_id, address=address)
@@ -231,6 +229,7 @@ def submit_conversion(
     >>> job.wait().metrics["converted.ppl_ratio"]  # doctest: +SKIP
     1.4
     """
+    from adapters_hub.models import check_base
     from jobs.convert import ConvertSpec
 
     fields = {"base": base_model, "fraction": fraction, "max_ppl_increase": max_ppl_increase, "minutes": minutes,
@@ -239,6 +238,7 @@ def submit_conversion(
     if unknown:
         raise ValueError(f"options: unknown field(s) {unknown}; known: {sorted(ConvertSpec.__dataclass_fields__)}")
     spec = ConvertSpec(**fields)  # validated here: nothing is submitted for a bad spec
+    check_base(base_model)
     argv = ["python", "-m", "jobs.convert"]
     for key, value in vars(spec).items():
         flag = "--" + key.replace("_", "-")
@@ -249,13 +249,30 @@ def submit_conversion(
         elif value is not None and key != "out":
             argv += [flag, str(value)]
     address = resolve_address(address)
+    if register:
+        _check_mlflow()
     job_id = _submit(address, argv, submission_id,
                      {"task": "convert", "kind": "lisa", "backbone": "lisa", "base": base_model, "profile": "-"})
     return ConversionJob(job_id, address=address)
 
 
+def _check_mlflow() -> None:
+    """The job's first check, made before submitting: an MLflow that does not answer fails
+    the call (CLI: exit 2), not the job minutes later on the cluster."""
+    from adapters_hub import registry, settings
+
+    registry.Registry(tracking_uri=settings.mlflow_uri()).client()  # RegistryUnavailableError
+
+
 def _submit(address: str, argv: list[str], submission_id: str | None, metadata: dict[str, str]) -> str:
+    import uuid
+
+    # Our own id, so the job knows it (MLflow tag ray_job_id, the run lock) from its first line.
+    submission_id = submission_id or f"raysubmit_{uuid.uuid4().hex[:16]}"
     env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "LISA_HUB_DATA_DIR") if k in os.environ}
+    from adapters_hub.stack import WORKER_ENV
+
+    env_vars.update(WORKER_ENV, LISA_HUB_JOB_ID=submission_id)
     client = _client(address)
     with _code_package() as working_dir:  # uploaded by submit_job; gone afterwards
         return client.submit_job(
@@ -327,15 +344,17 @@ def get_job(job_id: str, *, address: str | None = None) -> AdaptationJob:
 def list_jobs(*, address: str | None = None) -> list[JobSummary]:
     """lisa-hub jobs on the cluster, newest first."""
     address = resolve_address(address, start=False)
-    out = []
+    out, started = [], []
     for info in _client(address).list_jobs():
         meta = info.metadata or {}
         if meta.get("app") != "lisa-hub":
             continue
+        started.append(info.start_time or 0)
         out.append(JobSummary(info.submission_id or info.job_id, JobStatus(str(info.status)), meta.get("task", ""),
                               meta.get("kind", ""), meta.get("base", ""), meta.get("profile", ""),
                               info.entrypoint, info.message or ""))
-    return sorted(out, key=lambda j: j.id, reverse=True)
+    order = sorted(range(len(out)), key=lambda i: started[i], reverse=True)
+    return [out[i] for i in order]
 
 
 def parse_result(job_id: str, logs: str) -> AdaptationResult | None:

@@ -66,3 +66,32 @@ def test_overrides_and_set_flags_are_validated():
         adapt._profile(load_task("gsm8k"), adapt.AdaptSpec(task="gsm8k", profile="smoke", overrides={"max_steps": -1}))
     with pytest.raises(ValueError, match="FIELD=VALUE"):
         adapt.parse_args(["--task", "gsm8k", "--set", "max_steps"])
+
+
+def test_an_identical_running_job_is_refused_and_a_dead_ones_lock_is_free(tmp_path, monkeypatch):
+    monkeypatch.setenv("LISA_HUB_HOME", str(tmp_path))
+    monkeypatch.setenv("LISA_HUB_JOB_ID", "raysubmit_first")
+    with adapt._run_lock("gsm8k-lisa-abc"):
+        with pytest.raises(adapt.JobConflictError, match="identical job is running.*raysubmit_first.*gsm8k-lisa-abc"):
+            with adapt._run_lock("gsm8k-lisa-abc"):  # a second open file: the lock another process would take
+                pass
+        with adapt._run_lock("gsm8k-lisa-other"):  # another spec runs beside it
+            pass
+    with adapt._run_lock("gsm8k-lisa-abc"):  # released when the first job ends (or dies)
+        pass
+
+
+def test_a_lost_mlflow_stops_training_instead_of_failing_the_worker(monkeypatch):
+    import socket
+    from types import SimpleNamespace
+
+    from jobs.trainer import MlflowSteps
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    steps = MlflowSteps(f"http://127.0.0.1:{closed}", "run0", rank=lambda: 0)
+    control = SimpleNamespace(should_training_stop=False)
+    steps.on_log(None, SimpleNamespace(global_step=7), control, logs={"loss": 1.0})
+    assert control.should_training_stop and "at step 7" in steps.lost

@@ -39,8 +39,51 @@ def test_validation_happens_before_anything_is_submitted():
         sdk.submit_adaptation(task="gsm8k", profile="huge", address=nowhere)
     with pytest.raises(ValueError, match="overrides.*max_stepz"):
         sdk.submit_adaptation(task="gsm8k", overrides={"max_stepz": 1}, address=nowhere)
+    with pytest.raises(ValueError, match="max_steps=-1"):
+        sdk.submit_adaptation(task="gsm8k", overrides={"max_steps": -1}, address=nowhere)
+    with pytest.raises(ValueError, match="max_steps='abc'"):
+        sdk.submit_adaptation(task="gsm8k", overrides={"max_steps": "abc"}, address=nowhere)
+    with pytest.raises(LookupError, match="unknown base model 'smollm3'"):
+        sdk.submit_adaptation(task="gsm8k", base_model="smollm3", address=nowhere)
+    with pytest.raises(LookupError, match="no model folder"):
+        sdk.submit_adaptation(task="gsm8k", base_model="./no/such/model", address=nowhere)
     with pytest.raises(sdk.ClusterUnavailableError, match="lisa-hub up"):
         sdk.submit_adaptation(task="gsm8k", address=nowhere)
+
+
+def test_an_unreachable_mlflow_fails_the_submission_not_the_job(monkeypatch):
+    import socket
+
+    from adapters_hub.registry import RegistryUnavailableError
+    from sdk import client
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{closed}")
+    monkeypatch.setattr(client, "resolve_address", lambda address=None: "http://cluster")  # a cluster that answers
+    monkeypatch.setattr(client, "_submit", lambda *a, **k: pytest.fail("submitted although MLflow is down"))
+    with pytest.raises(RegistryUnavailableError, match=f"127.0.0.1:{closed} is unreachable"):
+        sdk.submit_adaptation(task="gsm8k", profile="smoke")
+
+
+def test_a_ray_address_that_does_not_answer_fails_within_seconds():
+    import socket
+    import time
+
+    from adapters_hub.stack import check_ray_address
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        closed = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(ConnectionError, match=f"RAY_ADDRESS=127.0.0.1:{closed}: no Ray GCS answers"):
+        check_ray_address(f"127.0.0.1:{closed}")
+    assert time.monotonic() - start < 5
+    with pytest.raises(ConnectionError, match="expected host:port"):
+        check_ray_address("localhost:abc")
+    assert check_ray_address("auto") == "auto" and check_ray_address(None) is None
+    assert check_ray_address("http://127.0.0.1:8265") == "http://127.0.0.1:8265"
 
 
 def test_conversion_and_dense_backbone_are_validated_before_submitting():

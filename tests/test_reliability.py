@@ -1,0 +1,86 @@
+"""Reliability on the real local stack (tiny-llama, smoke profile): identical jobs submitted
+together, two jobs racing to register a base's first plan, a Train worker killed mid-run.
+
+Each test registers into an MLflow server of its own: the session registry belongs to the
+ordered e2e tests."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+SMOKE = {"base_model": "tiny-llama", "profile": "smoke"}
+
+
+@pytest.fixture
+def own_mlflow(tmp_path_factory, monkeypatch):
+    from adapters_hub import stack
+
+    home = tmp_path_factory.mktemp("reliability-mlflow")
+    ports = stack.Ports(dashboard=stack.free_port(), gcs=stack.free_port(), mlflow=stack.free_port())
+    stack.up(home=home, ray=False, ports=ports)
+    uri = stack.mlflow_url(home)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # submitted jobs get it through their env
+    yield uri
+    stack.down(home=home)
+
+
+def test_identical_jobs_at_once_on_an_empty_registry_end_as_documented(ray_stack, own_mlflow):
+    """Same spec twice at once: each job succeeds or fails with the one-line 'identical job
+    is running' error (never a raw error from the other's files); one plan for the base;
+    one version per succeeded job, its MLflow run tagged with its job id; no folders left."""
+    import mlflow
+
+    import sdk
+    from adapters_hub import registry
+
+    home, dashboard, _ = ray_stack
+    overrides = {"max_steps": 6, "eval_examples": 4, "max_new_tokens": 2}
+    jobs = [sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE) for _ in range(2)]
+    results = {}
+    for job in jobs:
+        try:
+            results[job.id] = job.wait(timeout=900)
+        except sdk.JobFailedError:
+            logs = job.logs()
+            assert "an identical job is running" in logs and "FileNotFoundError" not in logs, logs[-3000:]
+    assert results, "neither job succeeded"
+
+    client = mlflow.MlflowClient(own_mlflow)
+    plans = client.search_model_versions(f"name = '{registry.backbone_model_name('tiny-llama')}'")
+    assert len(plans) == 1
+    versions = registry.list_adapters("gsm8k", tracking_uri=own_mlflow)
+    assert len(versions) == len(results)
+    for job_id, result in results.items():
+        assert client.get_run(result.run_id).data.tags["ray_job_id"] == job_id
+    assert not list((home / "train").glob("gsm8k-lisa-*-adapter*")), "per-job adapter folders left behind"
+
+
+def test_a_killed_train_worker_is_retried_from_its_checkpoint(ray_stack, own_mlflow):
+    import psutil
+
+    import sdk
+    from tests.test_e2e import _checkpoint_recorded
+
+    home, dashboard, _ = ray_stack
+    overrides = {"max_steps": 40, "save_steps": 4, "eval_examples": 4, "max_new_tokens": 2, "seed": 7}
+    job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
+    deadline = time.monotonic() + 600
+    while not _checkpoint_recorded(home / "train", "gsm8k-lisa-"):
+        assert not job.status().is_terminal(), job.logs()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(1)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert workers, "no Ray Train worker process found"
+    for proc in workers:
+        os.kill(proc.pid, signal.SIGKILL)
+    result = job.wait(timeout=900)
+    logs = job.logs()
+    assert "resuming from checkpoint at step" in logs, logs[-3000:]
+    assert 4 <= int(logs.split("resuming from checkpoint at step")[1].split()[0]) < 40
+    assert result.version == "1"
