@@ -7,7 +7,7 @@
   lisa-hub jobs | lisa-hub logs ID            follow jobs (also in the Ray dashboard)
   lisa-hub adapters [--task T]                registered adapters (also in the MLflow UI)
   lisa-hub generate --adapter A "prompt"      one completion on the backbone with adapter A
-  lisa-hub serve                              Ray Serve app: HTTP generation, adapter per request
+  lisa-hub serve [--adapters a,b] [--pin a]   Ray Serve app: OpenAI-compatible API, adapters batched
   lisa-hub demo                               the whole tour on SmolLM2 (README's main command)
 """
 
@@ -60,9 +60,23 @@ def add_commands(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.set_defaults(func=_generate)
 
-    p = sub.add_parser("serve", help="serve generation over HTTP with per-request adapters (Ray Serve)")
-    p.add_argument("--base", default="smollm2-135m")
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP serving, adapters batched per request (Ray Serve)")
+    p.add_argument("--base", "--base-model", dest="base_model", default="smollm2-135m")
+    p.add_argument("--adapters", default="", help="comma-separated adapters to preload (task names or registry refs)")
+    p.add_argument("--pin", default="", help="comma-separated adapters preloaded and never evicted")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--plan-path", default=None, help="backbone folder or plan.json instead of the registered one")
+    p.add_argument("--tracking-uri", default=None)
+    p.add_argument("--max-resident", type=int, default=4, help="adapters kept loaded (LRU; pinned ones on top)")
+    p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="cap on prompt tokens per prompt")
+    p.add_argument("--max-batch-size", type=int, default=16, help="rows in one decode batch")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="per request; its generation stops then")
+    p.add_argument("--allow-local-folders", action="store_true",
+                   help="also serve adapters from folders on this machine (registry references only otherwise)")
+    p.add_argument("--num-cpus", type=float, default=0.5, help="CPUs reserved for the replica")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="the full tour on SmolLM2: stack, submit gsm8k, follow, generate")
@@ -164,7 +178,13 @@ def _generate(args) -> int:
 def _serve(args) -> int:
     from sdk.serve import run
 
-    run(base_model=args.base, port=args.port)
+    split = lambda text: [a.strip() for a in text.split(",") if a.strip()]  # noqa: E731
+    pin = split(args.pin)
+    run(base_model=args.base_model, port=args.port, host=args.host, plan_path=args.plan_path,
+        tracking_uri=args.tracking_uri, max_resident=args.max_resident,
+        adapters=[a for a in split(args.adapters) if a not in pin], pin=pin, allow_local_folders=args.allow_local_folders,
+        max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_batch_size=args.max_batch_size,
+        max_queue=args.max_queue, timeout_s=args.timeout_s, num_cpus=args.num_cpus)
     return 0
 
 

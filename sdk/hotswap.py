@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 DEFAULT_KIND = "lisa"
 
@@ -35,12 +36,17 @@ class ActiveAdapter:
 class Backbone:
     """One base model turned into its LiSA backbone, serving many adapters."""
 
-    def __init__(self, lm, tokenizer, *, base_model: str, max_resident: int = 4, tracking_uri: str | None = None):
+    def __init__(self, lm, tokenizer, *, base_model: str, max_resident: int = 4, tracking_uri: str | None = None,
+                 allow_local_folders: bool = True):
         self.lm, self.tokenizer, self.base_model = lm, tokenizer, base_model
         self.max_resident = max_resident
         self.tracking_uri = tracking_uri
+        self.allow_local_folders = allow_local_folders  # False: registry references only (serving over HTTP)
         self._resident: OrderedDict[str, tuple[str, str]] = OrderedDict()  # key -> (kind, name)
+        self.pinned: set[str] = set()   # resolved keys never evicted
         self.active: ActiveAdapter | None = None
+        self.base_adapter: str | None = getattr(lm, "active_adapter", None)  # the bare backbone's own adapter
+        self.on_event: "Callable[[str, str], None] | None" = None  # ("load" | "evict", key), e.g. for metrics
 
     @classmethod
     def load(cls, *, base_model: str = "smollm2-135m", plan_path: str | Path | None = None,
@@ -97,6 +103,26 @@ class Backbone:
         returns its resolved identity ("gsm8k-lisa/3" or a folder)."""
         return self._ensure_resident(adapter)[0]
 
+    def pin(self, adapter: str) -> str:
+        """Preload an adapter and keep it resident for good (never evicted); returns its identity.
+
+        >>> bb.pin("gsm8k")   # doctest: +SKIP
+        'gsm8k-lisa/3'
+        """
+        key = self._ensure_resident(adapter)[0]
+        self.pinned.add(key)
+        return key
+
+    def resolve(self, adapter: str) -> tuple[Path, str]:
+        """(folder, key) of an adapter reference without loading it (registry I/O only; the
+        folder is empty when the key is already resident). Raises LookupError subclasses for
+        unknown references."""
+        return self._resolve(adapter)
+
+    def load_resolved(self, folder: Path, key: str, *, keep=()) -> tuple[str, str]:
+        """(kind, name) of a resolved adapter, loading it into the pool when not resident."""
+        return self._load(folder, key, keep)
+
     def use(self, adapter: str) -> ActiveAdapter:
         """Activate an adapter: a task name ("gsm8k" = gsm8k-lisa@champion), a registry
         reference ("gsm8k-lisa@champion", "gsm8k-lisa/3") or a local adapter folder."""
@@ -141,39 +167,51 @@ class Backbone:
     # ------------------------------------------------------------------ internals
 
     def _ensure_resident(self, ref: str, keep=()) -> tuple[str, str, str]:
+        folder, key = self._resolve(ref)
+        kind, name = self._load(folder, key, keep)
+        return key, kind, name
+
+    def _load(self, folder: Path, key: str, keep=()) -> tuple[str, str]:
         from adapters_hub.kinds import get_kind, read_config
 
-        folder, key = self._resolve(ref)
         if key in self._resident:
             self._resident.move_to_end(key)
-            kind, name = self._resident[key]
-            return key, kind, name
+            return self._resident[key]
         config = read_config(folder)
         kind = config["kind"]
         name = "a_" + re.sub(r"[^A-Za-z0-9_]", "_", key)[-60:]
         get_kind(kind).load(self.lm, folder, name)  # raises on another base / plan; nothing changed
         self._resident[key] = (kind, name)
+        if self.on_event is not None:
+            self.on_event("load", key)
         self._evict(keep={name, *keep})
-        return key, kind, name
+        return kind, name
 
     def _evict(self, keep=()) -> None:
-        """Least recently used first, down to max_resident; never the active adapter or `keep`
-        (so a swap or a mixed batch may hold a few more until the next `use`)."""
+        """Least recently used first, down to max_resident; never a pinned or the active adapter
+        or `keep` (so a swap or a mixed batch may hold a few more until the next `use`)."""
         from adapters_hub.kinds import get_kind
 
         keep = {*keep, *([self.active.name] if self.active else [])}
         for old_key, (old_kind, old_name) in list(self._resident.items()):
             if len(self._resident) <= self.max_resident:
                 return
-            if old_name not in keep:
+            if old_name not in keep and old_key not in self.pinned:
                 del self._resident[old_key]
                 get_kind(old_kind).delete(self.lm, old_name)
+                if self.on_event is not None:
+                    self.on_event("evict", old_key)
 
     def _resolve(self, ref: str) -> tuple[Path, str]:
-        path = Path(ref).expanduser()
-        if path.is_dir():
-            return path, str(path.resolve())
         from adapters_hub import registry
+
+        if self.allow_local_folders:
+            path = Path(ref).expanduser()
+            if path.is_dir():
+                return path, str(path.resolve())
+        elif _looks_like_path(ref):  # never touch the file system for it: no hint whether it exists
+            raise registry.AdapterNotFoundError(f"{ref!r} is not a registry reference (name, name@alias, name/3); "
+                                                f"local adapter folders are not served here")
 
         name, _, version = registry.parse_ref(ref)
         if version is not None and f"{name}/{version}" in self._resident:
@@ -195,3 +233,13 @@ class Backbone:
         if key in self._resident:
             return Path(), key
         return registry.resolve(key, tracking_uri=self.tracking_uri), key
+
+
+def _looks_like_path(ref: str) -> bool:
+    """A reference that can only mean a file-system path (registry names are [A-Za-z0-9._-]+)."""
+    body = ref.removeprefix("models:/")
+    if not body or body.startswith((".", "~", "/")) or "\\" in body or "\0" in body:
+        return True
+    name, _, rest = body.partition("@") if "@" in body else body.partition("/")
+    return not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name) or ("/" in body and "@" not in body
+                                                                       and not rest.isdigit())

@@ -1,13 +1,24 @@
-"""Ray Serve application: one shared-attention backbone per replica, adapter per request.
+"""Ray Serve application: one shared-attention backbone per replica, many adapters per batch,
+an OpenAI-compatible HTTP API.
 
-    lisa-hub serve --base smollm2-135m            # http://127.0.0.1:8000/generate
-    curl -s 127.0.0.1:8000/generate -d '{"prompt": "Question: 2+3?\\nAnswer:", "adapter": "gsm8k"}'
-    # or pick the adapter with Serve's multiplexing header: -H 'serve_multiplexed_model_id: gsm8k'
+    lisa-hub serve --base smollm2-135m --adapters gsm8k,wikitext2 --pin gsm8k    # http://127.0.0.1:8000/v1
+    curl -s 127.0.0.1:8000/v1/models
+    curl -s 127.0.0.1:8000/v1/completions -H 'content-type: application/json' \\
+         -d '{"model": "gsm8k", "prompt": "Question: 2+3?\\nAnswer:", "max_tokens": 32, "temperature": 0}'
+    # any OpenAI client: OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
 
-Requests are routed by adapter name (Ray Serve model multiplexing), so a replica that
-already holds an adapter gets its traffic. Every request re-resolves registry aliases, so
-a new `champion` is served without restarting. Without an adapter the fresh backbone
-(aligned direct sharing) answers.
+Routes: POST /v1/completions, POST /v1/chat/completions (the base tokenizer's chat
+template), GET /v1/models (registered adapters + the bare backbone), GET /stats (queue,
+batches, resident and pinned adapters), and the older POST /generate {"prompt", "adapter",
+"max_new_tokens"} (greedy; the adapter may also come in the `serve_multiplexed_model_id`
+header), which goes through the same batching.
+
+The request's `model` picks the adapter: a task name ("gsm8k" = gsm8k-lisa@champion), a
+registry reference ("gsm8k-lisa@champion", "gsm8k-lisa/3") or the base model's name (the
+bare backbone). Aliases are re-resolved every few seconds, so a new `champion` is served
+without restarting. Local adapter folders are served only when the operator starts the
+app with allow_local_folders. Concurrent requests are batched across adapters
+(sdk/engine.py); limits and errors follow sdk/openai_api.py.
 """
 
 from __future__ import annotations
@@ -15,70 +26,251 @@ from __future__ import annotations
 import time
 
 APP_NAME = "lisa-hub"
-ROUTE = "/generate"
+ROUTE = "/"
+
+
+class _Metrics:
+    """Per-adapter counters and gauges through Ray Serve's metrics (exported with the replica's)."""
+
+    def __init__(self):
+        from ray.serve.metrics import Counter, Gauge
+
+        self.requests = Counter("lisa_hub_requests", description="finished requests per adapter", tag_keys=("model",))
+        self.prompt_tokens = Counter("lisa_hub_prompt_tokens", description="prompt tokens per adapter",
+                                     tag_keys=("model",))
+        self.completion_tokens = Counter("lisa_hub_completion_tokens", description="generated tokens per adapter",
+                                         tag_keys=("model",))
+        self.loads = Counter("lisa_hub_adapter_loads", description="adapter loads into the backbone",
+                             tag_keys=("adapter",))
+        self.evictions = Counter("lisa_hub_adapter_evictions", description="adapters evicted from the pool",
+                                 tag_keys=("adapter",))
+        self.resident = Gauge("lisa_hub_adapter_resident", description="1 while the adapter is resident",
+                              tag_keys=("adapter",))
+        self.waiting = Gauge("lisa_hub_queue_depth", description="requests waiting for a batch")
+
+    def finished(self, model: str, prompt_tokens: int, completion_tokens: int) -> None:
+        tags = {"model": model}
+        self.requests.inc(1, tags=tags)
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens, tags=tags)
+        if completion_tokens:
+            self.completion_tokens.inc(completion_tokens, tags=tags)
+
+    def queued(self, depth: int) -> None:
+        self.waiting.set(depth)
+
+    def adapter_event(self, event: str, key: str) -> None:
+        tags = {"adapter": key}
+        (self.loads if event == "load" else self.evictions).inc(1, tags=tags)
+        self.resident.set(1 if event == "load" else 0, tags=tags)
 
 
 def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: str | None = None,
-              max_resident: int = 4, num_cpus: float = 0.5):
-    """The Serve application (bound deployment), ready for `serve.run`."""
-    from ray import serve
-    from starlette.requests import Request
-    from starlette.responses import JSONResponse
+              max_resident: int = 4, num_cpus: float = 0.5, adapters: list[str] | tuple[str, ...] = (),
+              pin: list[str] | tuple[str, ...] = (), allow_local_folders: bool = False, max_tokens: int = 512,
+              max_prompt_tokens: int = 2048, max_batch_size: int = 16, max_queue: int = 64,
+              timeout_s: float = 60.0):
+    """The Serve application (bound deployment), ready for `serve.run(app, route_prefix="/")`.
 
-    @serve.deployment(name="Generator", num_replicas=1, ray_actor_options={"num_cpus": num_cpus})
+    `adapters` are preloaded and `pin` ones preloaded and never evicted; the caps
+    (max_tokens, max_prompt_tokens, max_batch_size, max_queue, timeout_s) are checked
+    before any work for a request.
+
+    >>> app = build_app(base_model="smollm2-135m", adapters=["gsm8k", "wikitext2"], pin=["gsm8k"])  # doctest: +SKIP
+    >>> serve.run(app, name=APP_NAME, route_prefix="/")  # doctest: +SKIP
+    """
+    from ray import serve
+
+    from sdk.openai_api import Limits
+
+    limits = Limits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_batch_size=max_batch_size,
+                    max_queue=max_queue, timeout_s=timeout_s, default_max_tokens=min(64, max_tokens))
+    adapters, pin = list(adapters), list(pin)
+
+    @serve.deployment(name="Generator", num_replicas=1, ray_actor_options={"num_cpus": num_cpus},
+                      max_ongoing_requests=limits.max_queue + limits.max_batch_size + 8)
     class Generator:
         def __init__(self):
-            import threading
-
+            from sdk.engine import Engine
             from sdk.hotswap import Backbone
 
-            self.backbone = Backbone.load(base_model=base_model, plan_path=plan_path,
-                                          max_resident=max_resident, tracking_uri=tracking_uri)
-            self.lock = threading.Lock()  # one generate at a time on the shared model
+            bb = Backbone.load(base_model=base_model, plan_path=plan_path, max_resident=max_resident,
+                               tracking_uri=tracking_uri)
+            bb.allow_local_folders = allow_local_folders
+            self.metrics = _Metrics()
+            bb.on_event = self.metrics.adapter_event
+            for ref in pin:
+                bb.pin(ref)
+            for ref in adapters:
+                bb.preload(ref)
+            self.tracking_uri = tracking_uri
+            self.engine = Engine(backbone=bb, limits=limits, metrics=self.metrics)
+            self.started = int(time.time())
 
-        @serve.multiplexed(max_num_models_per_replica=max_resident)
-        async def warm(self, adapter: str) -> str:
-            with self.lock:  # pre-load into the backbone's pool; the pool owns the tensors
-                self.backbone.preload(adapter)
-            return adapter
+        async def __call__(self, request):
+            from starlette.responses import JSONResponse
 
-        async def __call__(self, request: Request):
+            from sdk.openai_api import ApiError
+
+            path = request.url.path.rstrip("/")
             try:
-                body = await request.json()
-                prompt = body["prompt"]
+                if request.method == "GET" and path.endswith("/v1/models"):
+                    return JSONResponse(await self._models())
+                if request.method == "GET" and path.endswith("/stats"):
+                    return JSONResponse(self._stats())
+                if request.method == "POST" and path.endswith("/v1/chat/completions"):
+                    return await self._generate(request, chat=True)
+                if request.method == "POST" and path.endswith("/v1/completions"):
+                    return await self._generate(request, chat=False)
+                if request.method == "POST" and path.endswith("/generate"):
+                    return await self._legacy(request)
+                raise ApiError(404, f"no route {request.method} {request.url.path}; routes: POST /v1/completions, "
+                               "POST /v1/chat/completions, GET /v1/models, GET /stats, POST /generate",
+                               code="unknown_route")
+            except ApiError as err:
+                return JSONResponse(err.body(), status_code=err.status)
+
+        # ---------------------------------------------------------------- routes
+
+        async def _body(self, request):
+            from sdk.openai_api import ApiError
+
+            try:
+                return await request.json()
             except Exception:
-                return JSONResponse({"error": "body must be JSON with a 'prompt' field"}, status_code=400)
-            adapter = serve.get_multiplexed_model_id() or body.get("adapter") or None
-            start = time.perf_counter()
+                raise ApiError(400, "The request body must be valid JSON.", code="invalid_json") from None
+
+        async def _generate(self, request, *, chat: bool):
+            from starlette.responses import JSONResponse, StreamingResponse
+
+            from sdk import openai_api as api
+
+            body = await self._body(request)
+            params = (api.parse_chat if chat else api.parse_completion)(body, self.engine.limits)
+            prompts = [api.render_chat(self.engine.bb.tokenizer, params.messages)] if chat else None
+            job = await self.engine.submit(params=params, prompts=prompts)
+            rid, created = api.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+            if params.stream:
+                return StreamingResponse(self._stream(job, rid, created, chat), media_type="text/event-stream")
+            await self.engine.result(job)
+            choices = [(r.text, api.FINISH_REASONS.get(r.finish_reason, "stop")) for r in job.rows]
+            shape = api.chat_response if chat else api.completion_response
+            return JSONResponse(shape(id=rid, model=params.model, choices=choices, created=created,
+                                      prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens))
+
+        async def _stream(self, job, rid: str, created: int, chat: bool):
+            from sdk import openai_api as api
+
+            model = job.params.model
             try:
-                if adapter:
-                    await self.warm(adapter)
-                with self.lock:
-                    text = self.backbone.generate(prompt, adapter=adapter,
-                                                  max_new_tokens=int(body.get("max_new_tokens", 64)))
-                    active = self.backbone.active.key if adapter else None
-            except (LookupError, ValueError) as err:  # unknown adapter, other backbone, ...
-                return JSONResponse({"error": str(err), "adapter": adapter}, status_code=404)
-            return {"text": text, "adapter": adapter, "resolved": active,
+                if chat:
+                    for i in range(job.n_rows):
+                        yield api.sse(api.chat_chunk(id=rid, model=model, created=created, index=i,
+                                                     delta={"role": "assistant", "content": ""}))
+                async for event in self.engine.events(job):
+                    kind, index, value = event
+                    if kind == "delta":
+                        chunk = (api.chat_chunk(id=rid, model=model, created=created, index=index,
+                                                delta={"content": value}) if chat else
+                                 api.completion_chunk(id=rid, model=model, created=created, index=index, text=value))
+                    else:
+                        reason = api.FINISH_REASONS.get(value, "stop")
+                        chunk = (api.chat_chunk(id=rid, model=model, created=created, index=index, delta={},
+                                                finish_reason=reason) if chat else
+                                 api.completion_chunk(id=rid, model=model, created=created, index=index, text="",
+                                                      finish_reason=reason))
+                    yield api.sse(chunk)
+                if job.params.include_usage:
+                    yield api.sse(api.usage_chunk(id=rid, model=model, created=created, chat=chat,
+                                                  prompt_tokens=job.prompt_tokens,
+                                                  completion_tokens=job.completion_tokens))
+            except api.ApiError as err:  # the status line is sent already: the error is an event
+                yield api.sse(err.body())
+            yield api.sse("[DONE]")
+
+        async def _legacy(self, request):
+            from ray import serve
+
+            from sdk import openai_api as api
+
+            body = await self._body(request)
+            params = api.parse_legacy(body, self.engine.limits, serve.get_multiplexed_model_id() or None)
+            start = time.perf_counter()
+            job = await self.engine.submit(params=params)
+            await self.engine.result(job)
+            return {"text": job.rows[0].text, "adapter": params.model or None, "resolved": job.served.key,
                     "seconds": round(time.perf_counter() - start, 3)}
+
+        async def _models(self):
+            import asyncio
+
+            from adapters_hub import registry
+
+            records = await asyncio.to_thread(registry.list_adapters, tracking_uri=self.tracking_uri)
+            base = self.engine.base_model
+            entries, seen = [(base, "lisa-hub", self.started)], {base}
+            for r in records:
+                if r.tags.get("base_model") not in (None, base):
+                    continue
+                created = int(r.created.timestamp()) if r.created else self.started
+                task = r.tags.get("task")
+                names = [r.ref, *(f"{r.name}@{a}" for a in r.aliases)]
+                if task and "champion" in r.aliases and r.name == f"{task}-lisa":
+                    names.insert(0, task)  # the bare task name serves <task>-lisa@champion
+                for name in names:
+                    if name not in seen:
+                        seen.add(name)
+                        entries.append((name, "lisa-hub", created))
+            return api_models(entries)
+
+        def _stats(self):
+            bb = self.engine.bb
+            return {**self.engine.stats, "waiting": len(self.engine._pending), "resident": bb.resident,
+                    "pinned": sorted(bb.pinned), "limits": self.engine.limits.__dict__}
 
     return Generator.bind()
 
 
-def run(*, base_model: str, port: int = 8000, host: str = "127.0.0.1") -> None:
-    """Deploy on the Ray cluster (local stack by default) and keep serving until Ctrl-C."""
+def api_models(entries):
+    from sdk.openai_api import models_response
+
+    return models_response(entries)
+
+
+def run(*, base_model: str, port: int = 8000, host: str = "127.0.0.1", **options) -> None:
+    """Deploy on the Ray cluster (local stack by default) and serve until Ctrl-C or SIGTERM,
+    which delete the app. `options` go to `build_app` (adapters, pin, caps, ...).
+
+    >>> run(base_model="smollm2-135m", adapters=["gsm8k"], pin=["gsm8k"], max_tokens=256)  # doctest: +SKIP
+    """
+    import os
+    import signal
+
     import ray
     from ray import serve
 
     from sdk.client import resolve_address
 
-    resolve_address()  # starts the local stack when nothing runs
-    ray.init(address="auto", ignore_reinit_error=True)
+    explicit = os.environ.get("RAY_ADDRESS", "")
+    if explicit and not explicit.startswith("http"):  # a cluster's GCS address (host:port)
+        ray.init(address=explicit, ignore_reinit_error=True)
+    else:
+        resolve_address()  # starts the local stack when nothing runs
+        ray.init(address="auto", ignore_reinit_error=True)
     serve.start(http_options={"host": host, "port": port})
-    serve.run(build_app(base_model=base_model), name=APP_NAME, route_prefix=ROUTE)
-    print(f"serving {base_model} at http://{host}:{port}{ROUTE}  (Ctrl-C stops)", flush=True)
+
+    def _stop(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, _stop)
     try:
+        serve.run(build_app(base_model=base_model, **options), name=APP_NAME, route_prefix=ROUTE)
+        print(f"serving {base_model} at http://{host}:{port}/v1  (OpenAI API; Ctrl-C or SIGTERM stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
         serve.delete(APP_NAME)
+        print("stopped: app deleted", flush=True)

@@ -1,0 +1,98 @@
+"""The serving decode loop (sdk/decode.py) on the tiny LLaMA: greedy rows equal the plain
+reference (`Backbone.generate`, HF generate), rows finish independently, streamed pieces
+join to the final text, sampling is seeded.
+
+    .venv/bin/python -m pytest -q tests/test_decode_unit.py
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from adapters_hub.backbone import load_lisa_model
+from adapters_hub.lisa import SharingPlan
+from sdk.decode import Row, decode_rows
+from sdk.hotswap import Backbone
+from tests.test_hotswap_unit import _folders
+
+PROMPTS = ["Question: 2+3?\nAnswer:", "Hi", "The cat sat on the", "A much longer prompt, longer than the others", "x"]
+
+
+@pytest.fixture(scope="module")
+def served(tiny, tmp_path_factory):
+    plan = SharingPlan.for_model(tiny[0], [2, 3, 5])
+    a, b = _folders(tmp_path_factory.mktemp("adapters"), plan)
+    bb = Backbone(*load_lisa_model("tiny-llama", plan), base_model="tiny-llama", max_resident=4)
+    bb.tokenizer.padding_side = "left"
+    names = {ref: bb._ensure_resident(ref)[2] for ref in (a, b)}
+    return bb, a, b, names
+
+
+def _rows(bb, prompts, names, max_new, **kw):
+    return [Row(prompt_ids=bb.tokenizer(p).input_ids, adapter_name=n, max_new_tokens=m, **kw)
+            for p, n, m in zip(prompts, names, max_new)]
+
+
+def test_greedy_mixed_batch_equals_backbone_generate(served):
+    bb, a, b, names = served
+    refs = [a, b, a, b, a]
+    reference = bb.generate(PROMPTS, adapter=refs, max_new_tokens=10)
+    rows = decode_rows(bb.lm, bb.tokenizer, _rows(bb, PROMPTS, [names[r] for r in refs], [10] * 5))
+    assert [r.text for r in rows] == reference
+    assert reference[0] != bb.generate(PROMPTS[0], adapter=b, max_new_tokens=10)  # the adapters really differ
+    assert all(r.finish_reason == "length" and len(r.tokens) == 10 for r in rows)
+
+
+def test_rows_leaving_early_do_not_change_the_others(served):
+    bb, a, b, names = served
+    refs = [b, a, b, a, b]
+    full = decode_rows(bb.lm, bb.tokenizer, _rows(bb, PROMPTS, [names[r] for r in refs], [10] * 5))
+    assert [r.text for r in full] == bb.generate(PROMPTS, adapter=refs, max_new_tokens=10)
+    budgets = [2, 10, 5, 1, 10]
+    rows = decode_rows(bb.lm, bb.tokenizer, _rows(bb, PROMPTS, [names[r] for r in refs], budgets))
+    assert [len(r.tokens) for r in rows] == budgets
+    assert [r.tokens for r in rows] == [f.tokens[:m] for f, m in zip(full, budgets)]
+
+
+def test_stop_string_cuts_and_streamed_pieces_join_to_the_text(served):
+    bb, a, _, names = served
+    (text,) = bb.generate([PROMPTS[2]], adapter=[a], max_new_tokens=12)
+    stop = text[5:7]
+    pieces = []
+    (row,) = decode_rows(bb.lm, bb.tokenizer, _rows(bb, [PROMPTS[2]], [names[a]], [12], stop=(stop,),
+                                                    on_delta=lambda r, t: pieces.append(t)))
+    assert row.finish_reason == "stop" and row.text == text[:text.find(stop)]
+    assert "".join(pieces) == row.text
+    pieces.clear()
+    (row,) = decode_rows(bb.lm, bb.tokenizer, _rows(bb, [PROMPTS[2]], [names[a]], [12],
+                                                    on_delta=lambda r, t: pieces.append(t)))
+    assert "".join(pieces) == row.text == text
+
+
+def test_sampling_is_seeded_and_top_p_tiny_is_greedy(served):
+    bb, a, _, names = served
+    greedy = bb.generate(PROMPTS[:2], adapter=[a, a], max_new_tokens=10)
+    run = lambda **kw: [r.text for r in decode_rows(bb.lm, bb.tokenizer, _rows(  # noqa: E731
+        bb, PROMPTS[:2], [names[a]] * 2, [10, 10], **kw))]
+    hot = run(temperature=2.0, seed=7)
+    assert hot == run(temperature=2.0, seed=7) and hot != run(temperature=2.0, seed=8)
+    assert hot != greedy
+    assert run(temperature=1.0, top_p=1e-9, seed=3) == greedy  # only the top token survives
+
+
+def test_deadline_and_cancel_stop_a_row_and_leave_the_other(served):
+    bb, a, b, names = served
+    rows = _rows(bb, PROMPTS[:3], [names[a], names[b], names[a]], [400, 20, 400])
+    rows[0].deadline = time.monotonic() + 0.05
+    calls = {"n": 0}
+
+    def cancel_after_three():
+        calls["n"] += 1
+        return calls["n"] > 3
+    rows[2].cancelled = cancel_after_three
+    decode_rows(bb.lm, bb.tokenizer, rows)
+    assert rows[0].finish_reason == "timeout" and len(rows[0].tokens) < 400
+    assert rows[2].finish_reason == "cancelled" and len(rows[2].tokens) == 3
+    assert rows[1].text == bb.generate(PROMPTS[1], adapter=b, max_new_tokens=20)

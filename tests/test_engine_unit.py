@@ -1,0 +1,154 @@
+"""The serving engine (sdk/engine.py) without Ray: requests for several adapters batched
+together give what each gives alone; overload, time-out and bad requests are answered
+without disturbing the others. Tiny LLaMA, adapters in local folders.
+
+    .venv/bin/python -m pytest -q tests/test_engine_unit.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from adapters_hub.backbone import load_lisa_model
+from adapters_hub.lisa import SharingPlan
+from sdk import openai_api as api
+from sdk.engine import Engine
+from sdk.hotswap import Backbone
+from tests.test_hotswap_unit import _folders
+
+PROMPTS = ["Question: 2+3?\nAnswer:", "Hi", "The cat sat on the", "Once upon a time"]
+
+
+@pytest.fixture(scope="module")
+def setup(tiny, tmp_path_factory):
+    plan = SharingPlan.for_model(tiny[0], [2, 3, 5])
+    tmp = tmp_path_factory.mktemp("adapters")
+    a, b = _folders(tmp, plan)
+    (foreign,) = _folders(tmp / "other", SharingPlan.for_model(tiny[0], [3, 4]), n=1)
+    return plan, a, b, foreign
+
+
+def _engine(plan, *, allow=True, **limits):
+    bb = Backbone(*load_lisa_model("tiny-llama", plan), base_model="tiny-llama", max_resident=4,
+                  allow_local_folders=allow)
+    bb.tokenizer.padding_side = "left"
+    return Engine(backbone=bb, limits=api.Limits(**{"batch_wait_s": 0.02, **limits}))
+
+
+def _params(model, prompt, max_tokens=8, **kw):
+    return api.parse_completion({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
+                                 "ignore_eos": max_tokens > 100,  # long ones must run until stopped
+                                 **kw}, api.Limits(max_tokens=1000))
+
+
+async def _text(engine, model, prompt, max_tokens=8, **kw):
+    job = await engine.submit(params=_params(model, prompt, max_tokens, **kw))
+    await engine.result(job)
+    return [r.text for r in job.rows]
+
+
+def test_concurrent_requests_for_two_adapters_are_one_batch_and_equal_each_alone(setup):
+    plan, a, b, _ = setup
+    engine = _engine(plan)
+    models = [a, b, a, b, "tiny-llama"]
+    prompts = PROMPTS + ["x"]
+
+    async def main():
+        alone = [await _text(engine, m, p) for m, p in zip(models, prompts)]
+        assert engine.stats["largest_batch"] == 1
+        together = await asyncio.gather(*(_text(engine, m, p) for m, p in zip(models, prompts)))
+        return alone, together
+    alone, together = asyncio.run(main())
+    assert together == alone
+    assert engine.stats["largest_batch"] == 5  # all five in one mixed-adapter batch
+    reference = engine.bb.generate(PROMPTS, adapter=[a, b, a, b], max_new_tokens=8)
+    assert [t[0] for t in alone[:4]] == reference
+    assert alone[0] != alone[4]  # the bare backbone differs from adapter a
+
+
+def test_full_queue_answers_503_before_any_work(setup):
+    plan, a, _, _ = setup
+    engine = _engine(plan, max_queue=1, max_batch_size=1, max_tokens=1000)
+
+    async def main():
+        running = await engine.submit(params=_params(a, "Hi", 300))
+        while engine.stats["running_rows"] == 0:
+            await asyncio.sleep(0.01)
+        waiting = await engine.submit(params=_params(a, "Hi", 2))
+        with pytest.raises(api.ApiError) as info:
+            await engine.submit(params=_params(a, "Hi", 2))
+        running.cancelled = True
+        await engine.result(running)
+        await engine.result(waiting)
+        return info.value, running, waiting
+    err, running, waiting = asyncio.run(main())
+    assert err.status == 503 and err.body()["error"]["code"] == "overloaded"
+    assert len(waiting.rows[0].tokens) == 2
+    assert len(running.rows[0].tokens) < 300  # cancelling (client gone) stopped it
+
+
+def test_time_out_stops_the_generation_and_the_next_request_runs(setup):
+    plan, a, _, _ = setup
+    engine = _engine(plan, timeout_s=0.3, max_tokens=1000)
+
+    async def main():
+        start = time.monotonic()
+        job = await engine.submit(params=_params(a, "Hi", 1000))
+        with pytest.raises(api.ApiError) as info:
+            await engine.result(job)
+        took = time.monotonic() - start
+        assert engine.stats["running_rows"] == 0  # nothing still generates for it
+        steps = engine.stats["steps"]
+        assert await _text(engine, a, "Hi", 3)  # the next request is served at once
+        return info.value, took, job, engine.stats["steps"] - steps
+    err, took, job, next_steps = asyncio.run(main())
+    assert err.status == 504 and err.body()["error"]["type"] == "timeout_error"
+    assert took < 2.0 and len(job.rows[0].tokens) < 1000
+    assert next_steps == 3
+
+
+def test_a_bad_adapter_in_a_batch_fails_alone(setup):
+    plan, a, b, foreign = setup
+    engine = _engine(plan)
+
+    async def one(model, prompt):
+        try:
+            return await _text(engine, model, prompt)
+        except api.ApiError as err:
+            return err
+
+    async def main():
+        return await asyncio.gather(one(a, PROMPTS[0]), one(foreign, PROMPTS[1]), one(b, PROMPTS[2]))
+    good_a, bad, good_b = asyncio.run(main())
+    assert isinstance(bad, api.ApiError) and bad.status == 400 and bad.param == "model"
+    assert [good_a[0], good_b[0]] == engine.bb.generate([PROMPTS[0], PROMPTS[2]], adapter=[a, b], max_new_tokens=8)
+
+
+def test_folders_refused_without_the_operator_option_and_no_existence_hint(setup, tmp_path):
+    plan, a, _, _ = setup
+    engine = _engine(plan, allow=False)
+
+    async def status(model):
+        try:
+            await engine.submit(params=_params(model, "Hi"))
+        except api.ApiError as err:
+            return err.status, err.message.replace(repr(model), "M")
+        return 200, ""
+    existing, missing = asyncio.run(status(a)), asyncio.run(status(str(tmp_path / "nope")))
+    assert existing[0] == 404 and existing == missing
+    assert asyncio.run(status("../" + a)) == existing
+
+
+def test_prompt_over_the_token_cap_is_refused_before_queueing(setup):
+    plan, a, _, _ = setup
+    engine = _engine(plan, max_prompt_tokens=50)
+
+    async def main():
+        with pytest.raises(api.ApiError) as info:
+            await engine.submit(params=_params(a, "y" * 51))
+        return info.value
+    err = asyncio.run(main())
+    assert err.status == 400 and err.code == "context_length_exceeded" and engine.stats["batches"] == 0

@@ -1,0 +1,280 @@
+"""The Serve app (sdk/serve.py) over HTTP with the real `openai` client: a tiny-llama
+backbone and two lisa adapters registered into an MLflow server of this module's own, a
+real Ray head (the session's), Ray Serve on a free port.
+
+    .venv/bin/python -m pytest -q tests/test_serve.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+
+pytestmark = pytest.mark.stack
+
+PROMPTS = ["Question: 2+3?\nAnswer:", "The cat sat on the", "Hi", "Once upon a time"]
+TIGHT = {"max_queue": 1, "max_batch_size": 1, "timeout_s": 1.0, "max_tokens": 1000}
+
+
+@pytest.fixture(scope="module")
+def own_mlflow(tmp_path_factory):
+    from adapters_hub import stack
+
+    home = tmp_path_factory.mktemp("serve-mlflow")
+    ports = stack.Ports(dashboard=stack.free_port(), gcs=stack.free_port(), mlflow=stack.free_port())
+    stack.up(home=home, ray=False, ports=ports)
+    yield stack.mlflow_url(home)
+    stack.down(home=home)
+
+
+@pytest.fixture(scope="module")
+def registered(own_mlflow, tiny, tmp_path_factory):
+    """tracking URI with backbone-tiny-llama and adapters alpha-lisa/1, beta-lisa/1 (champions)."""
+    import mlflow
+
+    from adapters_hub import registry
+    from adapters_hub.backbone import load_lisa_model
+    from adapters_hub.lisa import SharingPlan
+    from tests.test_hotswap_unit import _folders
+
+    uri, tmp = own_mlflow, tmp_path_factory.mktemp("serve-adapters")
+    plan = SharingPlan.for_model(tiny[0], [2, 3, 5])
+    (tmp / "backbone").mkdir()
+    plan.save(tmp / "backbone" / "plan.json")
+    lm, _ = load_lisa_model("tiny-llama", plan)
+    registry.register_backbone("tiny-llama", tmp / "backbone", tracking_uri=uri, plan_hash=plan.hash,
+                               base_fingerprint=lm.base_fingerprint)
+    client = mlflow.MlflowClient(uri)
+    experiment = client.create_experiment("serve-tests")
+    for task, folder in zip(("alpha", "beta"), _folders(tmp, plan)):
+        registry.register_adapter(
+            tracking_uri=uri, run_id=client.create_run(experiment).info.run_id, adapter_dir=folder, task=task,
+            kind="lisa", base="tiny-llama", base_fingerprint=lm.base_fingerprint, plan_hash=plan.hash,
+            metrics={"accuracy": 0.5}, main_metric="accuracy", higher_is_better=True, trainable_params=1)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def reference(registered):
+    """Greedy texts of the plain path (Backbone.generate), per model, for PROMPTS and a chat prompt."""
+    import sdk
+    from sdk.openai_api import render_chat
+
+    bb = sdk.Backbone.load(base_model="tiny-llama", tracking_uri=registered)
+    chat = render_chat(bb.tokenizer, [{"role": "user", "content": "Hello there"}])
+    out = {"tiny-llama": bb.generate(PROMPTS + [chat], max_new_tokens=8)}
+    for model in ("alpha", "beta-lisa@champion", "alpha-lisa/1"):
+        out[model] = bb.generate(PROMPTS + [chat], adapter=[model] * 5, max_new_tokens=8)
+    out["tokens"] = {p: len(bb.tokenizer(p).input_ids) for p in PROMPTS + [chat]}
+    return out
+
+
+@pytest.fixture(scope="module")
+def app(ray_stack, registered):
+    """(base URL, port) of the app at /t and a tightly capped one at /tight."""
+    import ray
+    from ray import serve
+
+    from adapters_hub import stack
+    from sdk.serve import build_app
+
+    home = ray_stack[0]
+    port = stack.free_port()
+    ray.init(address=stack._load_state(home)["ray"].extra["gcs_address"], ignore_reinit_error=True)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(build_app(base_model="tiny-llama", tracking_uri=registered, num_cpus=0, pin=["alpha"],
+                            adapters=["beta"], max_tokens=100), name="lisa-hub-serve-test", route_prefix="/t")
+        serve.run(build_app(base_model="tiny-llama", tracking_uri=registered, num_cpus=0, **TIGHT),
+                  name="lisa-hub-serve-tight", route_prefix="/tight")
+        yield f"http://127.0.0.1:{port}", port
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _client(url, prefix="/t"):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{url}{prefix}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def test_models_lists_the_registry_and_the_bare_backbone(app):
+    ids = [m.id for m in _client(app[0]).models.list()]
+    assert ids[0] == "tiny-llama"
+    assert {"alpha", "beta", "alpha-lisa/1", "beta-lisa/1", "alpha-lisa@champion", "beta-lisa@candidate"} <= set(ids)
+    stats = requests.get(f"{app[0]}/t/stats", timeout=30).json()
+    assert stats["pinned"] == ["alpha-lisa/1"] and set(stats["resident"]) >= {"alpha-lisa/1", "beta-lisa/1"}
+
+
+@pytest.mark.parametrize("model", ["alpha", "beta-lisa@champion", "alpha-lisa/1", "tiny-llama"])
+def test_completion_and_chat_per_adapter_equal_the_plain_path(app, reference, model):
+    client = _client(app[0])
+    done = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8, temperature=0)
+    assert done.choices[0].text == reference[model][0] and done.model == model
+    assert done.usage.prompt_tokens == reference["tokens"][PROMPTS[0]]
+    assert done.usage.completion_tokens == 8 and done.choices[0].finish_reason == "length"
+    chat = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hello there"}],
+                                          max_tokens=8, temperature=0)
+    assert chat.choices[0].message.content == reference[model][4] and chat.choices[0].message.role == "assistant"
+    assert chat.usage.prompt_tokens == list(reference["tokens"].values())[4]
+
+
+def test_streamed_completion_joins_to_the_non_streamed_text(app, reference):
+    client = _client(app[0])
+    chunks = list(client.completions.create(model="beta", prompt=PROMPTS[1], max_tokens=8, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == reference["beta-lisa@champion"][1]
+    assert len([c for c in chunks if c.choices and c.choices[0].text]) > 1  # really streamed in pieces
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 8
+    chat = client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "Hello there"}],
+                                          max_tokens=8, temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in chat) == reference["alpha"][4]
+    raw = requests.post(f"{app[0]}/t/v1/completions", json={"model": "alpha", "prompt": "Hi", "max_tokens": 3,
+                                                            "stream": True}, timeout=60)
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_concurrent_requests_for_two_adapters_equal_each_alone(app, reference):
+    client = _client(app[0])
+    jobs = [("alpha" if i % 2 else "beta-lisa@champion", i % 4) for i in range(8)]
+    out = [None] * len(jobs)
+
+    def send(k):
+        model, p = jobs[k]
+        out[k] = client.completions.create(model=model, prompt=PROMPTS[p], max_tokens=8, temperature=0).choices[0].text
+    before = requests.get(f"{app[0]}/t/stats", timeout=30).json()["batches"]
+    threads = [threading.Thread(target=send, args=(k,)) for k in range(len(jobs))]
+    [t.start() for t in threads]
+    [t.join() for t in threads]
+    assert out == [reference[m][p] for m, p in jobs]
+    stats = requests.get(f"{app[0]}/t/stats", timeout=30).json()
+    assert stats["largest_batch"] > 1 and stats["batches"] - before < len(jobs)  # batched, not one at a time
+
+
+@pytest.mark.parametrize("change, status, param", [
+    ({"prompt": 5}, 400, "prompt"), ({"prompt": None}, 400, "prompt"), ({"prompt": ""}, 400, "prompt"),
+    ({"max_tokens": -5}, 400, "max_tokens"), ({"max_tokens": 0}, 400, "max_tokens"),
+    ({"max_tokens": "abc"}, 400, "max_tokens"), ({"max_tokens": 10**9}, 400, "max_tokens"),
+    ({"model": "nope-lisa@champion"}, 404, "model"), ({"model": "nope"}, 404, "model"),
+    ({"prompt": "y" * 3000}, 400, "prompt"),
+])
+def test_bad_requests_get_their_status_and_an_openai_error_body(app, change, status, param):
+    r = requests.post(f"{app[0]}/t/v1/completions", json={"model": "alpha", "prompt": "Hi", "max_tokens": 4, **change},
+                      timeout=60)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == param
+
+
+def test_errors_through_the_openai_client_and_no_folder_by_path(app, registered, tmp_path):
+    import openai
+
+    client = _client(app[0])
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="Hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="max_tokens"):
+        client.chat.completions.create(model="alpha", messages=[{"role": "user", "content": "x"}], max_tokens=10**9)
+    from adapters_hub import registry
+
+    folder = str(registry.resolve("alpha-lisa/1", tracking_uri=registered))  # a real adapter folder on this machine
+    answers = []
+    for model in (folder, str(tmp_path / "missing"), "../../etc"):
+        r = requests.post(f"{app[0]}/t/v1/completions", json={"model": model, "prompt": "Hi"}, timeout=60)
+        answers.append((r.status_code, r.json()["error"]["message"].replace(repr(model), "M")))
+    assert answers[0][0] == 404 and answers[0] == answers[1] == answers[2]  # refused, no hint it exists
+    bad_json = requests.post(f"{app[0]}/t/v1/completions", data="{", timeout=60)
+    assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
+
+
+def test_generate_route_goes_through_the_same_batching(app, reference):
+    url = f"{app[0]}/t/generate"
+    body = requests.post(url, json={"prompt": PROMPTS[2], "adapter": "alpha", "max_new_tokens": 8}, timeout=60).json()
+    assert body["text"] == reference["alpha"][2] and body["resolved"] == "alpha-lisa/1"
+    by_header = requests.post(url, json={"prompt": PROMPTS[3], "max_new_tokens": 8}, timeout=60,
+                              headers={"serve_multiplexed_model_id": "beta-lisa@champion"}).json()
+    assert by_header["text"] == reference["beta-lisa@champion"][3]
+    for bad in ({"prompt": "x", "adapter": ["alpha"]}, {"prompt": 5}, {"prompt": "x", "max_new_tokens": -5}):
+        assert requests.post(url, json=bad, timeout=60).status_code == 400
+
+
+def _stats(url):
+    return requests.get(f"{url}/tight/stats", timeout=30).json()
+
+
+def test_overload_answers_503_and_a_time_out_stops_its_generation(app):
+    url = app[0]
+    results = {}
+
+    def send(key, max_tokens):
+        start = time.monotonic()
+        r = requests.post(f"{url}/tight/v1/completions", json={"model": "alpha", "prompt": "Hi", "ignore_eos": True,
+                                                               "max_tokens": max_tokens}, timeout=60)
+        results[key] = (r.status_code, r.json(), time.monotonic() - start)
+    steps_before = _stats(url)["steps"]
+    long = threading.Thread(target=send, args=("long", 1000))
+    long.start()
+    while _stats(url)["running_rows"] == 0:
+        time.sleep(0.01)
+    queued = threading.Thread(target=send, args=("queued", 2))
+    queued.start()
+    while _stats(url)["waiting"] == 0:
+        time.sleep(0.01)
+    over = requests.post(f"{url}/tight/v1/completions", json={"model": "alpha", "prompt": "Hi", "max_tokens": 2},
+                         timeout=60)
+    assert over.status_code == 503 and over.json()["error"]["code"] == "overloaded"
+    long.join()
+    queued.join()
+    status, body, seconds = results["long"]
+    assert status == 504 and body["error"]["type"] == "timeout_error"
+    assert seconds < TIGHT["timeout_s"] + 1.5
+    time.sleep(0.2)
+    stats = _stats(url)
+    assert stats["running_rows"] == 0  # nothing generates for the timed-out request any more
+    assert stats["steps"] - steps_before < 1000
+    assert results["queued"][0] in (200, 504)
+
+
+def test_cli_serve_stops_cleanly_on_sigterm(app, ray_stack, registered):
+    from ray import serve
+
+    from adapters_hub import stack
+
+    env = {**os.environ, "RAY_ADDRESS": stack._load_state(ray_stack[0])["ray"].extra["gcs_address"]}
+    proc = subprocess.Popen([sys.executable, "-m", "adapters_hub.cli", "serve", "--base", "tiny-llama",
+                             "--tracking-uri", registered, "--pin", "alpha", "--port", str(app[1]),
+                             "--num-cpus", "0", "--max-tokens", "32"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            try:
+                r = requests.get(f"{app[0]}/v1/models", timeout=5)
+                if r.status_code == 200 and r.json()["data"][0]["id"] == "tiny-llama":
+                    break
+            except requests.RequestException:
+                pass
+            assert proc.poll() is None, proc.stdout.read()
+            time.sleep(1)
+        else:
+            pytest.fail("lisa-hub serve did not come up")
+        assert "lisa-hub" in serve.status().applications
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, out[-3000:]
+        assert "stopped: app deleted" in out
+        assert "lisa-hub" not in serve.status().applications
+    finally:
+        if proc.poll() is None:
+            proc.kill()
