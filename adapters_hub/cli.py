@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "adapters_hub.stack",
     "adapters_hub.lisa.cli",
     "adapters_hub.drop.cli",
+    "adapters_hub.tasks.cli",
     "sdk.cli",
 ]
 

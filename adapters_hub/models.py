@@ -84,6 +84,22 @@ def load_base(
     return model, tok
 
 
+def load_tokenizer(name: str) -> "PreTrainedTokenizerBase":
+    """The tokenizer of a base model, without its weights."""
+    if name == "tiny-llama":
+        return byte_tokenizer()
+    from transformers import AutoTokenizer
+
+    source = str(smollm2_folder()) if name == "smollm2-135m" else name
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+    except OSError as err:
+        raise ModelNotFoundError(f"base model {name!r}: no tokenizer found ({err.__class__.__name__})") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
 def check_base(name: str) -> None:
     """Fail now, with ModelNotFoundError, for a base model that cannot be loaded: an unknown
     short name, a missing local folder, the offline SmolLM2 without its package. (A Hugging

@@ -5,7 +5,7 @@
     metrics["perplexity"]                            # wikitext2
     metrics.samples                                  # a few (prompt, output, target) for logging
 
-    sft_examples(spec, rows) -> [{"prompt", "completion"}] | [{"text"}]
+    sft_examples(spec, rows) -> [{"prompt", "completion"}] | [{"text"}]   (chat: lists of messages)
 
 Answer tokens are found the way TRL 1.16 finds them (SFTTrainer, prompt-completion case):
 tokenize prompt and prompt + completion with the tokenizer's defaults and take what follows
@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from adapters_hub.tasks import DataLoader, Metric, Profile, TaskSpec
+from adapters_hub.tasks.scoring import macro_f1
 
 if TYPE_CHECKING:
     import torch
@@ -67,12 +68,16 @@ def evaluate_task(model, tokenizer, spec: TaskSpec, rows: list[dict], *, profile
 def sft_examples(spec: TaskSpec, rows: list[dict]) -> list[dict]:
     """Rows in TRL 1.16's dataset formats.
 
-    task_rows -> prompt-completion {"prompt", "completion"}: SFTTrainer then defaults to
-    completion_only_loss (loss on answer tokens only) and appends EOS to the completion.
+    rows      -> prompt-completion {"prompt", "completion"}: SFTTrainer then defaults to
+    completion_only_loss (loss on answer tokens only) and appends EOS to the completion;
+    chat rows -> the same in the conversational format (lists of {"role", "content"}), which
+    TRL renders with the tokenizer's chat template, the loss on the assistant turn only.
     corpus    -> language modelling {"text"} (one chunk each; loss on every token).
     """
     if spec.dataset.loader is DataLoader.corpus:
         return [{"text": row["text"]} for row in rows]
+    if spec.is_chat:  # conversational prompt-completion: TRL applies the chat template
+        return [dict(zip(("prompt", "completion"), spec.messages(row))) for row in rows]
     return [{"prompt": spec.prompt(row), "completion": spec.completion(row)} for row in rows]
 
 
@@ -80,26 +85,48 @@ def sft_examples(spec: TaskSpec, rows: list[dict]) -> list[dict]:
 
 
 def _evaluate_rows(model, tok, spec, rows, profile, progress) -> TaskMetrics:
-    prompts = [spec.prompt(row) for row in rows]
+    prompts = [spec.prompt(row, tok) for row in rows]
     metrics: dict[str, float] = {"eval_examples": float(len(rows))}
     samples: list[Sample] = []
-    if Metric.accuracy in spec.metrics:
+    if Metric.accuracy in spec.metrics or Metric.macro_f1 in spec.metrics:
         outputs = generate(model, tok, prompts, max_new_tokens=spec.max_new_tokens(profile),
                            batch_size=profile.eval_batch_size, max_prompt_len=profile.max_seq_len,
                            stop=spec.generation.stop, progress=progress)
         predicted = [spec.extract(out) for out in outputs]
         targets = [spec.target(row) for row in rows]
         if any(t is None for t in targets):
+            bad = next(r for r, t in zip(rows, targets) if t is None)
             raise ValueError(f"task {spec.name!r}: a reference answer has no extractable answer "
-                             f"({spec.format.target_field} lacks {spec.extraction.marker!r})")
+                             f"({bad.get('_where', 'row')}: {spec.format.target_field}={bad[spec.format.target_field]!r})")
         metrics["accuracy"] = sum(p == t for p, t in zip(predicted, targets)) / len(rows)
         metrics["answer_found"] = sum(p is not None for p in predicted) / len(rows)
+        if Metric.macro_f1 in spec.metrics:
+            metrics["macro_f1"] = macro_f1(predicted, targets, labels=spec.extraction.labels)
         samples = [Sample(p, o, spec.completion(r)) for p, o, r in list(zip(prompts, outputs, rows))[:N_SAMPLES]]
+    if Metric.mc_accuracy in spec.metrics:
+        metrics["mc_accuracy"] = mc_accuracy(model, tok, prompts, [spec.choices(r) for r in rows],
+                                             batch_size=profile.eval_batch_size, max_len=profile.max_seq_len,
+                                             progress=progress)
     if Metric.answer_nll in spec.metrics:
         completions = [spec.completion(row) for row in rows]
         metrics["answer_nll"] = answer_nll(model, tok, prompts, completions, batch_size=profile.eval_batch_size,
                                            max_len=profile.max_seq_len, progress=progress)
     return TaskMetrics(metrics, samples)
+
+
+def mc_accuracy(model, tok, prompts: list[str], choices: list[tuple[list[str], int]], *, batch_size: int,
+                max_len: int | None = None, progress: bool = True) -> float:
+    """Multiple choice as lm-evaluation-harness scores it: each choice is a completion of
+    the prompt, the one with the highest summed log-likelihood is the model's answer."""
+    pairs = [(p, c) for p, (options, _) in zip(prompts, choices) for c in options]
+    scores = completion_logprobs(model, tok, [p for p, _ in pairs], [c for _, c in pairs], batch_size=batch_size,
+                                 max_len=max_len, progress=progress)
+    right, at = 0, 0
+    for options, answer in choices:
+        mine = scores[at : at + len(options)]
+        at += len(options)
+        right += int(max(range(len(options)), key=mine.__getitem__) == answer)
+    return right / len(choices)
 
 
 def generate(model, tok, prompts: list[str], *, max_new_tokens: int, batch_size: int,
@@ -151,6 +178,24 @@ def answer_nll(model, tok, prompts: list[str], completions: list[str], *, batch_
 
     Sequences longer than max_len keep their start, as TRL truncates them in training.
     """
+    totals = _answer_token_nll(model, tok, prompts, completions, batch_size=batch_size, max_len=max_len,
+                               progress=progress, desc="answer nll")
+    count = sum(n for _, n in totals)
+    if count == 0:
+        raise ValueError("no answer tokens to score (all completions empty or truncated away by max_len)")
+    return sum(t for t, _ in totals) / count
+
+
+def completion_logprobs(model, tok, prompts: list[str], completions: list[str], *, batch_size: int,
+                        max_len: int | None = None, progress: bool = True) -> list[float]:
+    """Summed log-likelihood of each completion given its prompt."""
+    totals = _answer_token_nll(model, tok, prompts, completions, batch_size=batch_size, max_len=max_len,
+                               progress=progress, desc="choices")
+    return [-t for t, _ in totals]
+
+
+def _answer_token_nll(model, tok, prompts, completions, *, batch_size, max_len, progress, desc):
+    """Per (prompt, completion): (summed NLL of the answer tokens, their count)."""
     import torch
     import torch.nn.functional as F
     from tqdm.auto import tqdm
@@ -158,9 +203,9 @@ def answer_nll(model, tok, prompts: list[str], completions: list[str], *, batch_
     device = next(model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     items = [answer_tokens(tok, p, c) for p, c in zip(prompts, completions)]
-    total, count = 0.0, 0
+    out: list[tuple[float, int]] = []
     with torch.no_grad():
-        for start in tqdm(range(0, len(items), batch_size), desc="answer nll", disable=not progress):
+        for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=not progress):
             batch = [(ids[:max_len] if max_len else ids, first) for ids, first in items[start : start + batch_size]]
             width = max(len(ids) for ids, _ in batch)
             ids = torch.full((len(batch), width), pad, dtype=torch.long)
@@ -171,13 +216,10 @@ def answer_nll(model, tok, prompts: list[str], completions: list[str], *, batch_
                 attention[i, : len(row)] = 1
                 scored[i, first : len(row)] = True
             logits = model(input_ids=ids.to(device), attention_mask=attention.to(device), use_cache=False).logits.float()
-            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device), reduction="none")
+            nll = F.cross_entropy(logits[:, :-1].transpose(1, 2), ids[:, 1:].to(device), reduction="none")  # (B, T-1)
             mask = scored[:, 1:].to(device)  # token t is predicted from position t-1
-            total += nll[mask].sum().item()
-            count += int(mask.sum().item())
-    if count == 0:
-        raise ValueError("no answer tokens to score (all completions empty or truncated away by max_len)")
-    return total / count
+            out += [(float((nll[i] * mask[i]).sum()), int(mask[i].sum())) for i in range(len(batch))]
+    return out
 
 
 # ----------------------------------------------------------------------------- corpus

@@ -46,6 +46,7 @@ class AdaptSpec:
     profile: str = "quick"
     overrides: dict = field(default_factory=dict)   # profile fields, e.g. {"max_steps": 5}
     fresh_start: bool = False          # ignore checkpoints of an interrupted earlier run
+    spec_file: str | None = None       # a task of one's own: its spec YAML (data paths relative to it)
 
 
 def main(spec: AdaptSpec) -> dict:
@@ -53,10 +54,11 @@ def main(spec: AdaptSpec) -> dict:
 
     from adapters_hub import registry, settings
     from adapters_hub.backbone import BACKBONES, backbone_plan, dense_plan
-    from adapters_hub.tasks import load_rows, load_task
+    from adapters_hub.task_eval import sft_examples
+    from adapters_hub.tasks import load_rows, load_task, spec_digest
 
     t0 = time.perf_counter()
-    task = load_task(spec.task)                       # clear error: unknown task / bad spec
+    task = load_task(spec.task, spec.spec_file)       # clear error: unknown task / bad spec
     profile = _profile(task, spec)
     from adapters_hub.kinds import trainable_kinds
 
@@ -68,6 +70,8 @@ def main(spec: AdaptSpec) -> dict:
         raise ValueError("kind: a lisa adapter needs the LiSA backbone (--backbone lisa); the dense backbone "
                          "takes lora adapters")
     base = spec.base or profile.default_base
+    if task.is_chat:
+        _check_chat_template(base)
     uri = settings.mlflow_uri()
     registry.Registry(tracking_uri=uri).client()      # probe: fail before any work, leave nothing behind
     _use_all_cores()
@@ -78,7 +82,7 @@ def main(spec: AdaptSpec) -> dict:
     else:
         plan = backbone_plan(base, tracking_uri=uri)
         init_from = _general_adapter(task.name, base, plan, uri)
-    train_rows, eval_rows = load_rows(task, "train", profile), load_rows(task, "eval", profile)
+    train_rows, eval_rows = load_rows(task, "train", profile), load_rows(task, "eval", profile)  # checked rows
     print(f"[adapt] plan {plan.hash} ({len(plan.layers)} shared layers); {len(train_rows)} train / "
           f"{len(eval_rows)} eval rows; init={'general adapter' if init_from else 'fresh'}", flush=True)
 
@@ -90,8 +94,12 @@ def main(spec: AdaptSpec) -> dict:
                          "plan_hash": plan.hash,
                          "profile": profile.name, "ray_job_id": os.environ.get("LISA_HUB_JOB_ID", "")})
         mlflow.log_params({"task": task.name, "kind": spec.kind, "base": base, **_flat(profile.model_dump())})
+        mlflow.set_tag("spec_sha256", spec_digest(task))
+        _log_datasets(task, train_rows, eval_rows)
+        # The workers get SFT examples, not the spec: a user's spec and data stay with the driver.
         train_cfg = {"task": task.name, "kind": spec.kind, "base": base, "plan": plan.to_dict(),
-                     "profile": profile.model_dump(), "train_rows": train_rows, "init_from": init_from,
+                     "profile": profile.model_dump(), "examples": sft_examples(task, train_rows),
+                     "chat": task.is_chat, "init_from": init_from,
                      "run_id": run.info.run_id, "tracking_uri": uri}
         adapter_dir, history, trainable = _train_on_ray(train_cfg, run_key=run_key, fresh_start=spec.fresh_start)
         mlflow.log_metric("train_seconds", time.perf_counter() - t0)
@@ -107,7 +115,7 @@ def main(spec: AdaptSpec) -> dict:
             plan_hash=plan.hash, metrics=metrics, main_metric=f"adapter.{task.main_metric.value}",
             higher_is_better=task.higher_is_better, trainable_params=trainable, tracking_uri=uri,
             tie_breaker=(f"adapter.{task.tie_breaker.value}", task.tie_breaker.higher_is_better)
-            if task.tie_breaker else None)
+            if task.tie_breaker else None, extra_tags={"spec_sha256": spec_digest(task)})
         shutil.rmtree(_run_dir(run_key), ignore_errors=True)  # done: the next run starts fresh
         shutil.rmtree(adapter_dir, ignore_errors=True)
 
@@ -123,6 +131,13 @@ def main(spec: AdaptSpec) -> dict:
 
 def _profile(task, spec: AdaptSpec):
     return task.profile_with(spec.profile, spec.overrides)
+
+
+def _check_chat_template(base: str) -> None:
+    from adapters_hub.models import load_tokenizer
+
+    if not getattr(load_tokenizer(base), "chat_template", None):
+        raise ValueError(f"a chat task needs a base whose tokenizer has a chat template; {base!r} has none")
 
 
 def _general_adapter(task: str, base: str, plan, uri: str) -> str | None:
@@ -147,8 +162,11 @@ def _general_adapter(task: str, base: str, plan, uri: str) -> str | None:
 
 
 def _run_key(spec: AdaptSpec, base: str, plan_hash: str) -> str:
-    key = json.dumps([spec.task, spec.kind, spec.backbone, base, spec.profile, spec.overrides, plan_hash],
-                     sort_keys=True)
+    from adapters_hub.tasks import load_task, spec_digest
+
+    digest = spec_digest(load_task(spec.task, spec.spec_file)) if spec.spec_file else ""
+    key = json.dumps([spec.task, spec.kind, spec.backbone, base, spec.profile, spec.overrides, plan_hash]
+                     + ([digest] if digest else []), sort_keys=True)
     return f"{spec.task}-{spec.kind}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
@@ -260,14 +278,12 @@ def train_loop(cfg: dict) -> None:
     from adapters_hub.backbone import load_lisa_model
     from adapters_hub.kinds import get_kind, only_trainable
     from adapters_hub.lisa.plan import SharingPlan
-    from adapters_hub.task_eval import sft_examples
-    from adapters_hub.tasks import load_task
 
     # MLflow's client retries a dead server for minutes by default; on a worker that only
     # logs step metrics, a lost server stops training at once (MlflowSteps) instead.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    task, p = load_task(cfg["task"]), cfg["profile"]
+    p = cfg["profile"]
     lm, tok = load_lisa_model(cfg["base"], SharingPlan.from_dict(cfg["plan"]), general_adapter=cfg["init_from"])
     kind, name = get_kind(cfg["kind"]), cfg["task"]
     if cfg["init_from"] and cfg["kind"] == "lisa":
@@ -284,7 +300,7 @@ def train_loop(cfg: dict) -> None:
           f"({100 * trainable / sum(t.numel() for t in lm.parameters()):.2f}% of the backbone); "
           f"torch threads {torch.get_num_threads()}", flush=True)
 
-    dataset = Dataset.from_list(sft_examples(task, cfg["train_rows"]))
+    dataset = Dataset.from_list(cfg["examples"])
     work = Path(tempfile.mkdtemp(prefix="lisa-train-"))
     save_steps = p["save_steps"] or max(1, p["max_steps"] // 4)
     args = SFTConfig(
@@ -357,6 +373,25 @@ def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows, *, init_d
     return metrics
 
 
+def _log_datasets(task, train_rows: list[dict], eval_rows: list[dict]) -> None:
+    """Which data trained and evaluated this run: MLflow dataset inputs (name, digest, source)."""
+    import mlflow
+    import pandas as pd
+
+    from adapters_hub.tasks import DataLoader
+
+    ds = task.dataset
+    if ds.loader is DataLoader.files:
+        sources = {"training": ds.train, "evaluation": ds.eval or ds.train}
+    else:  # a Hugging Face id (or local dataset folder) and its splits
+        sources = {"training": f"{ds.hf_id}:{ds.train_split}", "evaluation": f"{ds.hf_id}:{ds.eval_split or ds.train_split}"}
+    for context, rows in (("training", train_rows), ("evaluation", eval_rows)):
+        frame = pd.DataFrame([{k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()
+                               if k != "_where"} for r in rows])
+        dataset = mlflow.data.from_pandas(frame, source=sources[context], name=f"{task.name}-{context}")
+        mlflow.log_input(dataset, context=context)
+
+
 def _log_curve(history: list[dict]) -> None:
     import matplotlib
 
@@ -401,7 +436,9 @@ def parse_args(argv: list[str] | None = None) -> AdaptSpec:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--task", required=True, help="task spec name (manifests/tasks/<task>.yaml)")
+    parser.add_argument("--task", default=None, help="task name (manifests/tasks/<task>.yaml); with --spec, optional")
+    parser.add_argument("--spec", default=None, dest="spec_file",
+                        help="a task spec YAML of your own (its data paths are relative to it)")
     parser.add_argument("--base", default=None, help="base model (default: the profile's)")
     from adapters_hub.kinds import trainable_kinds
 
@@ -418,8 +455,15 @@ def spec_from_args(args) -> AdaptSpec:
     from adapters_hub.tasks import parse_overrides
 
     overrides = parse_overrides(args.set)
-    return AdaptSpec(task=args.task, base=args.base, kind=args.kind, backbone=args.backbone, profile=args.profile,
-                     overrides=overrides, fresh_start=args.fresh_start)
+    task = args.task
+    if task is None:
+        if not args.spec_file:
+            raise ValueError("task: give --task NAME or --spec FILE")
+        from adapters_hub.tasks import load_task_file
+
+        task = load_task_file(args.spec_file).name
+    return AdaptSpec(task=task, base=args.base, kind=args.kind, backbone=args.backbone, profile=args.profile,
+                     overrides=overrides, fresh_start=args.fresh_start, spec_file=args.spec_file)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@
                                               dense base -> LiSA backbone (jobs/convert.py)
   lisa-hub adapt --task gsm8k [--profile quick] [--base B] [--kind lisa] [--backbone dense]   run the job here
   lisa-hub submit gsm8k [--follow]            submit it to the Ray cluster as a job
+  lisa-hub submit --spec my_task.yaml         a task of your own (`lisa-hub task init NAME --data FILE`)
   lisa-hub jobs | lisa-hub logs ID            follow jobs (also in the Ray dashboard)
   lisa-hub adapters [--task T]                registered adapters (also in the MLflow UI)
   lisa-hub generate --adapter A "prompt"      one completion on the backbone with adapter A
@@ -29,7 +30,8 @@ def add_commands(sub) -> None:
     p.set_defaults(func=_adapt)
 
     p = sub.add_parser("submit", help="submit an adaptation job to the Ray cluster")
-    p.add_argument("task")
+    p.add_argument("task", nargs="?", default=None, help="a built-in task (optional with --spec)")
+    p.add_argument("--spec", default=None, help="a task spec YAML of your own; it and its data travel with the job")
     p.add_argument("--base", default=None)
     from adapters_hub.kinds import trainable_kinds
 
@@ -126,8 +128,8 @@ def _submit(args) -> int:
     import sdk
     from adapters_hub.tasks import parse_overrides
 
-    job = sdk.submit_adaptation(args.task, base_model=args.base, kind=args.kind, backbone=args.backbone,
-                                profile=args.profile,
+    job = sdk.submit_adaptation(args.task, spec=args.spec, base_model=args.base, kind=args.kind,
+                                backbone=args.backbone, profile=args.profile,
                                 overrides=parse_overrides(args.set), fresh_start=args.fresh_start)
     print(f"submitted job {job.id}  (dashboard: {job.address}/#/jobs/{job.id})")
     if args.follow:

@@ -150,8 +150,9 @@ class AdaptationJob:
 
 
 def submit_adaptation(
-    task: str,
+    task: str | None = None,
     *,
+    spec: str | Path | None = None,
     base_model: str | None = None,
     kind: str = "lisa",
     backbone: str = "lisa",
@@ -166,7 +167,12 @@ def submit_adaptation(
     `backbone="dense"` trains on the unmodified base (the `lora` baseline, registered as
     "<task>-lora-dense"); the default is the base's LiSA backbone.
 
-    Task, kind, profile and override names are checked here, before anything is submitted.
+    A task of one's own: `spec="my_task.yaml"` (see `lisa-hub task init`); the spec and the
+    data files it names (inside the spec's folder) travel with the job, no shared
+    filesystem needed. `task`, when also given, must be the spec's name.
+
+    Task, kind, profile and override names are checked here, before anything is submitted;
+    so are a user task's data files (every row against the spec).
     A job whose earlier run (same task, kind, base, profile, plan) was interrupted resumes
     from that run's last checkpoint; `fresh_start=True` discards it and starts over.
     With no `address` and no RAY_ADDRESS, the local stack is used and started if down.
@@ -178,7 +184,11 @@ def submit_adaptation(
     from adapters_hub.models import check_base
     from adapters_hub.tasks import load_task
 
-    spec = load_task(task)  # unknown task / malformed spec: clear error, nothing submitted
+    if task is None and spec is None:
+        raise ValueError("task: give a task name or spec= (a task spec file of your own)")
+    spec_path = Path(spec).expanduser().resolve() if spec is not None else None
+    spec = load_task(task, spec_path)  # unknown task / malformed spec: clear error, nothing submitted
+    task = spec.name
     from adapters_hub.kinds import trainable_kinds
 
     if kind not in trainable_kinds():
@@ -190,8 +200,10 @@ def submit_adaptation(
     if profile not in spec.profiles:
         raise ValueError(f"profile: task {task!r} has no profile {profile!r}; known: {', '.join(spec.profiles)}")
     overrides = dict(overrides or {})
-    base = base_model or spec.profile_with(profile, overrides).default_base  # checks override values too
+    resolved = spec.profile_with(profile, overrides)  # checks override values too
+    base = base_model or resolved.default_base
     check_base(base)
+    carried = _task_files(spec, resolved) if spec_path else {}
     address = resolve_address(address)
     _check_mlflow()
     argv = ["python", "-m", "jobs.adapt", "--task", task, "--base", base, "--kind", kind, "--backbone", backbone,
@@ -200,8 +212,11 @@ def submit_adaptation(
         argv += ["--set", f"{key}={json.dumps(value)}"]
     if fresh_start:
         argv.append("--fresh-start")
+    if carried:
+        argv += ["--spec", next(iter(carried))]  # the spec's path inside the job's working_dir
     job_id = _submit(address, argv, submission_id,
-                     {"task": task, "kind": kind, "backbone": backbone, "base": base, "profile": profile})
+                     {"task": task, "kind": kind, "backbone": backbone, "base": base, "profile": profile},
+                     carried=carried)
     return AdaptationJob(job_id, address=address)
 
 
@@ -264,7 +279,32 @@ def _check_mlflow() -> None:
     registry.Registry(tracking_uri=settings.mlflow_uri()).client()  # RegistryUnavailableError
 
 
-def _submit(address: str, argv: list[str], submission_id: str | None, metadata: dict[str, str]) -> str:
+def _task_files(spec, profile) -> dict[str, Path]:
+    """A user task's files for the job's working_dir, spec first: {path in the package: local path}.
+    Its rows are checked here (TaskDataError names file, row and field) unless they come from
+    the Hugging Face hub, which the cluster reads itself."""
+    from adapters_hub.tasks import load_rows
+    from adapters_hub.tasks.sources import data_files, spec_folder
+
+    folder = spec_folder(spec)
+    files = data_files(spec)
+    if files or spec.dataset.loader.value == "files":
+        load_rows(spec, "train", profile)
+        load_rows(spec, "eval", profile)
+    package = f"user_tasks/{spec.name}"
+    carried = {f"{package}/{Path(spec.source_file).name}": Path(spec.source_file)}
+    for path in files:
+        try:
+            relative = path.resolve().relative_to(folder.resolve())
+        except ValueError:
+            raise ValueError(f"{spec.source_file}: data {path} is outside the spec's folder; a job carries the "
+                             "spec's folder only: move the data beside the spec (or below it)") from None
+        carried[f"{package}/{relative.as_posix()}"] = path
+    return carried
+
+
+def _submit(address: str, argv: list[str], submission_id: str | None, metadata: dict[str, str],
+            carried: dict[str, Path] | None = None) -> str:
     import uuid
 
     # Our own id, so the job knows it (MLflow tag ray_job_id, the run lock) from its first line.
@@ -274,7 +314,7 @@ def _submit(address: str, argv: list[str], submission_id: str | None, metadata: 
 
     env_vars.update(WORKER_ENV, LISA_HUB_JOB_ID=submission_id)
     client = _client(address)
-    with _code_package() as working_dir:  # uploaded by submit_job; gone afterwards
+    with _code_package(carried or {}) as working_dir:  # uploaded by submit_job; gone afterwards
         return client.submit_job(
             entrypoint=shlex.join(argv),
             submission_id=submission_id,
@@ -313,7 +353,7 @@ class ConversionJob(AdaptationJob):
 
 
 @contextlib.contextmanager
-def _code_package():
+def _code_package(carried: dict[str, Path] | None = None):
     """A temporary folder with the code a job runs (not tests, benchmarks or data) and a
     unique stamp. Unique on purpose: Ray skips uploading a package whose hash it has seen,
     and once the job that held it ends the GCS may already have deleted it, so a resubmit of
@@ -330,6 +370,10 @@ def _code_package():
                 shutil.copytree(src, Path(tmp) / name, ignore=shutil.ignore_patterns(*_EXCLUDES))
             elif src.is_file():
                 shutil.copy2(src, Path(tmp) / name)
+        for inside, local in (carried or {}).items():  # a user task: its spec and data
+            target = Path(tmp) / inside
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (shutil.copytree if local.is_dir() else shutil.copy2)(local, target)
         (Path(tmp) / ".lisa-hub-package").write_text(uuid.uuid4().hex)
         yield tmp
 

@@ -78,7 +78,10 @@ def test_bad_yaml_names_file(spec_dir):
     (lambda r: r.pop("main_metric"), "main_metric", "Field required"),
     (lambda r: r["profiles"]["quick"].update(lr="fast"), "profiles.quick.lr", "valid number"),
     (lambda r: r["profiles"]["smoke"].update(epochs=3), "profiles.smoke.epochs", "unknown field"),
-    (lambda r: r["extraction"].update(kind="regex"), "extraction.kind", "final_number_after_marker"),
+    (lambda r: r["extraction"].update(kind="bleu"), "extraction.kind", "Input should be"),
+    (lambda r: r["extraction"].update(kind="regex"), "extraction", "marker is not used by extraction 'regex'"),
+    (lambda r: r.update(extraction={"kind": "regex"}), "extraction", "pattern is required for regex"),
+    (lambda r: r["extraction"].update(pattern="(a)(b)"), "extraction", "pattern is not used"),
     (lambda r: r.update(metrics=["accuracy", "bleu"]), "metrics.1", "Input should be"),
     (lambda r: r["dataset"].update(hf_id="someone/else"), "dataset", "differs from adapters_hub.data"),
     (lambda r: r["format"].update(prompt="{question.__class__}"), "format.prompt", "plain field name"),
@@ -128,7 +131,7 @@ def test_gsm8k_formatting_and_target():
     assert spec.completion(row) == " 2 + 3 = 5 apples.\n#### 5"  # calculator annotation stripped
     assert spec.target(row) == "5"
     assert sft_examples(spec, [row]) == [{"prompt": spec.prompt(row), "completion": spec.completion(row)}]
-    with pytest.raises(TaskSpecError, match="template field 'question' not in the row"):
+    with pytest.raises(tasks.TaskDataError, match="template field 'question' not in the row"):
         spec.prompt({"answer": "#### 1"})
 
 

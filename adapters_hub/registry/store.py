@@ -134,7 +134,8 @@ class Registry:
                          base_fingerprint: str, plan_hash: str | None, metrics: dict[str, float],
                          main_metric: str, higher_is_better: bool, trainable_params: int,
                          tie_breaker: tuple[str, bool] | None = None, backbone: str = "lisa",
-                         artifact_path: str = ADAPTER_ARTIFACT) -> RegisteredAdapter:
+                         artifact_path: str = ADAPTER_ARTIFACT,
+                         extra_tags: dict[str, str] | None = None) -> RegisteredAdapter:
         """Log adapter_dir to the run and register it as a new version of "<task>-<kind>"
         ("<task>-<kind>-dense" for an adapter of the dense backbone).
 
@@ -159,6 +160,7 @@ class Registry:
             "main_metric": main_metric, "higher_is_better": str(bool(higher_is_better)).lower(),
             "tie_breaker": tie_breaker[0] if tie_breaker else "",
             **{f"metric.{k}": repr(float(v)) for k, v in metrics.items()},
+            **(extra_tags or {}),
         }
         better = "higher" if higher_is_better else "lower"
         return self._register(
