@@ -2,6 +2,8 @@
 
 LISA_HUB_HOME        state folder (model cache, MLflow db + artifacts, pids, logs); ~/.lisa-hub
 LISA_HUB_DATA_DIR    offline data mirror (layout of ../shared/data); unset = use the HF hub
+LISA_HUB_STORAGE     where Ray Train keeps runs and checkpoints: a folder every node sees, or
+                     s3:// / gs:// (pyarrow filesystems); default LISA_HUB_HOME/train (node-local)
 MLFLOW_TRACKING_URI  MLflow server; default http://127.0.0.1:5000
 RAY_ADDRESS          Ray cluster; default the local head (dashboard http://127.0.0.1:8265)
 RAY_AUTH_TOKEN(_PATH) Ray's token authentication (else ~/.ray/auth_token), sent by our HTTP checks
@@ -30,6 +32,21 @@ def cache_dir(*parts: str) -> Path:
     path = home().joinpath("cache", *parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def train_storage() -> str:
+    """Ray Train's storage_path: LISA_HUB_STORAGE, else the node-local LISA_HUB_HOME/train."""
+    value = os.environ.get("LISA_HUB_STORAGE", "").strip()
+    if value:
+        return value if "://" in value else str(Path(value).expanduser())
+    path = home() / "train"
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+def train_storage_is_shared() -> bool:
+    """Did the user name a storage location (a shared folder or a URI)? The default is node-local."""
+    return bool(os.environ.get("LISA_HUB_STORAGE", "").strip())
 
 
 def data_dir() -> Path | None:

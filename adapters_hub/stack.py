@@ -1,12 +1,15 @@
 """Local stack: a real Ray head node (with its dashboard) and a real MLflow tracking server.
 
   lisa-hub up       start both (idempotent), wait until both answer, print their URLs
-  lisa-hub status   health of each service
-  lisa-hub down     stop exactly what `up` started: the recorded process groups, nothing else
+  lisa-hub up --nodes 2   the head plus a second Ray node (its own raylet) joined to it
+  lisa-hub status   health of each service, and every port the stack listens on
+  lisa-hub down     stop exactly what `up` started: the recorded process groups and their
+                    descendants (job drivers and workers), nothing else
 
-Both run as child process groups of their own (start_new_session), recorded with their
+Each runs as a child process group of its own (start_new_session), recorded with its
 start time in LISA_HUB_HOME/run/stack.json, so `down` never touches a process it did not
-start, even when a pid was reused. Everything binds to 127.0.0.1.
+start, even when a pid was reused. Addresses we choose are 127.0.0.1; Ray 2.60 still binds
+some gRPC ports to all interfaces (`lisa-hub status` shows which).
 
     Ray head      `ray start --head --block`      dashboard + job API on :8265, GCS on :6379
     MLflow        `mlflow server` (uvicorn)       :5000, SQLite registry LISA_HUB_HOME/mlflow.db,
@@ -68,8 +71,11 @@ class _Record:  # one started service, as kept in stack.json
 
 
 def up(*, home: Path | None = None, ray: bool = True, mlflow: bool = True,
-       ports: Ports | None = None, timeout: float = 180.0) -> list[ServiceStatus]:
+       ports: Ports | None = None, nodes: int = 1, timeout: float = 180.0) -> list[ServiceStatus]:
     """Start the services that are not running yet and wait until they answer.
+
+    `nodes` > 1 adds nodes-1 Ray nodes to the head (`add_nodes`): separate raylets, as on a
+    cluster, the machine's CPUs split between them.
 
     >>> for s in up(): print(s.line())   # doctest: +SKIP
     ray     healthy  http://127.0.0.1:8265 pid 1234
@@ -87,8 +93,14 @@ def up(*, home: Path | None = None, ray: bool = True, mlflow: bool = True,
         _require_free(ports.dashboard, "the Ray dashboard", "--dashboard-port")
         _require_free(ports.gcs, "the Ray GCS", "--ray-port")
         mlflow_port = state["mlflow"].port if state.get("mlflow") else ports.mlflow
-        state["ray"] = _start_ray(home, ports, f"http://127.0.0.1:{mlflow_port}")
+        cpus = max(1, (os.cpu_count() or 1) // nodes) if nodes > 1 else None
+        state["ray"] = _start_ray(home, ports, f"http://127.0.0.1:{mlflow_port}", num_cpus=cpus,
+                                  shared_storage=nodes > 1)
+        state["ray"].extra["nodes"] = nodes
         started.append("ray")
+    elif ray and nodes != state["ray"].extra.get("nodes", 1):
+        raise StackError(f"the running stack has {state['ray'].extra.get('nodes', 1)} Ray node(s); "
+                         f"`lisa-hub down` first to start it with {nodes}")
     _save_state(home, state)
 
     deadline = time.monotonic() + timeout
@@ -96,6 +108,9 @@ def up(*, home: Path | None = None, ray: bool = True, mlflow: bool = True,
         report = status(home=home)
         wanted = [s for s in report if (s.name == "ray" and ray) or (s.name == "mlflow" and mlflow)]
         if all(s.healthy for s in wanted):
+            have = sum(1 for k in _load_state(home) if k.startswith("ray-node-"))
+            if ray and nodes > 1 and have < nodes - 1:
+                add_nodes(nodes - 1 - have, home=home, num_cpus=max(1, (os.cpu_count() or 1) // nodes))
             return report
         for name in started:  # a service that died while starting: say so at once
             if not _alive(state[name]):
@@ -105,6 +120,77 @@ def up(*, home: Path | None = None, ray: bool = True, mlflow: bool = True,
             raise StackError("services did not become healthy in time: "
                              + "; ".join(s.line() for s in wanted))
         time.sleep(1.0)
+
+
+def add_nodes(n: int, *, home: Path | None = None, num_cpus: int = 1, timeout: float = 120.0) -> list[str]:
+    """Join `n` more Ray nodes (each its own raylet, `num_cpus` CPUs) to this stack's head;
+    returns their state names ("ray-node-1", ...). `down` stops them with the head.
+
+    Nodes on one machine share its filesystem, so their jobs may keep run checkpoints in
+    LISA_HUB_HOME/train: the head was started with LISA_HUB_STORAGE pointing there when
+    `up(nodes=...)` started it; otherwise set LISA_HUB_STORAGE for the jobs."""
+    home = Path(home) if home else settings.home()
+    state = _load_state(home)
+    head = state.get("ray")
+    if not _alive(head):
+        raise StackError("no Ray head runs in this stack: `lisa-hub up` first")
+    existing = [k for k in state if k.startswith("ray-node-")]
+    names = []
+    for i in range(len(existing) + 1, len(existing) + n + 1):
+        name = f"ray-node-{i}"
+        env = _ray_env(home, mlflow_url(home))
+        argv = [_bin("ray"), "start", "--block", "--address", head.extra["gcs_address"],
+                "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
+                "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
+                "--object-store-memory", str(256 * 1024**2), "--disable-usage-stats"]
+        state[name] = _spawn(home, name, argv, env)
+        names.append(name)
+    _save_state(home, state)
+    want = len(existing) + n + 1
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            alive = _alive_nodes(head.extra["gcs_address"])
+        except Exception:  # the GCS not answering yet
+            alive = 0
+        if alive >= want:
+            return names
+        for name in names:
+            if not _alive(state[name]):
+                raise StackError(f"{name} exited while starting; see {_log_path(home, name)}:\n"
+                                 + _tail(_log_path(home, name)))
+        time.sleep(1.0)
+    raise StackError(f"only {alive} of {want} Ray nodes joined in {timeout:.0f} s")
+
+
+def remove_nodes(*, home: Path | None = None, timeout: float = 60.0) -> list[str]:
+    """Stop the nodes `add_nodes` joined (the head stays) and wait until the cluster has
+    marked them dead; returns what was stopped."""
+    home = Path(home) if home else settings.home()
+    state = _load_state(home)
+    stopped = []
+    for name in sorted(k for k in state if k.startswith("ray-node-")):
+        rec = state.pop(name)
+        if _alive(rec):
+            _terminate_group(rec.pid, 15.0)
+            stopped.append(name)
+    _save_state(home, state)
+    head = state.get("ray")
+    deadline = time.monotonic() + timeout
+    while stopped and _alive(head) and time.monotonic() < deadline:
+        if _alive_nodes(head.extra["gcs_address"]) <= 1:
+            break
+        time.sleep(1.0)
+    return stopped
+
+
+def _alive_nodes(gcs_address: str) -> int:
+    """Alive nodes of the cluster, asked of the GCS through the `ray` CLI's state API."""
+    out = subprocess.run([_bin("ray"), "list", "nodes", "--address", gcs_address, "--format", "json",
+                          "--filter", "state=ALIVE"], capture_output=True, text=True, timeout=60)
+    if out.returncode != 0:
+        raise StackError(out.stderr[-300:])
+    return len(json.loads(out.stdout))
 
 
 def status(*, home: Path | None = None) -> list[ServiceStatus]:
@@ -131,7 +217,8 @@ def down(*, home: Path | None = None, timeout: float = 15.0) -> list[str]:
     home = Path(home) if home else settings.home()
     state = _load_state(home)
     stopped = []
-    for name in ("ray", "mlflow"):  # ray first: its jobs may still log to MLflow
+    extra_nodes = sorted(k for k in state if k.startswith("ray-node-"))
+    for name in (*extra_nodes, "ray", "mlflow"):  # ray first: its jobs may still log to MLflow
         rec = state.pop(name, None)
         if rec is None or not _alive(rec):
             continue
@@ -216,7 +303,8 @@ def _start_mlflow(home: Path, port: int) -> _Record:
     return rec
 
 
-def _start_ray(home: Path, ports: Ports, mlflow_uri: str) -> _Record:
+def _ray_env(home: Path, mlflow_uri: str, *, shared_storage: bool = False) -> dict:
+    """Environment of the Ray processes the stack starts (and so of its jobs and workers)."""
     env = dict(os.environ)
     env.update(MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI", mlflow_uri),
                LISA_HUB_HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
@@ -232,6 +320,14 @@ def _start_ray(home: Path, ports: Ports, mlflow_uri: str) -> _Record:
     # wants token auth sets RAY_AUTH_MODE=token (and the token) for the stack and clients.
     env.setdefault("RAY_AUTH_MODE", "disabled")
     env.update(WORKER_ENV)
+    if shared_storage:  # nodes of one machine share its disk: run checkpoints may stay in the home
+        env.setdefault("LISA_HUB_STORAGE", str(home / "train"))
+    return env
+
+
+def _start_ray(home: Path, ports: Ports, mlflow_uri: str, *, num_cpus: int | None = None,
+               shared_storage: bool = False) -> _Record:
+    env = _ray_env(home, mlflow_uri, shared_storage=shared_storage)
     argv = [_bin("ray"), "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1",
             "--port", str(ports.gcs),
@@ -242,7 +338,7 @@ def _start_ray(home: Path, ports: Ports, mlflow_uri: str) -> _Record:
             "--dashboard-agent-listen-port", str(free_port()),
             "--ray-client-server-port", str(free_port()),
             "--object-store-memory", str(512 * 1024**2),
-            "--disable-usage-stats"]
+            "--disable-usage-stats"] + (["--num-cpus", str(num_cpus)] if num_cpus else [])
     rec = _spawn(home, "ray", argv, env)
     rec.port = ports.dashboard
     rec.extra = {"gcs_port": ports.gcs, "gcs_address": f"127.0.0.1:{ports.gcs}"}
@@ -404,6 +500,8 @@ def add_commands(sub) -> None:
     p.add_argument("--dashboard-port", type=int, default=settings.RAY_DASHBOARD_PORT)
     p.add_argument("--ray-port", type=int, default=settings.RAY_GCS_PORT)
     p.add_argument("--mlflow-port", type=int, default=settings.MLFLOW_PORT)
+    p.add_argument("--nodes", type=int, default=1,
+                   help="Ray nodes (the head + NODES-1 joined raylets, CPUs split between them)")
     p.set_defaults(func=_cmd_up)
     p = sub.add_parser("status", help="health of the local services")
     p.set_defaults(func=_cmd_status)
@@ -413,7 +511,9 @@ def add_commands(sub) -> None:
 
 def _cmd_up(args) -> int:
     print(f"[lisa-hub] starting the local stack in {settings.home()} (first start takes ~30 s) ...", flush=True)
-    report = up(ray=not args.no_ray, mlflow=not args.no_mlflow,
+    if args.nodes < 1:
+        raise ValueError("--nodes: at least 1")
+    report = up(ray=not args.no_ray, mlflow=not args.no_mlflow, nodes=args.nodes,
                 ports=Ports(dashboard=args.dashboard_port, gcs=args.ray_port, mlflow=args.mlflow_port))
     for s in report:
         print(s.line())

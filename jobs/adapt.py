@@ -93,7 +93,11 @@ def main(spec: AdaptSpec) -> dict:
         mlflow.set_tags({"task": task.name, "kind": spec.kind, "backbone": spec.backbone, "base_model": base,
                          "plan_hash": plan.hash,
                          "profile": profile.name, "ray_job_id": os.environ.get("LISA_HUB_JOB_ID", "")})
-        mlflow.log_params({"task": task.name, "kind": spec.kind, "base": base, **_flat(profile.model_dump())})
+        global_batch = profile.batch_size * profile.grad_accum * profile.num_workers
+        mlflow.log_params({"task": task.name, "kind": spec.kind, "base": base, "global_batch": global_batch,
+                           **_flat(profile.model_dump())})
+        print(f"[adapt] {profile.num_workers} worker(s) x batch {profile.batch_size} x grad_accum "
+              f"{profile.grad_accum} = global batch {global_batch}", flush=True)
         mlflow.set_tag("spec_sha256", spec_digest(task))
         _log_datasets(task, train_rows, eval_rows)
         # The workers get SFT examples, not the spec: a user's spec and data stay with the driver.
@@ -116,7 +120,7 @@ def main(spec: AdaptSpec) -> dict:
             higher_is_better=task.higher_is_better, trainable_params=trainable, tracking_uri=uri,
             tie_breaker=(f"adapter.{task.tie_breaker.value}", task.tie_breaker.higher_is_better)
             if task.tie_breaker else None, extra_tags={"spec_sha256": spec_digest(task)})
-        shutil.rmtree(_run_dir(run_key), ignore_errors=True)  # done: the next run starts fresh
+        _delete_run(run_key)  # done: the next run of this spec starts fresh
         shutil.rmtree(adapter_dir, ignore_errors=True)
 
     result = {"run_id": run.info.run_id, "model_name": registered.name, "version": str(registered.version),
@@ -203,6 +207,7 @@ def _run_lock(run_key: str):
 
 
 def _run_dir(run_key: str) -> Path:
+    """The driver's node-local folder of a run key: its lock and its adapter copies."""
     from adapters_hub import settings
 
     return settings.home() / "train" / run_key
@@ -214,22 +219,29 @@ def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    storage = _run_dir(run_key).parent
-    if fresh_start:
-        shutil.rmtree(storage / run_key, ignore_errors=True)
-    elif (storage / run_key).exists():
-        print(f"[adapt] found an interrupted run {run_key}: resuming from its last checkpoint", flush=True)
+    from adapters_hub import settings
+
     if not ray.is_initialized():
         from adapters_hub.stack import check_ray_address
 
         ray.init(address=check_ray_address(os.environ.get("RAY_ADDRESS")), log_to_driver=True)
+    storage = settings.train_storage()
+    _check_storage(storage)
+    fs, run_path = _run_storage(storage, run_key)
+    from pyarrow.fs import FileType
+
+    if fresh_start and fs.get_file_info(run_path).type is not FileType.NotFound:
+        fs.delete_dir(run_path)
+    elif fs.get_file_info(run_path).type is not FileType.NotFound:
+        print(f"[adapt] found an interrupted run {run_key}: resuming from its last checkpoint", flush=True)
     profile = cfg["profile"]
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=cfg,
         scaling_config=ScalingConfig(num_workers=profile["num_workers"], use_gpu=profile["use_gpu"],
-                                     resources_per_worker={"CPU": _cpus_per_worker(profile["num_workers"])}),
-        run_config=RunConfig(name=run_key, storage_path=str(storage),
+                                     resources_per_worker={"CPU": _cpus_per_worker(profile["num_workers"])},
+                                     placement_strategy=profile["placement_strategy"]),
+        run_config=RunConfig(name=run_key, storage_path=storage,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              # a killed worker is restarted from the run's newest checkpoint
                              failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES)),
@@ -237,7 +249,8 @@ def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, 
     result = trainer.fit()
     if result.error:
         raise RuntimeError(f"training failed: {result.error}")
-    out = Path(tempfile.mkdtemp(prefix=f"{run_key}-adapter-", dir=storage))  # this job's own copy
+    _run_dir(run_key).parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f"{run_key}-adapter-", dir=_run_dir(run_key).parent))  # this job's own copy
     with result.checkpoint.as_directory() as ckpt:
         shutil.copytree(Path(ckpt) / "adapter", out, dirs_exist_ok=True)
         meta = json.loads((Path(ckpt) / "meta.json").read_text())
@@ -247,6 +260,44 @@ def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, 
 
         raise RegistryUnavailableError(f"MLflow became unreachable during training: {meta['mlflow_lost']}")
     return out, meta["history"], meta["trainable"]
+
+
+def _check_storage(storage: str) -> None:
+    """Refuse node-local run storage on a cluster of several nodes: a worker on another
+    node could not write the run's checkpoints where the driver and a restarted worker
+    read them."""
+    import ray
+
+    from adapters_hub import settings
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
+    if len(nodes) > 1 and not settings.train_storage_is_shared():
+        raise ValueError(f"storage: this cluster has {len(nodes)} nodes, and run checkpoints would go to the "
+                         f"node-local {storage}; set LISA_HUB_STORAGE to a folder every node sees or to an "
+                         "s3:// / gs:// URI (lisa-hub up --nodes sets it for a local cluster)")
+
+
+def _run_storage(storage: str, run_key: str):
+    """(pyarrow filesystem, path) of a run's folder under `storage` (a folder or a URI)."""
+    from pyarrow import fs
+
+    if "://" in storage:
+        filesystem, root = fs.FileSystem.from_uri(storage)
+        return filesystem, f"{root.rstrip('/')}/{run_key}"
+    return fs.LocalFileSystem(), str(Path(storage) / run_key)
+
+
+def _delete_run(run_key: str) -> None:
+    from pyarrow.fs import FileType
+
+    from adapters_hub import settings
+
+    filesystem, path = _run_storage(settings.train_storage(), run_key)
+    try:
+        if filesystem.get_file_info(path).type is not FileType.NotFound:
+            filesystem.delete_dir(path)
+    except OSError as err:  # leftovers cost space, not correctness
+        print(f"[adapt] could not delete the finished run's checkpoints at {path}: {err}", flush=True)
 
 
 def _cpus_per_worker(num_workers: int) -> int:
@@ -296,8 +347,12 @@ def train_loop(cfg: dict) -> None:
     trainable = sum(t.numel() for t in lm.parameters() if t.requires_grad)
     import torch
 
-    print(f"[train] trainable parameters: {trainable:,} "
-          f"({100 * trainable / sum(t.numel() for t in lm.parameters()):.2f}% of the backbone); "
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    if rank == 0:
+        print(f"[train] trainable parameters: {trainable:,} "
+              f"({100 * trainable / sum(t.numel() for t in lm.parameters()):.2f}% of the backbone)", flush=True)
+    print(f"[train] worker {rank}/{world} on node {ray.get_runtime_context().get_node_id()[:12]}, "
           f"torch threads {torch.get_num_threads()}", flush=True)
 
     dataset = Dataset.from_list(cfg["examples"])
@@ -315,6 +370,10 @@ def train_loop(cfg: dict) -> None:
         # TRL defaults to bf16 autocast; on this CPU its backward runs ~8x slower than fp32
         # (measured: 214 s vs 12 s per step of 8 GSM8K rows), so bf16 only on GPUs.
         bf16=bool(p["use_gpu"]),
+        # Several workers: the HF Trainer sees Ray Train's process group (gloo on CPU, NCCL on
+        # GPU), wraps the model in DDP and gives each worker its shard of the rows. Every
+        # adapter tensor takes part in every forward: no unused-parameter search.
+        ddp_find_unused_parameters=False,
     )
 
     steps = MlflowSteps(cfg["tracking_uri"], cfg["run_id"], lambda: ray.train.get_context().get_world_rank())
@@ -332,8 +391,9 @@ def train_loop(cfg: dict) -> None:
         resume = str(resume_dir / "checkpoint")
         print(f"[train] resuming from checkpoint at step {json.loads((resume_dir / 'checkpoint' / 'trainer_state.json').read_text())['global_step']}", flush=True)
     trainer.train(resume_from_checkpoint=resume)
-    trainer.save_model(str(work / "final"))
-    trainer.state.save_to_json(str(work / "final" / "trainer_state.json"))
+    if rank == 0:  # the other workers hold the same adapter: only rank 0 writes it
+        trainer.save_model(str(work / "final"))
+        trainer.state.save_to_json(str(work / "final" / "trainer_state.json"))
     checkpoints.report(work / "final", trainer.state, final=True)
 
 

@@ -63,8 +63,10 @@ class AdapterSFTTrainer(SFTTrainer):
 class MlflowSteps(TrainerCallback):
     """Per-step training metrics into the job's MLflow run (world rank 0 only).
 
-    A server that stops answering stops training at once (`lost` says why) instead of
-    failing the worker: a failed worker would be restarted by Ray Train, to fail again."""
+    A server that stops answering stops training (`lost` says why) instead of failing the
+    worker: a failed worker would be restarted by Ray Train, to fail again. With several
+    workers the stop is agreed at the next step's end (one all-reduce of a flag), so no
+    worker is left waiting in DDP's gradient all-reduce for one that has stopped."""
 
     def __init__(self, tracking_uri: str, run_id: str, rank: Callable[[], int]) -> None:
         self.tracking_uri, self.run_id, self.rank = tracking_uri, run_id, rank
@@ -85,6 +87,18 @@ class MlflowSteps(TrainerCallback):
         except Exception as err:  # MLflow's errors wrap connection errors in several types
             self.lost = f"{self.tracking_uri} at step {state.global_step}: {err.__class__.__name__}: {str(err)[:200]}"
             print(f"[train] MLflow lost ({self.lost}); stopping", flush=True)
+
+    def on_step_end(self, args, state, control, **kw):
+        import torch.distributed as dist
+
+        stop = self.lost is not None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            import torch
+
+            flag = torch.tensor([int(stop)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
             control.should_training_stop = True
 
 
@@ -102,8 +116,13 @@ class ReportCheckpoints(TrainerCallback):
         self.report(get_last_checkpoint(args.output_dir), state, final=False)
 
     def report(self, hf_checkpoint, state, *, final: bool) -> None:
+        """Every worker reports (Ray Train waits for all); only rank 0 sends a checkpoint:
+        the adapter is the same on every worker after DDP's gradient all-reduce."""
         import ray.train
 
+        if ray.train.get_context().get_world_rank() != 0:
+            ray.train.report({"step": state.global_step}, checkpoint=None)
+            return
         with tempfile.TemporaryDirectory() as tmp:
             shutil.copytree(hf_checkpoint, Path(tmp) / "checkpoint")
             self.kind.save(self.lm, self.name, Path(tmp) / "adapter")

@@ -309,7 +309,8 @@ def _submit(address: str, argv: list[str], submission_id: str | None, metadata: 
 
     # Our own id, so the job knows it (MLflow tag ray_job_id, the run lock) from its first line.
     submission_id = submission_id or f"raysubmit_{uuid.uuid4().hex[:16]}"
-    env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "LISA_HUB_DATA_DIR") if k in os.environ}
+    env_vars = {k: os.environ[k] for k in ("MLFLOW_TRACKING_URI", "LISA_HUB_DATA_DIR", "LISA_HUB_STORAGE")
+                if k in os.environ}
     from adapters_hub.stack import WORKER_ENV
 
     env_vars.update(WORKER_ENV, LISA_HUB_JOB_ID=submission_id)

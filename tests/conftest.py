@@ -69,3 +69,18 @@ def ray_stack(stack_home, mlflow_server):
     home, ports = stack_home
     stack.up(home=home, ports=ports)
     return home, stack.dashboard_url(home), mlflow_server
+
+
+@pytest.fixture
+def own_mlflow(tmp_path_factory, monkeypatch):
+    """Tracking URI of an MLflow server of the test's own (the session's registry belongs to
+    the ordered e2e tests); jobs submitted by the test get it through MLFLOW_TRACKING_URI."""
+    from adapters_hub import stack
+
+    home = tmp_path_factory.mktemp("own-mlflow")
+    ports = stack.Ports(dashboard=stack.free_port(), gcs=stack.free_port(), mlflow=stack.free_port())
+    stack.up(home=home, ray=False, ports=ports)
+    uri = stack.mlflow_url(home)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    yield uri
+    stack.down(home=home)

@@ -94,4 +94,6 @@ def test_a_lost_mlflow_stops_training_instead_of_failing_the_worker(monkeypatch)
     steps = MlflowSteps(f"http://127.0.0.1:{closed}", "run0", rank=lambda: 0)
     control = SimpleNamespace(should_training_stop=False)
     steps.on_log(None, SimpleNamespace(global_step=7), control, logs={"loss": 1.0})
-    assert control.should_training_stop and "at step 7" in steps.lost
+    assert "at step 7" in steps.lost
+    steps.on_step_end(None, SimpleNamespace(global_step=8), control)  # agreed at the next step's end
+    assert control.should_training_stop

@@ -44,17 +44,6 @@ def _convert(extra, env, *, kill_after_checkpoint=False):
     return proc.returncode, "".join(lines)
 
 
-@pytest.fixture
-def own_mlflow(tmp_path_factory):
-    from adapters_hub import stack
-
-    home = tmp_path_factory.mktemp("convert-mlflow")
-    ports = stack.Ports(dashboard=stack.free_port(), gcs=stack.free_port(), mlflow=stack.free_port())
-    stack.up(home=home, ray=False, ports=ports)
-    yield stack.mlflow_url(home)
-    stack.down(home=home)
-
-
 def test_killed_conversion_resumes_registers_the_backbone_and_adaptation_starts_from_it(ray_stack, own_mlflow,
                                                                                        tmp_path, monkeypatch):
     home, dashboard, _ = ray_stack

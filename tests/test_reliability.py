@@ -17,19 +17,6 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 SMOKE = {"base_model": "tiny-llama", "profile": "smoke"}
 
 
-@pytest.fixture
-def own_mlflow(tmp_path_factory, monkeypatch):
-    from adapters_hub import stack
-
-    home = tmp_path_factory.mktemp("reliability-mlflow")
-    ports = stack.Ports(dashboard=stack.free_port(), gcs=stack.free_port(), mlflow=stack.free_port())
-    stack.up(home=home, ray=False, ports=ports)
-    uri = stack.mlflow_url(home)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # submitted jobs get it through their env
-    yield uri
-    stack.down(home=home)
-
-
 def test_identical_jobs_at_once_on_an_empty_registry_end_as_documented(ray_stack, own_mlflow):
     """Same spec twice at once: each job succeeds or fails with the one-line 'identical job
     is running' error (never a raw error from the other's files); one plan for the base;

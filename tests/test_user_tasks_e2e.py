@@ -20,19 +20,6 @@ TICKETS = [("My card was charged twice", "billing"), ("The app crashes on start"
            ("Error 500 when I upload", "technical"), ("I cannot log in", "account")]
 
 
-@pytest.fixture
-def own_mlflow(tmp_path_factory, monkeypatch):
-    from adapters_hub import stack
-
-    home = tmp_path_factory.mktemp("user-tasks-mlflow")
-    ports = stack.Ports(dashboard=stack.free_port(), gcs=stack.free_port(), mlflow=stack.free_port())
-    stack.up(home=home, ray=False, ports=ports)
-    uri = stack.mlflow_url(home)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    yield uri
-    stack.down(home=home)
-
-
 def _spec(folder, name, dataset):
     from adapters_hub import cli
 

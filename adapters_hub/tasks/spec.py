@@ -227,7 +227,9 @@ class Profile(_Strict):
     grad_accum: int = Field(gt=0)
     lr: float = Field(gt=0)
     max_seq_len: int = Field(gt=0)
-    num_workers: int = Field(gt=0)   # Ray Train workers
+    num_workers: int = Field(gt=0)   # Ray Train workers: data-parallel (DDP), each on its shard
+    # where the workers go: PACK (fewest nodes), SPREAD, STRICT_SPREAD (one per node)
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     use_gpu: bool
     distill_beta: float = Field(ge=0)  # weight of the attention-distillation regulariser; 0 = off
     save_steps: int = Field(ge=0)      # 0 = no intermediate checkpoints

@@ -1,0 +1,54 @@
+"""Scale-out on the real local stack: a second Ray node (its own raylet) joined to the
+head, a 2-worker data-parallel smoke job placed one worker per node, and the refusal of
+node-local checkpoint storage for a multi-node run. Registers into an MLflow of its own."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytestmark = [pytest.mark.stack, pytest.mark.slow]
+
+SMOKE = {"base_model": "tiny-llama", "profile": "smoke"}
+
+
+@pytest.fixture
+def two_nodes(ray_stack):
+    from adapters_hub import stack
+
+    home = ray_stack[0]
+    stack.add_nodes(1, home=home, num_cpus=1)
+    yield ray_stack
+    stack.remove_nodes(home=home)  # later tests see one node again
+
+
+def test_a_two_worker_job_spreads_over_two_nodes_and_registers_one_adapter(two_nodes, own_mlflow, monkeypatch):
+    import mlflow
+
+    import sdk
+
+    home, dashboard, _ = two_nodes
+    overrides = {"num_workers": 2, "placement_strategy": "STRICT_SPREAD", "batch_size": 1, "max_steps": 3,
+                 "seed": 11, "eval_examples": 2, "max_new_tokens": 2}
+
+    # node-local checkpoints on a cluster of two nodes: refused before training, one line
+    refused = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
+    with pytest.raises(sdk.JobFailedError):
+        refused.wait(timeout=600)
+    assert "storage: this cluster has 2 nodes" in refused.logs() and "LISA_HUB_STORAGE" in refused.logs()
+
+    monkeypatch.setenv("LISA_HUB_STORAGE", str(home / "train"))  # one machine: the folder is shared
+    job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
+    result = job.wait(timeout=900)
+    logs = job.logs()
+    assert "2 worker(s) x batch 1 x grad_accum 1 = global batch 2" in logs
+    placed = dict(re.findall(r"\[train\] worker (\d)/2 on node (\w+)", logs))
+    assert set(placed) == {"0", "1"} and len(set(placed.values())) == 2, logs[-3000:]
+    assert logs.count("[train] trainable parameters") == 1  # rank 0 only
+
+    client = mlflow.MlflowClient(own_mlflow)
+    assert client.get_run(result.run_id).data.params["global_batch"] == "2"
+    losses = client.get_metric_history(result.run_id, "train/loss")
+    assert sorted(m.step for m in losses) == [1, 2, 3]  # one curve: rank 0's
+    assert result.version == "1" and "champion" in result.aliases
