@@ -3,12 +3,15 @@ on its own (its stop strings, token budget, deadline or cancellation).
 
     .venv/bin/python -m pytest -q tests/test_decode_unit.py      # greedy == Backbone.generate
 
-`decode_rows(lm, tokenizer, rows)` prefills the left-padded prompts in one forward (the
-LiSA fast path), then decodes one token per step with the KV cache. Rows that finish
-leave the batch between steps (the cache, mask and positions are compacted), so the
-remaining rows cost only their own compute. Greedy rows (temperature 0) give exactly
-what `Backbone.generate` (HF `generate`, the plain reference path) gives for the same
-prompts and adapters; sampled rows use their own seeded `torch.Generator`.
+`Decoder` is the running batch (continuous batching): `add(rows)` prefills newcomers'
+left-padded prompts in one forward (the LiSA fast path) and merges them into the batch
+between decode steps; `step()` decodes one token per live row with the KV cache. Rows
+that finish leave the batch at once (the cache, mask and positions are compacted, and
+padding no row needs is cut), so the others cost only their own compute.
+`decode_rows(lm, tokenizer, rows)` runs one static batch to its end. Greedy rows
+(temperature 0) give exactly what `Backbone.generate` (HF `generate`, the plain reference
+path) gives for the same prompts and adapters, whenever they join; sampled rows use their
+own seeded `torch.Generator`.
 
 Text is re-decoded from the row's tokens at every step; a streamed delta never includes
 text that could still change (a possible start of a stop string, an incomplete UTF-8
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Callable
 
 FINISH_STOP, FINISH_LENGTH, FINISH_TIMEOUT, FINISH_CANCELLED = "stop", "length", "timeout", "cancelled"
 
@@ -45,6 +48,8 @@ class Row:
     text: str = ""
     emitted: int = 0                      # characters of text already passed to on_delta
     finish_reason: str | None = None
+    job: Any = None                       # the owner's bookkeeping (the engine's request)
+    index: int = 0                        # choice index within that request
 
     @property
     def done(self) -> bool:
@@ -108,53 +113,117 @@ def _pick(logits, rows: list[Row], generators: list):
     return out
 
 
-def decode_rows(lm, tokenizer, rows: list[Row], *, pad_token_id: int | None = None,
-                on_step: Callable[[int], None] | None = None) -> list[Row]:
-    """Generate every row to its end (in place; returns `rows`). Blocking; run it in a worker thread.
-    `on_step(live_rows)` is called after every forward.
+class Decoder:
+    """A running batch: rows join (`add`: prefill, then merged into the batch) and leave (when
+    finished) between decode steps (`step`). Continuous batching on one KV cache:
 
-    >>> rows = [Row(prompt_ids=tok("Hi").input_ids, adapter_name="fresh", max_new_tokens=8)]  # doctest: +SKIP
-    >>> decode_rows(lm, tok, rows)[0].text  # doctest: +SKIP
+        dec = Decoder(lm, tok)
+        dec.add(rows)              # prefill the new rows together, first token each
+        while dec.live:
+            dec.step()             # one token for every live row; finished rows leave
+            dec.add(more_rows)     # newcomers join between steps
+
+    The batch is left-padded: the cache (per layer (B, KVH, T, d or r)) and the mask (B, T)
+    of the newcomers are padded on the left to the longer of the two and concatenated
+    along the batch; padding columns no row needs any more are cut off again.
     """
-    import torch
-    from transformers import DynamicCache
 
-    if not rows:
-        return rows
-    pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
-    pad = 0 if pad is None else pad
-    eos = _eos_ids(lm, tokenizer)
-    generators = []
-    for row in rows:
-        g = torch.Generator()
-        g.manual_seed(row.seed if row.seed is not None else int(torch.randint(0, 2**62, ()).item()))
-        generators.append(g)
+    def __init__(self, lm, tokenizer, *, pad_token_id: int | None = None,
+                 on_step: Callable[[int], None] | None = None):
+        self.lm, self.tokenizer, self.on_step = lm, tokenizer, on_step
+        pad = tokenizer.pad_token_id if pad_token_id is None else pad_token_id
+        self.pad = 0 if pad is None else pad
+        self.eos = _eos_ids(lm, tokenizer)
+        self.rows: list[Row] = []       # live rows, in batch order
+        self._gens: list = []           # their generators
+        self._cache = None              # DynamicCache, layers (B, KVH, T, e)
+        self._mask = None               # (B, T) 1 = a real token
+        self._pos = None                # (B, 1) position of each row's last token
 
-    width = max(len(r.prompt_ids) for r in rows)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)          # (B, T) left padded
-    mask = torch.zeros((len(rows), width), dtype=torch.long)             # (B, T)
-    for b, r in enumerate(rows):
-        ids[b, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
-        mask[b, width - len(r.prompt_ids):] = 1
-    positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)          # (B, T), as HF generate
-    live = list(range(len(rows)))  # indices into rows of the rows still in the batch
-    cache = DynamicCache()
-    step_ids = ids
-    with torch.no_grad():
-        while live:
-            names = [rows[i].adapter_name for i in live]
-            out = lm(input_ids=step_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                     use_cache=True, logits_to_keep=1, adapter_names=names)
-            cache = out.past_key_values
-            logits = out.logits[:, -1, :].float()                         # (B, V)
-            batch_rows = [rows[i] for i in live]
-            picked = _pick(logits, batch_rows, [generators[i] for i in live])
-            now = time.monotonic()
-            for row, token in zip(batch_rows, picked):
-                if row.cancelled():
-                    row.finish_reason = FINISH_CANCELLED
-                    continue
-                if token in eos and not row.ignore_eos:
+    @property
+    def live(self) -> int:
+        return len(self.rows)
+
+    def add(self, rows: list[Row]) -> list[Row]:
+        """Prefill `rows` (one forward) and give each its first token; those still running join
+        the batch. Returns the rows that finished at once."""
+        import torch
+        from transformers import DynamicCache
+
+        if not rows:
+            return []
+        gens = []
+        for row in rows:
+            g = torch.Generator()
+            g.manual_seed(row.seed if row.seed is not None else int(torch.randint(0, 2**62, ()).item()))
+            gens.append(g)
+        width = max(len(r.prompt_ids) for r in rows)
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)   # (B, T) left padded
+        mask = torch.zeros((len(rows), width), dtype=torch.long)          # (B, T)
+        for b, r in enumerate(rows):
+            ids[b, width - len(r.prompt_ids):] = torch.tensor(r.prompt_ids, dtype=torch.long)
+            mask[b, width - len(r.prompt_ids):] = 1
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)       # (B, T), as HF generate
+        cache = DynamicCache()
+        finished = self._advance(rows, gens, self._forward(ids, mask, positions, cache, rows))
+        keep = [k for k, r in enumerate(rows) if not r.done]
+        if keep:
+            index = torch.tensor(keep, dtype=torch.long)
+            if len(keep) < len(rows):
+                cache.batch_select_indices(index)
+            self._join([rows[k] for k in keep], [gens[k] for k in keep], cache, mask[index], positions[index, -1:])
+        if self.on_step is not None:
+            self.on_step(self.live)
+        return finished
+
+    def step(self) -> list[Row]:
+        """One token for every live row; returns the rows that finished (they left the batch)."""
+        import torch
+
+        if not self.rows:
+            return []
+        ids = torch.tensor([[r.tokens[-1]] for r in self.rows], dtype=torch.long)          # (B, 1)
+        self._mask = torch.cat([self._mask, self._mask.new_ones((len(self.rows), 1))], dim=-1)  # (B, T + 1)
+        self._pos = self._pos + 1                                                          # (B, 1)
+        logits = self._forward(ids, self._mask, self._pos, self._cache, self.rows)
+        finished = self._advance(self.rows, self._gens, logits)
+        if finished:
+            keep = [k for k, r in enumerate(self.rows) if not r.done]
+            if keep:
+                index = torch.tensor(keep, dtype=torch.long)
+                self._cache.batch_select_indices(index)
+                self._mask, self._pos = self._mask[index], self._pos[index]
+                self.rows, self._gens = [self.rows[k] for k in keep], [self._gens[k] for k in keep]
+                self._trim()
+            else:
+                self.reset()
+        if self.on_step is not None:
+            self.on_step(self.live)
+        return finished
+
+    def reset(self) -> None:
+        """Drop every row (after an error) and the cache."""
+        self.rows, self._gens, self._cache, self._mask, self._pos = [], [], None, None, None
+
+    # ------------------------------------------------------------------ internals
+
+    def _forward(self, ids, mask, positions, cache, rows):
+        """Logits (B, V) float32 of the last position; the cache grows by ids' length."""
+        import torch
+
+        with torch.no_grad():
+            out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                          use_cache=True, logits_to_keep=1, adapter_names=[r.adapter_name for r in rows])
+        return out.logits[:, -1, :].float()
+
+    def _advance(self, rows: list[Row], gens: list, logits) -> list[Row]:
+        picked = _pick(logits, rows, gens)
+        now, finished = time.monotonic(), []
+        for row, token in zip(rows, picked):
+            if row.cancelled():
+                row.finish_reason = FINISH_CANCELLED
+            else:
+                if token in self.eos and not row.ignore_eos:
                     row.finish_reason = FINISH_STOP
                 else:
                     row.tokens.append(token)
@@ -162,18 +231,48 @@ def decode_rows(lm, tokenizer, rows: list[Row], *, pad_token_id: int | None = No
                         row.finish_reason = FINISH_LENGTH
                 if now > row.deadline and not row.done:
                     row.finish_reason = FINISH_TIMEOUT
-                _update_text(row, tokenizer)
-            keep = [k for k, i in enumerate(live) if not rows[i].done]
-            if on_step is not None:
-                on_step(len(keep))
-            if not keep:
-                break
-            if len(keep) < len(live):  # finished rows leave the batch
-                index = torch.tensor(keep, dtype=torch.long)
-                cache.batch_select_indices(index)
-                mask, positions = mask[index], positions[index]
-                live = [live[k] for k in keep]
-            step_ids = torch.tensor([[rows[i].tokens[-1]] for i in live], dtype=torch.long)  # (B, 1)
-            mask = torch.cat([mask, mask.new_ones((len(live), 1))], dim=-1)                   # (B, T + t)
-            positions = positions[:, -1:] + 1                                                   # (B, 1)
+                _update_text(row, self.tokenizer)
+            if row.done:
+                finished.append(row)
+        return finished
+
+    def _join(self, rows, gens, cache, mask, pos) -> None:
+        import torch
+        import torch.nn.functional as F
+
+        if not self.rows:
+            self.rows, self._gens, self._cache, self._mask, self._pos = list(rows), list(gens), cache, mask, pos
+            return
+        width = max(self._mask.shape[1], mask.shape[1])
+        pad_a, pad_b = width - self._mask.shape[1], width - mask.shape[1]
+        for mine, theirs in zip(self._cache.layers, cache.layers):  # (B, KVH, T, e): pad T on the left
+            mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pad_a, 0)), F.pad(theirs.keys, (0, 0, pad_b, 0))], 0)
+            mine.values = torch.cat([F.pad(mine.values, (0, 0, pad_a, 0)), F.pad(theirs.values, (0, 0, pad_b, 0))], 0)
+        self._mask = torch.cat([F.pad(self._mask, (pad_a, 0)), F.pad(mask, (pad_b, 0))], 0)  # (B, T)
+        self._pos = torch.cat([self._pos, pos], 0)
+        self.rows += rows
+        self._gens += gens
+
+    def _trim(self) -> None:
+        """Cut the leading columns that are padding for every row (after long rows left)."""
+        used = self._mask.any(dim=0).nonzero()
+        start = int(used[0]) if len(used) else 0
+        if start > 0:
+            self._mask = self._mask[:, start:]
+            for layer in self._cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def decode_rows(lm, tokenizer, rows: list[Row], *, pad_token_id: int | None = None,
+                on_step: Callable[[int], None] | None = None) -> list[Row]:
+    """Generate every row to its end (in place; returns `rows`), all joining at once. Blocking.
+    `on_step(live_rows)` is called after every forward.
+
+    >>> rows = [Row(prompt_ids=tok("Hi").input_ids, adapter_name="fresh", max_new_tokens=8)]  # doctest: +SKIP
+    >>> decode_rows(lm, tok, rows)[0].text  # doctest: +SKIP
+    """
+    decoder = Decoder(lm, tokenizer, pad_token_id=pad_token_id, on_step=on_step)
+    decoder.add(rows)
+    while decoder.live:
+        decoder.step()
     return rows

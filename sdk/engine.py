@@ -1,28 +1,29 @@
 """The batching engine of a serving replica: concurrent requests for any mix of adapters
-gathered into one mixed-adapter decode batch (no Ray here; `sdk/serve.py` wraps it).
+decoded together in one mixed-adapter batch, with continuous batching (no Ray here;
+`sdk/serve.py` wraps it).
 
     .venv/bin/python -m pytest -q tests/test_engine_unit.py
 
-One asyncio task per replica (`Engine.start`) owns the model:
-
-1. A request is validated, its `model` resolved to a registry key (registry I/O in a
-   thread, cached `alias_ttl_s`), its prompts tokenized and capped, and then queued, or
-   refused with 503 when `max_queue` requests already wait. Nothing runs for it yet.
-2. The loop waits for the first waiting request, lets the gather window run (a batch
-   starts once no new request came for `batch_wait_s`, at most `batch_max_wait_s`), takes
-   waiting requests in arrival order up to `max_batch_size` rows, makes their adapters
-   resident (a request whose adapter fails to load gets its error, the others run) and
-   runs one `decode_rows` call in a worker thread: prefill of every row together, then
-   one token per step with one adapter per row. Rows leave the batch as they finish (stop
-   string, eos, max_tokens, deadline, client gone); requests that arrive meanwhile wait
-   for the next batch (static batches: no row joins a running batch).
-3. Streamed text pieces and finishes are handed back to the event loop
-   (`call_soon_threadsafe`), where the HTTP handler reads them from the request's queue.
+1. On the event loop, a request is validated, its `model` resolved to a registry key
+   (registry I/O in a thread, cached `alias_ttl_s`), its prompts tokenized and capped,
+   then queued, or refused with 503 when `max_queue` requests already wait. Nothing has
+   run for it yet.
+2. One worker thread owns the model and a `sdk.decode.Decoder` (the running batch).
+   Between two decode steps it admits waiting requests in arrival order while the batch
+   has room (`max_batch_size` rows): makes their adapters resident (a request whose
+   adapter fails to load gets its error, the others go on), prefills the newcomers in one
+   forward and merges them into the batch. Then one decode step gives every live row its
+   next token, one adapter per row. Rows leave as they finish (stop string, eos,
+   max_tokens, deadline, client gone); a request ends when its last row does. Requests
+   that time out while waiting are answered without running.
+3. Streamed text pieces, finishes and ends go back to the event loop of the request
+   (`call_soon_threadsafe`), where its HTTP handler reads them from the request's queue.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -51,7 +52,9 @@ class Job:
     prompt_ids: list[list[int]]
     deadline: float
     events: asyncio.Queue
+    loop: Any = None                               # the event loop of the request's handler
     rows: list = field(default_factory=list)       # sdk.decode.Row, built by the worker
+    open_rows: int = 0                             # rows not finished yet
     error: ApiError | None = None
     cancelled: bool = False
     started: float = 0.0
@@ -81,9 +84,9 @@ class Engine:
         self.bb, self.limits, self.metrics = backbone, limits or Limits(), metrics
         self.alias_ttl_s = alias_ttl_s
         self.base_model = backbone.base_model
-        self._pending: deque[Job] = deque()
-        self._wake: asyncio.Event | None = None
-        self._task: asyncio.Task | None = None
+        self._pending: deque[Job] = deque()     # appended on the event loop, taken by the worker
+        self._wake = threading.Event()
+        self._worker: threading.Thread | None = None
         self._resolved: dict[str, tuple[float, Served]] = {}
         cfg = getattr(backbone.lm, "config", None)
         self.context = getattr(cfg, "max_position_embeddings", None)
@@ -92,10 +95,10 @@ class Engine:
     # ------------------------------------------------------------------ public (event loop)
 
     def start(self) -> None:
-        """Start the batching loop on the running event loop (idempotent)."""
-        if self._task is None or self._task.done():
-            self._wake = asyncio.Event()
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+        """Start the worker thread (idempotent)."""
+        if self._worker is None or not self._worker.is_alive():
+            self._worker = threading.Thread(target=self._work, name="lisa-hub-engine", daemon=True)
+            self._worker.start()
 
     async def resolve(self, model: str) -> Served:
         """The request's `model` -> Served; ApiError 404 for anything not servable here."""
@@ -138,8 +141,8 @@ class Engine:
         ids = [self.tokenize(t, params.max_tokens, param) for t in texts]
         if len(self._pending) >= self.limits.max_queue:
             raise overloaded(len(self._pending))
-        job = Job(served=served, params=params, prompt_ids=ids,
-                  deadline=time.monotonic() + self.limits.timeout_s, events=asyncio.Queue())
+        job = Job(served=served, params=params, prompt_ids=ids, deadline=time.monotonic() + self.limits.timeout_s,
+                  events=asyncio.Queue(), loop=asyncio.get_running_loop())
         self._pending.append(job)
         if self.metrics is not None:
             self.metrics.queued(len(self._pending))
@@ -168,122 +171,126 @@ class Engine:
         if job.error is not None:
             raise job.error
 
-    # ------------------------------------------------------------------ the loop
-
-    async def _loop(self) -> None:
-        limits = self.limits
-        while True:
-            while not self._pending:
-                self._wake.clear()
-                await self._wake.wait()
-            start = time.monotonic()
-            while len(self._pending) < limits.max_batch_size:  # gather window
-                seen = len(self._pending)
-                await asyncio.sleep(limits.batch_wait_s)
-                if len(self._pending) == seen or time.monotonic() - start >= limits.batch_max_wait_s:
-                    break
-            batch, rows, now = [], 0, time.monotonic()
-            while self._pending:
-                job = self._pending[0]
-                if job.cancelled or now > job.deadline:
-                    self._pending.popleft()
-                    self._end(job, None if job.cancelled else timed_out(limits.timeout_s))
-                    continue
-                if batch and rows + job.n_rows > limits.max_batch_size:
-                    break
-                batch.append(self._pending.popleft())
-                rows += job.n_rows
-            if self.metrics is not None:
-                self.metrics.queued(len(self._pending))
-            if not batch:
-                continue
-            loop = asyncio.get_running_loop()
-            try:
-                await asyncio.to_thread(self._run_batch, batch, loop)
-            except Exception as err:  # never leave a handler waiting
-                for job in batch:
-                    self._end(job, ApiError(500, f"generation failed: {type(err).__name__}: {err}",
-                                            type="server_error", code="internal_error"))
-                continue
-            for job in batch:
-                self._end(job, job.error)
-
-    def _end(self, job: Job, error: ApiError | None) -> None:
-        job.error = job.error or error
-        if self.metrics is not None and job.error is None and job.rows:
-            self.metrics.finished(job.served.key or self.base_model, job.prompt_tokens, job.completion_tokens)
-        job.events.put_nowait(("end",))
-
     # ------------------------------------------------------------------ worker thread
 
-    def _run_batch(self, batch: list[Job], loop) -> None:
-        from adapters_hub.kinds import read_config  # noqa: F401  (kinds import before threads race on it)
-        from sdk.decode import FINISH_TIMEOUT, Row, decode_rows
+    def _work(self) -> None:
+        from sdk.decode import Decoder
 
-        keep: list[str] = []
-        ready: list[Job] = []
-        for job in batch:
+        decoder = Decoder(self.bb.lm, self.bb.tokenizer, on_step=self._on_step)
+        while True:
+            if not decoder.live:
+                self.stats["running_rows"] = 0
+                self._wake.wait()
+                self._wake.clear()
+                time.sleep(self.limits.batch_wait_s)  # let requests sent together start together
+            try:
+                self._admit(decoder)
+                if decoder.live:
+                    self._finished(decoder.step())
+            except Exception as err:  # never leave a handler waiting; the next batch starts clean
+                error = ApiError(500, f"generation failed: {type(err).__name__}", type="server_error",
+                                 code="internal_error")
+                for row in decoder.rows:
+                    row.finish_reason = row.finish_reason or "error"
+                jobs = {id(r.job): r.job for r in decoder.rows}
+                decoder.reset()
+                for job in jobs.values():
+                    job.error = job.error or error
+                    job.open_rows = 0
+                    self._send_end(job)
+
+    def _admit(self, decoder) -> None:
+        """Move waiting requests into the batch while it has room (expired ones are answered)."""
+        limits, now, new_jobs, rows = self.limits, time.monotonic(), [], []
+        keep = list({r.adapter_name for r in decoder.rows})  # adapters of live rows are never evicted
+        for job in [j for j in list(self._pending) if j.cancelled or now > j.deadline]:
+            self._pending.remove(job)
+            job.error = None if job.cancelled else timed_out(limits.timeout_s)
+            self._send_end(job)
+        while self._pending and decoder.live + len(rows) + self._pending[0].n_rows <= limits.max_batch_size:
+            job = self._pending.popleft()
             try:
                 name = self._adapter_name(job.served, keep)
             except ApiError as err:
                 job.error = err
+                self._send_end(job)
                 continue
             except Exception as err:  # a corrupt or refused adapter fails its own request only
-                job.error = ApiError(400 if isinstance(err, ValueError) else 500,
-                                     f"model {job.served.model!r} could not be loaded: {type(err).__name__}",
-                                     param="model", code="model_load_failed",
-                                     type="invalid_request_error" if isinstance(err, ValueError) else "server_error")
+                refused = isinstance(err, ValueError)
+                job.error = ApiError(400 if refused else 500, f"model {job.served.model!r} could not be loaded: "
+                                     f"{type(err).__name__}", param="model", code="model_load_failed",
+                                     type="invalid_request_error" if refused else "server_error")
+                self._send_end(job)
                 continue
             keep.append(name)
-            job.started = time.monotonic()
-            p = job.params
-            for i, ids in enumerate(job.prompt_ids):
-                for k in range(p.n):
-                    index = i * p.n + k
-                    job.rows.append(Row(
-                        prompt_ids=ids, adapter_name=name, max_new_tokens=p.max_tokens, temperature=p.temperature,
-                        top_p=p.top_p, stop=p.stop, seed=None if p.seed is None else p.seed + index,
-                        ignore_eos=p.ignore_eos,
-                        deadline=job.deadline, cancelled=lambda job=job: job.cancelled,
-                        on_delta=self._delta_sender(job, index, loop) if p.stream else None))
-            ready.append(job)
-        rows = [r for job in ready for r in job.rows]
+            job.rows = self._rows(job, name)
+            job.open_rows = len(job.rows)
+            rows += job.rows
+            new_jobs.append(job)
+        if self.metrics is not None:
+            self.metrics.queued(len(self._pending))
         if not rows:
             return
-        self.stats["batches"] += 1
+        self.stats["batches"] += 1  # admissions (a prefill each)
         self.stats["rows"] += len(rows)
-        self.stats["largest_batch"] = max(self.stats["largest_batch"], len(rows))
-        self.stats["running_rows"] = len(rows)
         try:
-            try:
-                decode_rows(self.bb.lm, self.bb.tokenizer, rows, on_step=self._on_step)
-            except Exception:
-                if len(ready) == 1 or any(r.tokens for r in rows):
-                    raise
-                for job in ready:  # a failed prefill: each request alone, so one bad request fails alone
-                    try:
-                        decode_rows(self.bb.lm, self.bb.tokenizer, job.rows, on_step=self._on_step)
-                    except Exception as err:
-                        job.error = ApiError(500, f"generation failed: {type(err).__name__}",
-                                             type="server_error", code="internal_error")
-        finally:
-            self.stats["running_rows"] = 0
-        for job in ready:
-            self.stats["tokens"] += job.completion_tokens
-            if any(r.finish_reason == FINISH_TIMEOUT for r in job.rows):
-                job.error = job.error or timed_out(self.limits.timeout_s)
-            elif job.params.stream:
-                for index, row in enumerate(job.rows):
-                    loop.call_soon_threadsafe(job.events.put_nowait, ("finish", index, row.finish_reason))
+            finished = decoder.add(rows)
+        except Exception as err:  # a failed prefill fails the newcomers only; the running rows go on
+            for job in new_jobs:
+                job.error = ApiError(500, f"generation failed: {type(err).__name__}", type="server_error",
+                                     code="internal_error")
+                job.open_rows = 0
+                self._send_end(job)
+            return
+        self.stats["largest_batch"] = max(self.stats["largest_batch"], decoder.live + len(finished))
+        self._finished(finished)
+
+    def _rows(self, job: Job, name: str) -> list:
+        from sdk.decode import Row
+
+        p, rows = job.params, []
+        for i, ids in enumerate(job.prompt_ids):
+            for k in range(p.n):
+                index = i * p.n + k
+                row = Row(prompt_ids=ids, adapter_name=name, max_new_tokens=p.max_tokens, temperature=p.temperature,
+                          top_p=p.top_p, stop=p.stop, seed=None if p.seed is None else p.seed + index,
+                          ignore_eos=p.ignore_eos, deadline=job.deadline, cancelled=lambda job=job: job.cancelled,
+                          on_delta=self._delta_sender(job, index) if p.stream else None)
+                row.job, row.index = job, index
+                rows.append(row)
+        return rows
+
+    def _finished(self, rows: list) -> None:
+        """Rows that left the batch: finish events; the end of a request whose last row it was."""
+        from sdk.decode import FINISH_TIMEOUT
+
+        for row in rows:
+            job = row.job
+            self.stats["tokens"] += len(row.tokens)
+            if job.params.stream and row.finish_reason != FINISH_TIMEOUT:
+                _post(job, job.events.put_nowait, ("finish", row.index, row.finish_reason))
+            job.open_rows -= 1
+            if job.open_rows == 0:
+                if any(r.finish_reason == FINISH_TIMEOUT for r in job.rows):
+                    job.error = job.error or timed_out(self.limits.timeout_s)
+                self._send_end(job)
+
+    def _send_end(self, job: Job) -> None:
+        _post(job, self._end, job)
+
+    def _end(self, job: Job) -> None:  # on the job's event loop
+        if self.metrics is not None and job.error is None and job.rows:
+            self.metrics.finished(job.served.key or self.base_model, job.prompt_tokens, job.completion_tokens)
+        job.events.put_nowait(("end",))
 
     def _on_step(self, live_rows: int) -> None:
         self.stats["steps"] += 1
         self.stats["running_rows"] = live_rows
 
     @staticmethod
-    def _delta_sender(job: Job, index: int, loop):
+    def _delta_sender(job: Job, index: int):
         def send(row, text: str) -> None:
-            loop.call_soon_threadsafe(job.events.put_nowait, ("delta", index, text))
+            _post(job, job.events.put_nowait, ("delta", index, text))
         return send
 
     def _adapter_name(self, served: Served, keep: list[str]) -> str:
@@ -299,3 +306,12 @@ class Engine:
             raise ApiError(400, f"model {served.model!r} is a {kind} adapter; mixed-adapter serving takes lisa "
                            f"adapters only (use sdk.Backbone for it)", param="model", code="unsupported_kind")
         return name
+
+
+def _post(job: Job, fn, *args) -> None:
+    """Run fn(*args) on the job's event loop (from the worker thread); a closed loop means the
+    request is gone, which must not disturb the batch."""
+    try:
+        job.loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        job.cancelled = True

@@ -40,8 +40,8 @@ class Limits:
     max_batch_size: int = 16         # rows in one decode batch; a request's prompts x n may not exceed it
     max_queue: int = 64              # requests waiting for a batch; beyond: 503
     timeout_s: float = 60.0          # per request, queueing included; its generation stops at the deadline
-    batch_wait_s: float = 0.01       # gather window: a batch starts once no request came for this long
-    batch_max_wait_s: float = 0.05   # ... or after this long
+    batch_wait_s: float = 0.01       # an idle replica waits this long after a request, so that requests
+                                     # sent together are prefilled together (a busy one admits between steps)
 
     def __post_init__(self):
         for name in ("max_tokens", "default_max_tokens", "max_prompt_tokens", "max_batch_size", "max_queue"):

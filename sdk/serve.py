@@ -17,8 +17,15 @@ The request's `model` picks the adapter: a task name ("gsm8k" = gsm8k-lisa@champ
 registry reference ("gsm8k-lisa@champion", "gsm8k-lisa/3") or the base model's name (the
 bare backbone). Aliases are re-resolved every few seconds, so a new `champion` is served
 without restarting. Local adapter folders are served only when the operator starts the
-app with allow_local_folders. Concurrent requests are batched across adapters
-(sdk/engine.py); limits and errors follow sdk/openai_api.py.
+app with allow_local_folders.
+
+Concurrent requests are decoded together, any mix of adapters, with continuous batching
+(sdk/engine.py: requests join and leave the running batch between decode steps); limits,
+validation and error bodies are sdk/openai_api.py. Per-adapter metrics (Ray Serve
+metrics, exported with the replica's): lisa_hub_requests, lisa_hub_prompt_tokens,
+lisa_hub_completion_tokens (tag model), lisa_hub_adapter_loads, lisa_hub_adapter_evictions,
+lisa_hub_adapter_resident (tag adapter), lisa_hub_queue_depth. `run` (the CLI) deletes the
+app on Ctrl-C and on SIGTERM.
 """
 
 from __future__ import annotations

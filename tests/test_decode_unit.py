@@ -13,7 +13,7 @@ import pytest
 
 from adapters_hub.backbone import load_lisa_model
 from adapters_hub.lisa import SharingPlan
-from sdk.decode import Row, decode_rows
+from sdk.decode import Decoder, Row, decode_rows
 from sdk.hotswap import Backbone
 from tests.test_hotswap_unit import _folders
 
@@ -96,3 +96,24 @@ def test_deadline_and_cancel_stop_a_row_and_leave_the_other(served):
     assert rows[0].finish_reason == "timeout" and len(rows[0].tokens) < 400
     assert rows[2].finish_reason == "cancelled" and len(rows[2].tokens) == 3
     assert rows[1].text == bb.generate(PROMPTS[1], adapter=b, max_new_tokens=20)
+
+
+def test_rows_joining_between_steps_get_what_they_get_in_one_static_batch(served):
+    bb, a, b, names = served
+    refs = [a, b, b, a, a]
+    static = decode_rows(bb.lm, bb.tokenizer, _rows(bb, PROMPTS, [names[r] for r in refs], [10] * 5))
+    assert [r.text for r in static] == bb.generate(PROMPTS, adapter=refs, max_new_tokens=10)
+    budgets = [3, 10, 10, 4, 10]
+    rows = _rows(bb, PROMPTS, [names[r] for r in refs], budgets)
+    dec = Decoder(bb.lm, bb.tokenizer)
+    dec.add(rows[:2])        # a short and a long prompt start
+    for _ in range(4):       # row 0 (3 tokens) leaves on the way; the padding it needed is cut
+        dec.step()
+    assert dec.live == 1
+    dec.add(rows[2:4])       # two newcomers join a row that is 5 tokens in
+    dec.step()
+    dec.add(rows[4:])        # the longest prompt joins last
+    while dec.live:
+        dec.step()
+    assert [len(r.tokens) for r in rows] == budgets
+    assert [r.tokens for r in rows] == [s.tokens[:m] for s, m in zip(static, budgets)]

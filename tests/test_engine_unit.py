@@ -152,3 +152,36 @@ def test_prompt_over_the_token_cap_is_refused_before_queueing(setup):
         return info.value
     err = asyncio.run(main())
     assert err.status == 400 and err.code == "context_length_exceeded" and engine.stats["batches"] == 0
+
+
+def test_a_request_joins_a_running_batch_and_leaves_before_it(setup):
+    plan, a, b, _ = setup
+    engine = _engine(plan, max_tokens=1000)
+
+    async def main():
+        alone = await _text(engine, b, PROMPTS[2], 5)
+        long = await engine.submit(params=_params(a, "Hi", 600))
+        while engine.stats["running_rows"] == 0:
+            await asyncio.sleep(0.005)
+        short = await _text(engine, b, PROMPTS[2], 5)  # continuous batching: no wait for the long one
+        still_running = long.open_rows
+        long.cancelled = True
+        await engine.result(long)
+        return alone, short, still_running
+    alone, short, still_running = asyncio.run(main())
+    assert short == alone and still_running == 1
+    assert engine.stats["largest_batch"] == 2
+
+
+def test_pinned_adapters_are_never_evicted_and_loads_are_reported(setup, tmp_path):
+    plan, a, b, _ = setup
+    (c,) = _folders(tmp_path, plan, n=1)
+    bb = Backbone(*load_lisa_model("tiny-llama", plan), base_model="tiny-llama", max_resident=1)
+    events = []
+    bb.on_event = lambda event, key: events.append((event, key))
+    key_a = bb.pin(a)
+    bb.use(b)
+    bb.use(c)  # a pool of one: b goes, the pinned a stays
+    assert key_a in bb.resident and bb.pinned == {key_a}
+    assert ("evict", key_a) not in events and ("evict", bb._resolve(b)[1]) in events
+    assert [e for e, _ in events].count("load") == 3

@@ -1,0 +1,191 @@
+"""Serving under concurrent load: batching across requests and adapters, measured in one run.
+
+    LISA_HUB_DATA_DIR=../shared/data .venv/bin/python benchmarks/serve_load.py [--base smollm2-135m] [--plan plan.json]
+    .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --models gsm8k,wikitext2,a-lisa/1,b-lisa/1
+
+Without --url it is self-contained: a temporary LISA_HUB_HOME with its own MLflow server
+(free port), the base's backbone registered from `--plan` (default: the attention analysis
+of the base, as benchmarks/hotswap_smollm2.py), four LiSA adapters with non-trivial
+random weights registered as bench_a..bench_d-lisa, a local Ray instance and the Serve app
+(`sdk.serve.build_app`, all four adapters pinned) on a free port; all of it is stopped at
+the end. With --url it measures an app already running (`lisa-hub serve ...`) with the
+four adapters named by --models.
+
+Every request is a completion of one of 16 fixed prompts with exactly --new-tokens tokens
+(temperature 0, `ignore_eos`). Loads, each from closed-loop clients (a client sends its
+next request when its answer is back), `--per-client` requests per client at 16 clients
+(more per client at fewer clients, same request count per phase where possible):
+  1 / 4 / 16 clients      requests spread over the 4 adapters (round robin)
+  16 clients, 1 adapter   the same requests, all on the first adapter
+  one at a time           the 16-client requests (4 adapters) sent sequentially
+It prints total generated tok/s, p50/p95 request latency, and the ratios the issue sets
+as targets: 16 clients over 4 adapters vs one at a time (>= 4x) and vs 16 clients on one
+adapter (>= 0.85x).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+PROMPTS = [f"Question: {name} has {i + 2} apples and buys {3 * i + 1} more. How many apples now?\nAnswer:"
+           if i % 2 == 0 else f"The history of {name} begins in the year {1700 + 13 * i}, when"
+           for i, name in enumerate(["Ann", "Bob", "Cleo", "Dan", "Eve", "Fay", "Gus", "Hal", "Ivy", "Jon", "Kim",
+                                     "Lea", "Max", "Ned", "Ola", "Pia"])]
+
+
+def run_load(url: str, requests_: list[tuple[str, str]], clients: int, new_tokens: int) -> dict:
+    """Send `requests_` ((model, prompt) pairs) from `clients` closed-loop clients; timings."""
+    import requests
+
+    latencies: list[float] = []
+    lock = threading.Lock()
+    queues = [requests_[c::clients] for c in range(clients)]
+    errors: list[str] = []
+
+    def client(mine):
+        with requests.Session() as session:
+            for model, prompt in mine:
+                start = time.perf_counter()
+                r = session.post(f"{url}/v1/completions", timeout=600,
+                                 json={"model": model, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0,
+                                       "ignore_eos": True})
+                took = time.perf_counter() - start
+                with lock:
+                    if r.status_code != 200 or r.json()["usage"]["completion_tokens"] != new_tokens:
+                        errors.append(f"{r.status_code} {r.text[:200]}")
+                    latencies.append(took)
+
+    threads = [threading.Thread(target=client, args=(q,)) for q in queues]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    if errors:
+        raise RuntimeError(f"{len(errors)} failed requests, first: {errors[0]}")
+    latencies.sort()
+    tokens = len(requests_) * new_tokens
+    return {"requests": len(requests_), "tokens": tokens, "seconds": wall, "tok_s": tokens / wall,
+            "p50": statistics.median(latencies), "p95": latencies[min(len(latencies) - 1,
+                                                                      int(round(0.95 * (len(latencies) - 1))))]}
+
+
+def self_contained(args, home: Path):
+    """(url, models, stop) of a freshly started app with four registered adapters."""
+    import ray
+    from ray import serve
+
+    from adapters_hub import stack
+
+    stack.up(home=home, ray=False, ports=stack.Ports(mlflow=stack.free_port()))
+    uri = stack.mlflow_url(home)
+
+    def stop():
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        stack.down(home=home)
+    try:
+        return _start(args, home, uri, stop)
+    except BaseException:
+        stop()
+        raise
+
+
+def _start(args, home: Path, uri: str, stop):
+    import mlflow
+    import ray
+    import torch
+    from ray import serve
+
+    from adapters_hub import registry, stack
+    from adapters_hub.backbone import analyse_base, load_lisa_model
+    from adapters_hub.lisa.plan import SharingPlan
+    from sdk.serve import build_app
+
+    plan = SharingPlan.load(args.plan) if args.plan else analyse_base(args.base)[0]
+    (home / "backbone").mkdir()
+    plan.save(home / "backbone" / "plan.json")
+    lm, _ = load_lisa_model(args.base, plan)
+    registry.register_backbone(args.base, home / "backbone", tracking_uri=uri, plan_hash=plan.hash,
+                               base_fingerprint=lm.base_fingerprint)
+    mlflow.set_tracking_uri(uri)
+    models = []
+    for i, task in enumerate(("bench_a", "bench_b", "bench_c", "bench_d")):
+        lm.add_adapter(task, next(iter(lm.peft_config.values())))
+        with torch.no_grad():  # non-trivial weights, so adapters really differ
+            for name, p in lm.named_parameters():
+                if f".{task}." in name:
+                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(i))
+        folder = lm.save_adapter(home / task, task)
+        with mlflow.start_run() as run:
+            reg = registry.register_adapter(
+                run_id=run.info.run_id, adapter_dir=folder, task=task, kind="lisa", base=args.base,
+                base_fingerprint=lm.base_fingerprint, plan_hash=plan.hash, metrics={"adapter.score": float(i)},
+                main_metric="adapter.score", higher_is_better=True, trainable_params=0, tracking_uri=uri)
+        models.append(f"{reg.name}/{reg.version}")
+    del lm
+    port = stack.free_port()
+    ray.init(address="local", num_cpus=args.cpus, include_dashboard=False)  # never someone else's cluster
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(base_model=args.base, tracking_uri=uri, num_cpus=args.cpus, pin=models,
+                        max_batch_size=16, max_tokens=max(64, args.new_tokens)), name="lisa-hub-bench", route_prefix="/")
+    return f"http://127.0.0.1:{port}", models, stop
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--base", default="smollm2-135m")
+    parser.add_argument("--plan", default=None, help="plan.json of the backbone (default: analysis of the base)")
+    parser.add_argument("--url", default=None, help="a running app; needs --models")
+    parser.add_argument("--models", default=None, help="four comma-separated adapters served by --url")
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--per-client", type=int, default=2, help="requests per client at 16 clients")
+    parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance and the replica")
+    args = parser.parse_args()
+
+    stop = None
+    if args.url:
+        if not args.models or len(args.models.split(",")) != 4:
+            parser.error("--url needs --models with four adapters")
+        url, models = args.url.rstrip("/"), args.models.split(",")
+    else:
+        home = Path(tempfile.mkdtemp(prefix="lisa-hub-serve-bench-"))
+        os.environ["LISA_HUB_HOME"] = str(home)
+        url, models, stop = self_contained(args, home)
+    try:
+        total = 16 * args.per_client
+        spread = [(models[k % 4], PROMPTS[k % 16]) for k in range(total)]
+        single = [(models[0], p) for _, p in spread]
+        run_load(url, [(m, PROMPTS[0]) for m in models], 4, 4)  # warm-up: every adapter once
+        rows = []
+        for clients in (1, 4, 16):
+            n = total if clients == 16 else max(clients, total // 4)
+            rows.append((f"{clients} clients, 4 adapters", clients, run_load(url, spread[:n], clients, args.new_tokens)))
+        rows.append(("16 clients, 1 adapter", 16, run_load(url, single, 16, args.new_tokens)))
+        rows.append(("one at a time (same requests)", 1, run_load(url, spread, 1, args.new_tokens)))
+        by = {label: r for label, _, r in rows}
+        base = by["one at a time (same requests)"]["tok_s"]
+        print(f"\nserving {args.base} at {url}: {args.new_tokens} new tokens per request, adapters {', '.join(models)}")
+        print(f"{'load':32s} {'requests':>8s} {'seconds':>8s} {'tok/s':>8s} {'p50 s':>7s} {'p95 s':>7s} "
+              f"{'vs one at a time':>17s}")
+        for label, _, r in rows:
+            print(f"{label:32s} {r['requests']:8d} {r['seconds']:8.2f} {r['tok_s']:8.1f} {r['p50']:7.2f} "
+                  f"{r['p95']:7.2f} {r['tok_s'] / base:16.2f}x")
+        mixed, one = by["16 clients, 4 adapters"]["tok_s"], by["16 clients, 1 adapter"]["tok_s"]
+        print(f"\n16 clients over 4 adapters: {mixed / base:.2f}x one at a time (target >= 4x), "
+              f"{mixed / one:.2f}x of 16 clients on one adapter (target >= 0.85x)")
+    finally:
+        if stop is not None:
+            stop()
+
+
+if __name__ == "__main__":
+    main()
