@@ -113,8 +113,11 @@ class Engine:
             folder, key = await asyncio.to_thread(self.bb.resolve, model)
         except AdapterMismatchError as err:
             raise ApiError(400, f"model: {err}", param="model", code="model_not_compatible") from None
-        except (LookupError, ValueError, OSError):
+        except (LookupError, ValueError):  # unknown, or no valid reference at all
             raise not_found(model) from None
+        except Exception as err:  # the registry itself failed: not the client's fault
+            raise ApiError(503, f"the adapter registry does not answer ({type(err).__name__}); retry later",
+                           type="server_error", code="registry_unavailable") from None
         served = Served(model, key, folder)
         pinned_version = "@" not in model and model.rsplit("/", 1)[-1].isdigit()  # name/3 never changes
         ttl = float("inf") if pinned_version else self.alias_ttl_s

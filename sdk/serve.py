@@ -213,7 +213,13 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
 
             from adapters_hub import registry
 
-            records = await asyncio.to_thread(registry.list_adapters, tracking_uri=self.tracking_uri)
+            from sdk.openai_api import ApiError
+
+            try:
+                records = await asyncio.to_thread(registry.list_adapters, tracking_uri=self.tracking_uri)
+            except Exception as err:
+                raise ApiError(503, f"the adapter registry does not answer ({type(err).__name__}); retry later",
+                               type="server_error", code="registry_unavailable") from None
             base = self.engine.base_model
             entries, seen = [(base, "lisa-hub", self.started)], {base}
             for r in records:

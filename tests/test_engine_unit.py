@@ -185,3 +185,16 @@ def test_pinned_adapters_are_never_evicted_and_loads_are_reported(setup, tmp_pat
     assert key_a in bb.resident and bb.pinned == {key_a}
     assert ("evict", key_a) not in events and ("evict", bb._resolve(b)[1]) in events
     assert [e for e, _ in events].count("load") == 3
+
+
+def test_a_registry_that_does_not_answer_is_a_503_not_a_404(setup):
+    plan, *_ = setup
+    engine = _engine(plan, allow=False)
+    engine.bb.tracking_uri = "http://127.0.0.1:1"  # nothing listens there
+
+    async def main():
+        with pytest.raises(api.ApiError) as info:
+            await engine.submit(params=_params("gsm8k-lisa@champion", "Hi"))
+        return info.value
+    err = asyncio.run(main())
+    assert err.status == 503 and err.code == "registry_unavailable"
