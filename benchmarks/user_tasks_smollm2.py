@@ -26,26 +26,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+from adapters_hub.tasks.cli import PROFILES  # the starter profiles `lisa-hub task init` writes
+
 OPS = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
 
-COMMON = """
-profiles:
-  quick:
-    description: about 10 minutes on a CPU with SmolLM2-135M
-    default_base: smollm2-135m
-    max_steps: 50
-    train_examples: 200
-    eval_examples: 64
-    batch_size: 4
-    eval_batch_size: 16
-    grad_accum: 1
-    lr: 1.0e-3
-    max_seq_len: 256
-    num_workers: 1
-    use_gpu: false
-    distill_beta: 0.0
-    save_steps: 0
-"""
 
 OP_SPEC = """name: gsm8k-op
 description: Which operation the first calculator step of a GSM8K solution uses.
@@ -60,7 +44,7 @@ main_metric: accuracy
 direction: higher
 tie_breaker: answer_nll
 generation: {max_new_tokens: 4, stop: ["\\n"]}
-""" + COMMON
+""" + PROFILES
 
 MC_SPEC = """name: gsm8k-mc
 description: The final answer of a GSM8K question among four numbers.
@@ -75,7 +59,7 @@ main_metric: mc_accuracy
 direction: higher
 tie_breaker: answer_nll
 generation: {max_new_tokens: 8}
-""" + COMMON
+""" + PROFILES
 
 
 def first_op(solution: str) -> str | None:

@@ -156,13 +156,7 @@ def test_killed_job_resumes_from_its_checkpoint(cluster, ray_stack):
     dashboard, home = cluster[0], ray_stack[0]
     overrides = {"max_steps": 40, "save_steps": 4, "eval_examples": 4, "max_new_tokens": 2}
     job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
-    deadline = time.monotonic() + 600
-    # Stop once Ray Train has recorded a checkpoint in the run's snapshot (the worker's
-    # "Checkpoint successfully created" line may come before the controller writes it).
-    while not _checkpoint_recorded(home / "train", "gsm8k-lisa-"):
-        assert not job.status().is_terminal(), job.logs()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(1)
+    wait_for_checkpoint(job, home / "train", "gsm8k-lisa-")
     job.stop()
     while not job.status().is_terminal():
         time.sleep(1)
@@ -186,6 +180,16 @@ def test_killed_job_resumes_from_its_checkpoint(cluster, ray_stack):
     assert expected in logs, logs[-3000:]
     assert ("init.answer_nll" in result.metrics) == (expected == "init=general adapter"), result.metrics
     assert result.version  # registered after the resumed run
+
+
+def wait_for_checkpoint(job, storage, prefix: str, timeout: float = 600) -> None:
+    """Until Ray Train has recorded a checkpoint in the run's snapshot (the worker's
+    "Checkpoint successfully created" line may come before the controller writes it)."""
+    deadline = time.monotonic() + timeout
+    while not _checkpoint_recorded(storage, prefix):
+        assert not job.status().is_terminal(), job.logs()[-2000:]
+        assert time.monotonic() < deadline
+        time.sleep(1)
 
 
 def _checkpoint_recorded(storage, prefix: str) -> bool:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
@@ -52,16 +51,12 @@ def test_a_killed_train_worker_is_retried_from_its_checkpoint(ray_stack, own_mlf
     import psutil
 
     import sdk
-    from tests.test_e2e import _checkpoint_recorded
+    from tests.test_e2e import wait_for_checkpoint
 
     home, dashboard, _ = ray_stack
     overrides = {"max_steps": 40, "save_steps": 4, "eval_examples": 4, "max_new_tokens": 2, "seed": 7}
     job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
-    deadline = time.monotonic() + 600
-    while not _checkpoint_recorded(home / "train", "gsm8k-lisa-"):
-        assert not job.status().is_terminal(), job.logs()[-2000:]
-        assert time.monotonic() < deadline
-        time.sleep(1)
+    wait_for_checkpoint(job, home / "train", "gsm8k-lisa-")
     workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
     assert workers, "no Ray Train worker process found"
     for proc in workers:
