@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -139,11 +141,16 @@ def add_nodes(n: int, *, home: Path | None = None, num_cpus: int = 1, timeout: f
     for i in range(len(existing) + 1, len(existing) + n + 1):
         name = f"ray-node-{i}"
         env = _ray_env(home, mlflow_url(home))
-        argv = [_bin("ray"), "start", "--block", "--address", head.extra["gcs_address"],
+        # A temp dir of its own: nodes on one machine would otherwise share the session's
+        # runtime_resources, and one node's agent deletes a job's working_dir that a
+        # process on the other node still runs in. Short, for the socket paths under it.
+        temp = tempfile.mkdtemp(prefix="ray-n", dir="/tmp")
+        argv = [_bin("ray"), "start", "--block", "--address", head.extra["gcs_address"], "--temp-dir", temp,
                 "--node-ip-address", "127.0.0.1", "--num-cpus", str(num_cpus),
                 "--dashboard-agent-listen-port", str(free_port()), "--metrics-export-port", str(free_port()),
                 "--object-store-memory", str(256 * 1024**2), "--disable-usage-stats"]
         state[name] = _spawn(home, name, argv, env)
+        state[name].extra["temp_dir"] = temp
         names.append(name)
     _save_state(home, state)
     want = len(existing) + n + 1
@@ -174,6 +181,8 @@ def remove_nodes(*, home: Path | None = None, timeout: float = 60.0) -> list[str
         if _alive(rec):
             _terminate_group(rec.pid, 15.0)
             stopped.append(name)
+        if rec.extra.get("temp_dir"):
+            shutil.rmtree(rec.extra["temp_dir"], ignore_errors=True)
     _save_state(home, state)
     head = state.get("ray")
     deadline = time.monotonic() + timeout
@@ -224,6 +233,8 @@ def down(*, home: Path | None = None, timeout: float = 15.0) -> list[str]:
             continue
         _terminate_group(rec.pid, timeout)
         stopped.append(f"{name} (pid {rec.pid})")
+        if rec.extra.get("temp_dir"):
+            shutil.rmtree(rec.extra["temp_dir"], ignore_errors=True)
     _save_state(home, state)
     return stopped
 
