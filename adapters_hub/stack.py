@@ -280,6 +280,24 @@ def check_ray_address(address: str | None, timeout: float = 3.0) -> str | None:
     return address
 
 
+def connect_ray() -> None:
+    """ray.init for a job's driver: RAY_ADDRESS (checked first), else this stack's head by its
+    127.0.0.1 GCS address. (Ray's own "auto" finds a local head through the machine's
+    external address, which our 127.0.0.1 head does not answer as itself: a Train
+    controller started that way died before it ran.)"""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = check_ray_address(os.environ.get("RAY_ADDRESS"))
+    if address is None:
+        head = _load_state(settings.home()).get("ray")
+        if _alive(head):
+            address = head.extra["gcs_address"]
+            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the stack's head runs (_ray_env)
+    ray.init(address=address, log_to_driver=True)
+
+
 # ----------------------------------------------------------------------------- starting
 
 
@@ -541,7 +559,7 @@ def _cmd_status(args) -> int:
         print("listening:")
         for service, process, address in ports:
             note = "" if is_loopback(address) else "   <- reachable from other hosts"
-            print(f"  {service:<7} {process:<22} {address}{note}")
+            print(f"  {service:<10} {process:<22} {address}{note}")
     return 0 if all(s.healthy for s in report) else 1
 
 

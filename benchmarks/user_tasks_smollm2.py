@@ -10,9 +10,10 @@ What it builds (in --out, never in the repository), as a user would with their o
   gsm8k-mc   multiple choice, CSV: the final answer among four numbers (the true one and
              three seeded distractors near it), scored by the log-likelihood of each
              choice (mc_accuracy), as lm-evaluation-harness does.
-Training rows come from GSM8K train, evaluation rows from GSM8K test. Each task runs
-`python -m jobs.adapt --spec ... --profile quick` (Ray Train + registration) against the
-stack in LISA_HUB_HOME (`lisa-hub up` first), then the table of base / adapter metrics.
+Training rows come from GSM8K train, evaluation rows from GSM8K test. Each task is
+submitted with `sdk.submit_adaptation(spec=..., profile="quick")` to the running stack
+(`lisa-hub up` first; the spec and its data travel with the job), then the table of
+base / fresh backbone / general adapter / task adapter metrics.
 """
 
 from __future__ import annotations
@@ -22,8 +23,6 @@ import csv
 import json
 import random
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 from adapters_hub.tasks.cli import PROFILES  # the starter profiles `lisa-hub task init` writes
@@ -110,15 +109,14 @@ def main() -> None:
     args = parser.parse_args()
     data_dir = Path(os.environ.get("LISA_HUB_DATA_DIR", "../shared/data"))
     specs = build(Path(args.out), data_dir)
+    import sdk
+
     results = {}
     for name in args.tasks.split(","):
-        run = subprocess.run([sys.executable, "-m", "jobs.adapt", "--spec", str(specs[name]), "--profile", "quick"],
-                             capture_output=True, text=True)
-        marker = [line for line in run.stdout.splitlines() if line.startswith("LISA_HUB_RESULT ")]
-        if run.returncode != 0 or not marker:
-            print(run.stdout[-3000:], run.stderr[-3000:], file=sys.stderr)
-            raise SystemExit(f"{name}: job failed ({run.returncode})")
-        results[name] = json.loads(marker[-1].removeprefix("LISA_HUB_RESULT "))
+        job = sdk.submit_adaptation(spec=specs[name], profile="quick")  # spec and data travel with the job
+        print(f"{name}: job {job.id}", flush=True)
+        result = job.wait(timeout=3600)
+        results[name] = {**result.raw, "seconds": result.raw.get("seconds")}
     print("\n| task | metric | base | fresh backbone | general adapter | task adapter | seconds |")
     print("|---|---|---|---|---|---|---|")
     for name, r in results.items():

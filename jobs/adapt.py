@@ -221,10 +221,9 @@ def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, 
 
     from adapters_hub import settings
 
-    if not ray.is_initialized():
-        from adapters_hub.stack import check_ray_address
+    from adapters_hub.stack import connect_ray
 
-        ray.init(address=check_ray_address(os.environ.get("RAY_ADDRESS")), log_to_driver=True)
+    connect_ray()
     storage = settings.train_storage()
     _check_storage(storage)
     fs, run_path = _run_storage(storage, run_key)
@@ -307,7 +306,9 @@ def _cpus_per_worker(num_workers: int) -> int:
     import ray
 
     free = int(ray.available_resources().get("CPU", 1))
-    return max(1, free // max(1, num_workers))
+    # a worker cannot span nodes: no more than the largest node has
+    per_node = max((int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
+    return max(1, min(free // max(1, num_workers), per_node))
 
 
 def _use_all_cores() -> None:

@@ -323,8 +323,9 @@ def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, 
         shutil.rmtree(storage / run_key, ignore_errors=True)
     elif (storage / run_key).exists():
         print(f"[convert] found an interrupted run {run_key}: resuming from its last checkpoint", flush=True)
-    if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    from adapters_hub.stack import connect_ray
+
+    connect_ray()
     cpus = max(1, int(ray.available_resources().get("CPU", 1)))
     trainer = TorchTrainer(
         train_loop, train_loop_config=cfg,

@@ -330,7 +330,7 @@ class _AttentionBase(nn.Module):
         b, t, _ = x.shape
         return proj(x).view(b, t, -1, width).transpose(1, 2)  # (B, h, T, width)
 
-    def _dense_scores(self, x, cos, sin, past_key_values):
+    def dense_scores(self, x, cos, sin, past_key_values):
         """Full-rank eager scores Z (B, H, Tq, Tk), the values (B, KVH, Tk, d); caches K, V."""
         q, k, v = self._dense_qkv(x, cos, sin, past_key_values)  # (B, H, Tq, d), (B, KVH, Tk, d) x 2
         z = gqa_scores(q, k) * self.scaling
@@ -378,7 +378,7 @@ class ScoredAttention(_AttentionBase):
         cos, sin = position_embeddings
         if self._fast(hidden_states):  # SDPA for itself; its consumers get factors, not scores
             return self._dense_fast(hidden_states, cos, sin, attention_mask, past_key_values), None
-        z, v = self._dense_scores(hidden_states, cos, sin, past_key_values)  # (B, H, Tq, Tk)
+        z, v = self.dense_scores(hidden_states, cos, sin, past_key_values)  # (B, H, Tq, Tk)
         mask = additive_mask(attention_mask, z.shape[-2], z.shape[-1], z.device)
         self._bus.put(self.layer_idx, z)
         probs = softmax_fp32(z, mask)  # (B, H, Tq, Tk)
@@ -530,7 +530,7 @@ class LisaAttention(_AttentionBase):
         if isinstance(donor, ScoreFactors):  # an FFN aligner needs Z itself
             donor = donor.materialize()
         if names is None:  # adapters disabled: the layer's original attention
-            z, v = self._dense_scores(x, cos, sin, past_key_values)
+            z, v = self.dense_scores(x, cos, sin, past_key_values)
         else:
             z, v = self.scores(names, x, cos, sin, donor, past_key_values)
         mask = additive_mask(attention_mask, z.shape[-2], z.shape[-1], z.device)  # (B|1, 1, Tq, Tk)
@@ -593,7 +593,7 @@ class LisaAttention(_AttentionBase):
         if z.shape[-1] != z.shape[-2]:
             raise RuntimeError("attention distillation needs full sequences (no KV cache from earlier steps)")
         with torch.no_grad():
-            teacher, _ = self._dense_scores(x, cos, sin, None)
+            teacher, _ = self.dense_scores(x, cos, sin, None)
             p = softmax_fp32(teacher, mask)                                        # (B, H, Tq, Tk)
         log_a = torch.log_softmax(z.float() + mask, dim=-1)
         kl = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-30)) - log_a), torch.zeros_like(p))

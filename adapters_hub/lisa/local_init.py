@@ -129,7 +129,7 @@ def _scores_of(layer: int, lm, lisa, inputs, rope, scores, name) -> torch.Tensor
         raise RuntimeError(f"local_init: scores of substituted donor layer {layer} are missing")
     module = lm.model.get_decoder().layers[layer].self_attn
     with torch.no_grad():
-        z = torch.cat([module._dense_scores(inputs[layer][i : i + 1], *rope, None)[0]
+        z = torch.cat([module.dense_scores(inputs[layer][i : i + 1], *rope, None)[0]
                        for i in range(inputs[layer].shape[0])])
     scores[layer] = z
     return z
@@ -146,7 +146,7 @@ def _fit_layer(module: LisaAttention, name, x, rope, donor_z, mask, fit_rows, te
                steps, lr, batch_size) -> LayerFit:
     t0 = time.perf_counter()
     with torch.no_grad():  # teacher log-probabilities of the layer's own dense attention
-        teacher = torch.cat([torch.log_softmax(module._dense_scores(x[i : i + 1], *rope, None)[0].float() + mask, -1)
+        teacher = torch.cat([torch.log_softmax(module.dense_scores(x[i : i + 1], *rope, None)[0].float() + mask, -1)
                              for i in range(x.shape[0])])  # (N, H, T, T)
         # masked entries: p = 0; keep log p finite so that 0 * (log p - log q) stays 0
         teacher = teacher.clamp_min(torch.finfo(torch.float32).min / 4)
