@@ -66,3 +66,43 @@ def test_a_killed_train_worker_is_retried_from_its_checkpoint(ray_stack, own_mlf
     assert "resuming from checkpoint at step" in logs, logs[-3000:]
     assert 4 <= int(logs.split("resuming from checkpoint at step")[1].split()[0]) < 40
     assert result.version == "1"
+
+
+def test_mlflow_stopped_mid_job_fails_it_within_a_minute_and_registers_nothing(ray_stack, tmp_path_factory,
+                                                                               monkeypatch):
+    import time
+
+    import sdk
+    from adapters_hub import registry, stack
+
+    import shutil
+
+    before = set((ray_stack[0] / "train").glob("*"))
+    home = tmp_path_factory.mktemp("dying-mlflow")
+    ports = stack.Ports(dashboard=stack.free_port(), gcs=stack.free_port(), mlflow=stack.free_port())
+    stack.up(home=home, ray=False, ports=ports)
+    uri = stack.mlflow_url(home)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    try:
+        overrides = {"max_steps": 400, "save_steps": 4, "eval_examples": 2, "max_new_tokens": 2, "seed": 13}
+        job = sdk.submit_adaptation(task="gsm8k", address=ray_stack[1], overrides=overrides, **SMOKE)
+        deadline = time.monotonic() + 600
+        while "Reporting training result" not in job.logs():  # training runs and has logged steps
+            assert not job.status().is_terminal(), job.logs()[-2000:]
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        stack.down(home=home)
+        killed = time.monotonic()
+        with pytest.raises(sdk.JobFailedError):
+            job.wait(timeout=300)
+        assert time.monotonic() - killed < 60, "the job took more than a minute to fail"
+        assert "MLflow" in job.logs().split("Reporting training result")[-1]
+        stack.up(home=home, ray=False, ports=ports)  # the same registry, back
+        assert registry.Registry(uri).list_adapters("gsm8k") == []
+    finally:
+        stack.down(home=home)
+        for left in set((ray_stack[0] / "train").glob("*")) - before:  # the failed run's checkpoints and lock
+            if left.is_dir():
+                shutil.rmtree(left, ignore_errors=True)
+            else:
+                left.unlink(missing_ok=True)

@@ -5,6 +5,7 @@ node-local checkpoint storage for a multi-node run. Registers into an MLflow of 
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -52,3 +53,31 @@ def test_a_two_worker_job_spreads_over_two_nodes_and_registers_one_adapter(two_n
     losses = client.get_metric_history(result.run_id, "train/loss")
     assert sorted(m.step for m in losses) == [1, 2, 3]  # one curve: rank 0's
     assert result.version == "1" and "champion" in result.aliases
+
+
+def test_a_killed_worker_of_a_two_worker_job_is_retried_from_its_checkpoint(two_nodes, own_mlflow, monkeypatch):
+    import os
+    import signal
+
+    import psutil
+
+    import sdk
+
+    home, dashboard, _ = two_nodes
+    monkeypatch.setenv("LISA_HUB_STORAGE", str(home / "train"))
+    overrides = {"num_workers": 2, "placement_strategy": "STRICT_SPREAD", "batch_size": 1, "max_steps": 30,
+                 "save_steps": 3, "seed": 12, "eval_examples": 2, "max_new_tokens": 2}
+    job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
+    deadline = time.monotonic() + 600
+    while "Reporting training result" not in job.logs():  # this job has reported a checkpoint
+        assert not job.status().is_terminal() and time.monotonic() < deadline, job.logs()[-2000:]
+        time.sleep(1)
+    time.sleep(2)  # the controller records it
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert len(workers) == 2, [w.info["cmdline"] for w in workers]
+    os.kill(workers[-1].pid, signal.SIGKILL)  # one of the two
+    result = job.wait(timeout=900)
+    logs = job.logs()
+    assert "resuming from checkpoint at step" in logs, logs[-3000:]
+    assert 3 <= int(logs.split("resuming from checkpoint at step")[1].split()[0]) < 30
+    assert result.version
