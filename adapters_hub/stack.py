@@ -87,6 +87,7 @@ def up(*, home: Path | None = None, ray: bool = True, mlflow: bool = True,
     ports = ports or Ports()
     state = _load_state(home)
     started = []
+    cpus_per_node = max(1, (os.cpu_count() or 1) // nodes)  # with nodes > 1, the machine's CPUs split
     if mlflow and not _alive(state.get("mlflow")):
         _require_free(ports.mlflow, "MLflow", "--mlflow-port")
         state["mlflow"] = _start_mlflow(home, ports.mlflow)
@@ -95,8 +96,8 @@ def up(*, home: Path | None = None, ray: bool = True, mlflow: bool = True,
         _require_free(ports.dashboard, "the Ray dashboard", "--dashboard-port")
         _require_free(ports.gcs, "the Ray GCS", "--ray-port")
         mlflow_port = state["mlflow"].port if state.get("mlflow") else ports.mlflow
-        cpus = max(1, (os.cpu_count() or 1) // nodes) if nodes > 1 else None
-        state["ray"] = _start_ray(home, ports, f"http://127.0.0.1:{mlflow_port}", num_cpus=cpus,
+        state["ray"] = _start_ray(home, ports, f"http://127.0.0.1:{mlflow_port}",
+                                  num_cpus=cpus_per_node if nodes > 1 else None,
                                   shared_storage=nodes > 1)
         state["ray"].extra["nodes"] = nodes
         started.append("ray")
@@ -112,7 +113,7 @@ def up(*, home: Path | None = None, ray: bool = True, mlflow: bool = True,
         if all(s.healthy for s in wanted):
             have = sum(1 for k in _load_state(home) if k.startswith("ray-node-"))
             if ray and nodes > 1 and have < nodes - 1:
-                add_nodes(nodes - 1 - have, home=home, num_cpus=max(1, (os.cpu_count() or 1) // nodes))
+                add_nodes(nodes - 1 - have, home=home, num_cpus=cpus_per_node)
             return report
         for name in started:  # a service that died while starting: say so at once
             if not _alive(state[name]):
@@ -409,8 +410,7 @@ def _terminate_group(pid: int, timeout: float) -> None:
     import psutil
 
     try:
-        members = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == pid]
-        members += [c for m in list(members) for c in _descendants(m) if c not in members]
+        members = _group_and_descendants(pid)
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
@@ -427,13 +427,18 @@ def _terminate_group(pid: int, timeout: float) -> None:
             pass
 
 
-def _descendants(proc) -> list:
+def _group_and_descendants(pgid: int) -> list:
+    """The processes of a started service: its process group, and every descendant (Ray
+    starts job drivers and workers in sessions of their own)."""
     import psutil
 
-    try:
-        return proc.children(recursive=True)
-    except psutil.Error:
-        return []
+    members = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == pgid]
+    for proc in list(members):
+        try:
+            members += [c for c in proc.children(recursive=True) if c not in members]
+        except psutil.Error:
+            pass
+    return members
 
 
 def listening(*, home: Path | None = None) -> list[tuple[str, str, str]]:
@@ -446,9 +451,7 @@ def listening(*, home: Path | None = None) -> list[tuple[str, str, str]]:
     for name, rec in sorted(_load_state(home).items()):
         if not _alive(rec):
             continue
-        procs = [p for p in psutil.process_iter(["pid"]) if _pgid(p.pid) == rec.pid]
-        procs += [c for p in list(procs) for c in _descendants(p) if c not in procs]
-        for proc in procs:
+        for proc in _group_and_descendants(rec.pid):
             try:
                 conns = proc.net_connections(kind="tcp")
                 pname = proc.name()

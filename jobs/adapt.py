@@ -86,7 +86,8 @@ def main(spec: AdaptSpec) -> dict:
     print(f"[adapt] plan {plan.hash} ({len(plan.layers)} shared layers); {len(train_rows)} train / "
           f"{len(eval_rows)} eval rows; init={'general adapter' if init_from else 'fresh'}", flush=True)
 
-    run_key = _run_key(spec, base, plan.hash)
+    digest = spec_digest(task)
+    run_key = _run_key(spec, base, plan.hash, digest if spec.spec_file else "")
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(f"lisa-hub/{task.name}")
     with _run_lock(run_key), mlflow.start_run(run_name=f"{task.name}-{spec.kind}-{base}") as run:
@@ -98,12 +99,12 @@ def main(spec: AdaptSpec) -> dict:
                            **_flat(profile.model_dump())})
         print(f"[adapt] {profile.num_workers} worker(s) x batch {profile.batch_size} x grad_accum "
               f"{profile.grad_accum} = global batch {global_batch}", flush=True)
-        mlflow.set_tag("spec_sha256", spec_digest(task))
+        mlflow.set_tag("spec_sha256", digest)
         _log_datasets(task, train_rows, eval_rows)
         # The workers get SFT examples, not the spec: a user's spec and data stay with the driver.
         train_cfg = {"task": task.name, "kind": spec.kind, "base": base, "plan": plan.to_dict(),
                      "profile": profile.model_dump(), "examples": sft_examples(task, train_rows),
-                     "chat": task.is_chat, "init_from": init_from,
+                     "init_from": init_from,
                      "run_id": run.info.run_id, "tracking_uri": uri}
         adapter_dir, history, trainable = _train_on_ray(train_cfg, run_key=run_key, fresh_start=spec.fresh_start)
         mlflow.log_metric("train_seconds", time.perf_counter() - t0)
@@ -119,7 +120,7 @@ def main(spec: AdaptSpec) -> dict:
             plan_hash=plan.hash, metrics=metrics, main_metric=f"adapter.{task.main_metric.value}",
             higher_is_better=task.higher_is_better, trainable_params=trainable, tracking_uri=uri,
             tie_breaker=(f"adapter.{task.tie_breaker.value}", task.tie_breaker.higher_is_better)
-            if task.tie_breaker else None, extra_tags={"spec_sha256": spec_digest(task)})
+            if task.tie_breaker else None, extra_tags={"spec_sha256": digest})
         _delete_run(run_key)  # done: the next run of this spec starts fresh
         shutil.rmtree(adapter_dir, ignore_errors=True)
 
@@ -165,10 +166,8 @@ def _general_adapter(task: str, base: str, plan, uri: str) -> str | None:
     return str(registry.resolve("wikitext2-lisa@champion", tracking_uri=uri))
 
 
-def _run_key(spec: AdaptSpec, base: str, plan_hash: str) -> str:
-    from adapters_hub.tasks import load_task, spec_digest
-
-    digest = spec_digest(load_task(spec.task, spec.spec_file)) if spec.spec_file else ""
+def _run_key(spec: AdaptSpec, base: str, plan_hash: str, digest: str = "") -> str:
+    """Names an interrupted run so that the same job resumes it; a user's spec counts by its digest."""
     key = json.dumps([spec.task, spec.kind, spec.backbone, base, spec.profile, spec.overrides, plan_hash]
                      + ([digest] if digest else []), sort_keys=True)
     return f"{spec.task}-{spec.kind}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
@@ -220,7 +219,6 @@ def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, 
     from ray.train.torch import TorchTrainer
 
     from adapters_hub import settings
-
     from adapters_hub.stack import connect_ray
 
     connect_ray()
@@ -229,10 +227,11 @@ def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, 
     fs, run_path = _run_storage(storage, run_key)
     from pyarrow.fs import FileType
 
-    if fresh_start and fs.get_file_info(run_path).type is not FileType.NotFound:
-        fs.delete_dir(run_path)
-    elif fs.get_file_info(run_path).type is not FileType.NotFound:
-        print(f"[adapt] found an interrupted run {run_key}: resuming from its last checkpoint", flush=True)
+    if fs.get_file_info(run_path).type is not FileType.NotFound:
+        if fresh_start:
+            fs.delete_dir(run_path)
+        else:
+            print(f"[adapt] found an interrupted run {run_key}: resuming from its last checkpoint", flush=True)
     profile = cfg["profile"]
     trainer = TorchTrainer(
         train_loop,

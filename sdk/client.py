@@ -283,12 +283,12 @@ def _task_files(spec, profile) -> dict[str, Path]:
     """A user task's files for the job's working_dir, spec first: {path in the package: local path}.
     Its rows are checked here (TaskDataError names file, row and field) unless they come from
     the Hugging Face hub, which the cluster reads itself."""
-    from adapters_hub.tasks import load_rows
+    from adapters_hub.tasks import DataLoader, load_rows
     from adapters_hub.tasks.sources import data_files, spec_folder
 
     folder = spec_folder(spec)
     files = data_files(spec)
-    if files or spec.dataset.loader.value == "files":
+    if files or spec.dataset.loader is DataLoader.files:
         load_rows(spec, "train", profile)
         load_rows(spec, "eval", profile)
     package = f"user_tasks/{spec.name}"

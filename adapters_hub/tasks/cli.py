@@ -123,20 +123,23 @@ def _init(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else data.with_name(f"{args.name}.yaml")
     if out.exists():
         raise ValueError(f"{out} exists; pass --out to write elsewhere")
-    relative = lambda p: Path(p).expanduser().resolve().relative_to(out.parent.resolve()).as_posix()  # noqa: E731
-    try:
-        text = starter_spec(args.name, rows[:500], data=relative(data),
-                            eval_data=relative(args.eval_data) if args.eval_data else None)
-    except ValueError as err:
-        if "relative" in str(err):
-            raise ValueError(f"{out}: the data must be in the spec's folder or below it") from None
-        raise
+    text = starter_spec(args.name, rows[:500], data=_relative(data, out),
+                        eval_data=_relative(args.eval_data, out) if args.eval_data else None)
     header = (f"# Task {args.name}: written by `lisa-hub task init` from {data.name}; edit it, then\n"
               f"#   lisa-hub task check {out.name}\n#   lisa-hub submit --spec {out.name} --profile quick\n")
     out.write_text(header + text)
     load_task_file(out)  # what we wrote must validate
     print(f"wrote {out}")
     return 0
+
+
+def _relative(path, spec_file: Path) -> str:
+    """`path` as the spec names it: relative to the spec's folder, which must hold it."""
+    try:
+        return Path(path).expanduser().resolve().relative_to(spec_file.parent.resolve()).as_posix()
+    except ValueError:
+        raise ValueError(f"{spec_file}: the data {path} must be in the spec's folder or below it "
+                         "(a job carries that folder)") from None
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -21,12 +21,11 @@ from adapters_hub.tasks.spec import TASK_NAME, DataLoader, Profile, TaskSpec, Ta
 def tasks_dir() -> Path:
     """manifests/tasks beside the package (repo checkout, editable install), or LISA_HUB_TASKS_DIR."""
     override = os.environ.get("LISA_HUB_TASKS_DIR")
-    if override:
-        return Path(override).expanduser()
-    return Path(__file__).resolve().parents[2] / "manifests" / "tasks"
+    return Path(override).expanduser() if override else builtin_tasks_dir()
 
 
 def builtin_tasks_dir() -> Path:
+    """The repository's manifests/tasks: the built-in specs, whatever LISA_HUB_TASKS_DIR says."""
     return Path(__file__).resolve().parents[2] / "manifests" / "tasks"
 
 
