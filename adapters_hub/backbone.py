@@ -75,7 +75,7 @@ def dense_plan(base: str):
 
 def analyse_base(base: str, *, fraction: float = CALIBRATION["fraction"]):
     """(plan, report) from the attention analysis of `base` on the calibration text."""
-    from adapters_hub.data import load_text, token_blocks
+    from adapters_hub.data import token_blocks, trainable_text
     from adapters_hub.lisa.analysis import analyze_attention
     from adapters_hub.lisa.plan import SharingPlan
     from adapters_hub.models import load_base
@@ -83,7 +83,7 @@ def analyse_base(base: str, *, fraction: float = CALIBRATION["fraction"]):
     model, tok = load_base(base)
     n, t = CALIBRATION["n_blocks"], CALIBRATION["block_len"]
     # Calibrate past the first 8 x 1024 tokens, which the perplexity benchmarks score.
-    blocks = token_blocks(tok, load_text(CALIBRATION["data"]), n_blocks=8 * 1024 // t + n, block_len=t)[-n:]
+    blocks = token_blocks(tok, trainable_text(CALIBRATION["data"]), n_blocks=8 * 1024 // t + n, block_len=t)[-n:]
     report = analyze_attention(model, [blocks[i : i + 1] for i in range(n)])
     return SharingPlan.from_report(report, fraction=fraction), report
 

@@ -37,8 +37,8 @@ def _analyze(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from adapters_hub.data import load_text, token_blocks
     from adapters_hub import registry
+    from adapters_hub.data import token_blocks, trainable_text
     from adapters_hub.lisa.analysis import analyze_attention
     from adapters_hub.lisa.plan import SharingPlan
     from adapters_hub.models import load_base
@@ -46,7 +46,7 @@ def _analyze(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tok = load_base(args.base, dtype=args.dtype)
     n_skip = -(-args.skip_tokens // args.block_len)  # whole blocks, rounded up
-    blocks = token_blocks(tok, load_text(args.data), n_blocks=n_skip + args.blocks, block_len=args.block_len)[n_skip:]
+    blocks = token_blocks(tok, trainable_text(args.data), n_blocks=n_skip + args.blocks, block_len=args.block_len)[n_skip:]
     report = analyze_attention(model, blocks, sensitivity=args.sensitivity, progress=True, base=args.base)
     plan = SharingPlan.from_report(report, fraction=args.fraction, protect_first=args.protect_first, rank=args.rank)
     out = Path(args.out)
