@@ -2,12 +2,19 @@
 
   plan = backbone_plan("smollm2-135m")     # from the registry, or analysed + registered now
   folder = backbone_folder("smollm2-135m") # the registered folder: plan.json [, adapter/]
-  lm, tok = load_lisa_model("smollm2-135m", plan, general_adapter=folder / "adapter")
+  lm, tok = load_lisa_model("smollm2-135m", plan, general_adapter=folder / "adapter",
+                            healing=healing_of(folder))   # healing merged into the weights first
 
 The fresh adapter FRESH (permutation aligner, zero low-rank difference) is "aligned
 direct sharing". A converted backbone (`jobs/convert.py`) also holds a general adapter,
 fitted to keep the base's quality; when given, it is loaded as GENERAL and made active:
 task adapters start from it and `lora` adapters train on top of it.
+
+A converted backbone may also be *healed* (`healing/`: low-rank updates of its own linears
+and norm scales, trained with the general adapter); `load_lisa_model` merges them into the
+weights before anything else, so a token costs what it costs on an unhealed backbone, and
+the backbone's fingerprint includes the healing digest (adapters of healed and unhealed
+backbones never cross).
 
 A *dense* backbone (`dense_plan`: no layer shared) is the unmodified base model, for the
 `lora` baseline; its plan hash differs, so adapters never cross between the two.
@@ -65,6 +72,15 @@ def general_adapter_of(folder: Path | None) -> Path | None:
     return Path(folder) / "adapter"
 
 
+def healing_of(folder: Path | None) -> Path | None:
+    """The healing inside a backbone folder, when the conversion healed it."""
+    from adapters_hub.lisa.healing import CONFIG_NAME
+
+    if folder is None or not (Path(folder) / "healing" / CONFIG_NAME).is_file():
+        return None
+    return Path(folder) / "healing"
+
+
 def dense_plan(base: str):
     """The plan of the dense backbone of `base`: the same shape, no layer shared."""
     from adapters_hub.lisa.plan import SharingPlan
@@ -89,21 +105,28 @@ def analyse_base(base: str, *, fraction: float = CALIBRATION["fraction"]):
 
 
 def load_lisa_model(base: str, plan, *, dtype=None, general_adapter: str | Path | None = None,
-                   prune: bool = False):
+                   healing: str | Path | None = None, prune: bool = False):
     """(LisaModel, tokenizer) for `base` and `plan`: the FRESH adapter, and GENERAL (active)
-    when `general_adapter` is given. `prune` drops W_q/W_k of the substituted layers
-    (serving: the memory LiSA saves; no dense teacher or distillation afterwards)."""
+    when `general_adapter` is given. `healing` (a backbone's healing/ folder) is merged into
+    the weights first; the model's fingerprint then names base + healing. `prune` drops
+    W_q/W_k of the substituted layers (serving: the memory LiSA saves; no dense teacher or
+    distillation afterwards)."""
+    from adapters_hub.lisa import healing as heal
     from adapters_hub.lisa.config import LisaConfig
     from adapters_hub.lisa.model import LisaModel
-    from adapters_hub.models import load_base
+    from adapters_hub.models import fingerprint, load_base
 
     model, tok = load_base(base, dtype=dtype)
+    fp = None
+    if healing is not None:
+        fp = heal.healed_fingerprint(fingerprint(model), heal.merge(model, healing))
     aligner = "linear"
     if general_adapter is not None:  # the fresh adapter takes the general one's aligner kind
         import json
 
         aligner = json.loads((Path(general_adapter) / "adapter_config.json").read_text()).get("aligner", "ffn")
-    lm = LisaModel(model, LisaConfig(plan=plan, aligner=aligner), adapter_name=FRESH)
+    lm = LisaModel(model, LisaConfig(plan=plan, aligner=aligner), adapter_name=FRESH, fingerprint=fp)
+    lm.healing = str(healing) if healing is not None else None
     if general_adapter is not None:
         lm.load_adapter(general_adapter, GENERAL, activate=True)
     for p in lm.parameters():

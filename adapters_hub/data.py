@@ -81,6 +81,29 @@ def trainable_text(name: str, split: str | None = None) -> str:
     return text[: held_out_start(name, text)]
 
 
+def held_out_text(name: str, split: str | None = None) -> str:
+    """The held-out tail of a corpus: for evaluation only (`lisa-hub eval-ppl --data
+    wikitext2-heldout`); nothing trains, calibrates or tunes on it."""
+    text = load_text(name, split)
+    tail = text[held_out_start(name, text):]
+    if not tail:
+        raise ValueError(f"{name}: has no held-out tail")
+    return tail
+
+
+# Texts `lisa-hub eval-ppl --data` scores: name -> (corpus, which part). "eval" is the head
+# of the corpus (its first blocks: what the conversion reports), "held-out" its tail.
+EVAL_TEXTS = {"wikitext2": ("wikitext2", "eval"), "wikitext2-heldout": ("wikitext2", "held-out"),
+              "tinyshakespeare": ("tinyshakespeare", "eval")}
+
+
+def eval_text(name: str) -> str:
+    if name not in EVAL_TEXTS:
+        raise ValueError(f"data: unknown {name!r}; known: {', '.join(EVAL_TEXTS)} (or --text FILE)")
+    corpus, part = EVAL_TEXTS[name]
+    return held_out_text(corpus) if part == "held-out" else load_text(corpus)
+
+
 def load_task_rows(name: str, split: str) -> list[dict]:
     """The rows of a task dataset split, as plain dicts."""
     source = _lookup(TASK_DATA, name, "task dataset")

@@ -82,6 +82,10 @@ def main(spec: AdaptSpec) -> dict:
     else:
         plan = backbone_plan(base, tracking_uri=uri)
         init_from = _general_adapter(task.name, base, plan, uri)
+    from adapters_hub.backbone import healing_of
+
+    healing = healing_of(Path(init_from).parent) if init_from else None  # a converted backbone's, merged at load
+    healing = str(healing) if healing else None
     train_rows, eval_rows = load_rows(task, "train", profile), load_rows(task, "eval", profile)  # checked rows
     print(f"[adapt] plan {plan.hash} ({len(plan.layers)} shared layers); {len(train_rows)} train / "
           f"{len(eval_rows)} eval rows; init={'general adapter' if init_from else 'fresh'}", flush=True)
@@ -104,12 +108,13 @@ def main(spec: AdaptSpec) -> dict:
         # The workers get SFT examples, not the spec: a user's spec and data stay with the driver.
         train_cfg = {"task": task.name, "kind": spec.kind, "base": base, "plan": plan.to_dict(),
                      "profile": profile.model_dump(), "examples": sft_examples(task, train_rows),
-                     "init_from": init_from,
+                     "init_from": init_from, "healing": healing,
                      "run_id": run.info.run_id, "tracking_uri": uri}
         adapter_dir, history, trainable = _train_on_ray(train_cfg, run_key=run_key, fresh_start=spec.fresh_start)
         mlflow.log_metric("train_seconds", time.perf_counter() - t0)
 
-        metrics = _evaluate(task, profile, base, plan, spec.kind, adapter_dir, eval_rows, init_dir=init_from)
+        metrics = _evaluate(task, profile, base, plan, spec.kind, adapter_dir, eval_rows, init_dir=init_from,
+                            healing=healing)
         mlflow.log_metrics(metrics)
         _log_curve(history)
         (adapter_dir / "README.md").write_text(_model_card(task, spec.kind, base, plan, profile, metrics, trainable))
@@ -335,7 +340,8 @@ def train_loop(cfg: dict) -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     p = cfg["profile"]
-    lm, tok = load_lisa_model(cfg["base"], SharingPlan.from_dict(cfg["plan"]), general_adapter=cfg["init_from"])
+    lm, tok = load_lisa_model(cfg["base"], SharingPlan.from_dict(cfg["plan"]), general_adapter=cfg["init_from"],
+                              healing=cfg.get("healing"))
     kind, name = get_kind(cfg["kind"]), cfg["task"]
     if cfg["init_from"] and cfg["kind"] == "lisa":
         kind.load(lm, cfg["init_from"], name)     # start from the base's general adapter
@@ -397,9 +403,11 @@ def train_loop(cfg: dict) -> None:
     checkpoints.report(work / "final", trainer.state, final=True)
 
 
-def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows, *, init_dir=None) -> dict[str, float]:
+def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows, *, init_dir=None,
+              healing=None) -> dict[str, float]:
     """Main metrics of base / fresh backbone / [general adapter it started from] / adapter,
-    on the same eval rows (so what the task training added is visible apart from the start)."""
+    on the same eval rows (so what the task training added is visible apart from the start).
+    "base" is the untouched base; the others run on the backbone (healing merged)."""
     import mlflow
 
     from adapters_hub.backbone import load_lisa_model
@@ -412,7 +420,7 @@ def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows, *, init_d
     for label, model in (("base", base_model),):
         metrics.update({f"{label}.{k}": v for k, v in evaluate_task(model, tok, task, rows, profile=profile).items()})
     del base_model
-    lm, tok = load_lisa_model(base, plan)
+    lm, tok = load_lisa_model(base, plan, healing=healing)
     if plan.shared:  # on the dense backbone "fresh" is the base itself
         results = evaluate_task(lm, tok, task, rows, profile=profile)
         metrics.update({f"fresh.{k}": v for k, v in results.items()})

@@ -31,7 +31,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from jobs import RESULT_MARKER
@@ -49,10 +49,22 @@ class ConvertSpec:
     max_steps: int = 100_000
     batch_size: int = 4
     seq_len: int = 256
-    lr: float = 2e-3
+    lr: float = 2e-3                       # LiSA tensors (aligner, rank-r Q/K)
+    # objective (adapters_hub.lisa.convert.Objective); defaults: the winner of
+    # benchmarks/objectives_smollm2.py on the dev blocks
     kd_weight: float = 1.0                 # KL to the teacher's next-token distribution
+    kd_temperature: float = 2.0            # softened KL, scaled by T^2
+    hidden_weight: float = 0.0             # relative MSE of the last hidden states
     attn_weight: float = 0.0               # attention KL of the substituted layers
     lm_weight: float = 0.0                 # next-token cross-entropy
+    # healing (adapters_hub.lisa.healing): low-rank updates of the model's own weights,
+    # merged into the backbone; heal_targets [] turns it off
+    heal_targets: list[str] = field(default_factory=lambda: ["o_proj", "v_proj", "mlp"])
+    heal_layers: str = "all"               # "all" | "shared" (substituted layers only)
+    heal_rank: int = 8
+    heal_alpha: float = 16.0
+    heal_norms: bool = True                # RMSNorm scales too
+    heal_lr: float = 2e-4
     init_steps: int = 150                  # Adam steps of local initialisation per layer
     sensitivity_steps: int = 50            # the same, for each one-layer plan of the sensitivity scan
     aligner: str = "linear"
@@ -88,6 +100,25 @@ class ConvertSpec:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if self.calib_blocks < 4:
             raise ValueError(f"calib_blocks: need at least 4 calibration blocks, got {self.calib_blocks}")
+        if not self.heal_lr > 0:
+            raise ValueError(f"heal_lr: must be > 0, got {self.heal_lr}")
+        self.objective()
+        self.healing()
+
+    def objective(self):
+        from adapters_hub.lisa.convert import Objective
+
+        return Objective(kd_weight=self.kd_weight, kd_temperature=self.kd_temperature, hidden_weight=self.hidden_weight,
+                         attn_weight=self.attn_weight, lm_weight=self.lm_weight)
+
+    def healing(self):
+        """The HealingConfig, or None when heal_targets is empty."""
+        from adapters_hub.lisa.healing import HealingConfig
+
+        if not self.heal_targets:
+            return None
+        return HealingConfig(rank=self.heal_rank, alpha=self.heal_alpha, targets=tuple(self.heal_targets),
+                             layers=self.heal_layers, norms=self.heal_norms)
 
 
 def main(spec: ConvertSpec) -> dict:
@@ -132,17 +163,21 @@ def main(spec: ConvertSpec) -> dict:
     run_key = _run_key(spec, plan.hash)
     run_id = _start_run(uri, spec, plan) if uri else None
     history: list[dict] = []
-    adapter_dir = work / "init"
+    adapter_dir, healing_dir = work / "init", None
     train_seconds = 0.0
     if not spec.init_only:
         cfg = {"spec": asdict(spec), "plan": plan.to_dict(), "init_dir": str(work / "init"), "tracking_uri": uri,
                "run_id": run_id}
         t = time.perf_counter()
-        adapter_dir, history = _train_on_ray(cfg, run_key=run_key, fresh_start=spec.fresh_start)
+        adapter_dir, healing_dir, history = _train_on_ray(cfg, run_key=run_key, fresh_start=spec.fresh_start)
         train_seconds = time.perf_counter() - t
 
     # 6. evaluation ------------------------------------------------------------------------
-    metrics = _evaluate(lm, split.eval, adapter_dir, perplexity)
+    metrics = _evaluate(lm, split.eval, adapter_dir, healing_dir, perplexity)
+    if healing_dir is not None:  # the general adapter, and every adapter of this backbone, name base + healing
+        from adapters_hub.lisa.healing import stamp_adapter
+
+        fp = stamp_adapter(adapter_dir, healing_dir)
     metrics.update(init_seconds=init_seconds, train_seconds=train_seconds, shared_layers=len(plan.shared),
                    fraction=plan.fraction, steps=float(history[-1]["step"]) if history else 0.0)
     for k, v in metrics.items():
@@ -150,7 +185,7 @@ def main(spec: ConvertSpec) -> dict:
 
     # 7. the backbone folder, registration ---------------------------------------------------
     folder = _write_backbone(Path(spec.out) if spec.out else work / "backbone", plan, report, fits,
-                             sensitivity, adapter_dir, metrics, spec)
+                             sensitivity, adapter_dir, healing_dir, metrics, spec)
     result = {"base": spec.base, "plan_hash": plan.hash, "layers": list(plan.layers), "metrics": metrics,
               "folder": str(folder), "seconds": round(time.perf_counter() - t0, 1)}
     if uri:
@@ -204,10 +239,12 @@ def _choose_plan(spec: ConvertSpec, model, report, calib, fp):
     return SharingPlan.from_layers(report, layers, meta=meta), sensitivity
 
 
-def _evaluate(lm, blocks, adapter_dir: Path, perplexity) -> dict[str, float]:
+def _evaluate(lm, blocks, adapter_dir: Path, healing_dir: Path | None, perplexity) -> dict[str, float]:
     """WikiText-2 perplexity of the dense base, aligned direct sharing (fresh adapter), the
-    local initialisation and the converted adapter, on the same eval blocks."""
+    local initialisation and the converted backbone (healing merged, as serving loads it),
+    on the same eval blocks. Merging is last: it changes `lm`'s weights for good."""
     from adapters_hub.lisa import LisaConfig
+    from adapters_hub.lisa.healing import merge
 
     metrics = {}
     with lm.disable_adapter():
@@ -219,6 +256,8 @@ def _evaluate(lm, blocks, adapter_dir: Path, perplexity) -> dict[str, float]:
     metrics["init.perplexity"] = perplexity(lm, blocks, progress=False)
     if adapter_dir.name != "init":
         lm.load_adapter(adapter_dir, "converted", activate=True)
+        if healing_dir is not None:
+            merge(lm.model, healing_dir)
         metrics["converted.perplexity"] = perplexity(lm, blocks, progress=False)
     else:
         metrics["converted.perplexity"] = metrics["init.perplexity"]
@@ -226,19 +265,24 @@ def _evaluate(lm, blocks, adapter_dir: Path, perplexity) -> dict[str, float]:
     return metrics
 
 
-def _write_backbone(folder: Path, plan, report, fits, sensitivity, adapter_dir, metrics, spec) -> Path:
+def _write_backbone(folder: Path, plan, report, fits, sensitivity, adapter_dir, healing_dir, metrics, spec) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     plan.save(folder / "plan.json")
     report.save(folder)  # report.json (+ heatmap.png with the sensitivities)
     (folder / "local_init.json").write_text(json.dumps([f.to_dict() for f in fits], indent=2) + "\n")
     shutil.rmtree(folder / "adapter", ignore_errors=True)
     shutil.copytree(adapter_dir, folder / "adapter")
+    shutil.rmtree(folder / "healing", ignore_errors=True)
+    if healing_dir is not None:
+        shutil.copytree(healing_dir, folder / "healing")
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
+    heal_note = ("healing/: low-rank updates of the model's own linears and norm scales, merged into the "
+                 "weights at load (a served token costs what it costs unhealed)." if healing_dir else "No healing.")
     fit_rows = "\n".join(f"| {f.layer} | {f.donor} | {f.kl_before:.4f} | {f.kl_after:.4f} |" for f in fits)
     (folder / "README.md").write_text(
         f"# LiSA backbone of {spec.base}\n\n{plan.summary()}\n\n"
-        f"Load it: `LisaModel(load_base(\"{spec.base}\")[0], LisaConfig(plan=SharingPlan.load(\"plan.json\")))`, then\n"
-        f"`lm.load_adapter(\"adapter\", \"general\", activate=True)`.\n\n"
+        f"Load it as serving does: `sdk.Backbone.load(base_model=\"{spec.base}\", plan_path=\"<this folder>\")`.\n"
+        f"{heal_note}\n\n"
         f"| metric | value |\n|---|---|\n{rows}\n\n"
         f"Local initialisation, attention KL to the original layer (held-out calibration blocks):\n\n"
         f"| layer | donor | before | after |\n|---|---|---|---|\n{fit_rows}\n")
@@ -271,7 +315,7 @@ def _register(uri, spec, plan, fp, folder, metrics, history, *, run_id) -> dict:
     client.log_artifacts(run_id, str(folder), "backbone")
     _log_curve(client, run_id, history)
     registered = registry.register_backbone(spec.base, folder, tracking_uri=uri, run_id=run_id, plan_hash=plan.hash,
-                                            base_fingerprint=fp, replace=True)
+                                            base_fingerprint=fp, replace=True)  # fp names base + healing
     client.set_terminated(run_id, "FINISHED")
     print(f"[convert] registered {registered.name} version {registered.version} (alias champion)", flush=True)
     return {"model_name": registered.name, "version": str(registered.version), "run_id": run_id}
@@ -312,8 +356,9 @@ def _use_all_cores() -> None:
     torch.set_num_threads(int(os.environ.get("LISA_HUB_THREADS") or len(os.sched_getaffinity(0))))
 
 
-def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, list[dict]]:
-    """Run `train_loop` in a Ray Train TorchTrainer (one worker); (adapter dir, history)."""
+def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, Path | None, list[dict]]:
+    """Run `train_loop` in a Ray Train TorchTrainer (one worker); (adapter dir, healing dir
+    or None, history)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -338,10 +383,14 @@ def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, 
         raise RuntimeError(f"self-distillation failed: {result.error}")
     out = storage / f"{run_key}-adapter"
     shutil.rmtree(out, ignore_errors=True)
+    healing_out = None
     with result.checkpoint.as_directory() as ckpt:
-        shutil.copytree(Path(ckpt) / "adapter", out)
+        shutil.copytree(Path(ckpt) / "adapter", out / "adapter")
+        if (Path(ckpt) / "healing").is_dir():
+            healing_out = out / "healing"
+            shutil.copytree(Path(ckpt) / "healing", healing_out)
         history = json.loads((Path(ckpt) / "state.json").read_text())["history"]
-    return out, history
+    return out / "adapter", healing_out, history
 
 
 def train_loop(cfg: dict) -> None:
@@ -350,8 +399,8 @@ def train_loop(cfg: dict) -> None:
     import ray.train
     import torch
 
-    from adapters_hub.lisa import LisaConfig, LisaModel, SharingPlan
-    from adapters_hub.lisa.convert import DistillState, self_distill, token_split
+    from adapters_hub.lisa import LisaConfig, LisaModel, SharingPlan, healing
+    from adapters_hub.lisa.convert import DistillState, distill_optimizer, self_distill, token_split
     from adapters_hub.models import load_base
 
     spec = ConvertSpec(**cfg["spec"])
@@ -364,7 +413,12 @@ def train_loop(cfg: dict) -> None:
         resume = Path(stack.enter_context(ckpt.as_directory())) if ckpt else None
         lm.load_adapter(resume / "adapter" if resume else Path(cfg["init_dir"]), GENERAL, activate=True)
         lm.delete_adapter("fresh")
-        opt = torch.optim.AdamW([p for p in lm.parameters() if p.requires_grad], lr=spec.lr, weight_decay=0.0)
+        heal_cfg = spec.healing()
+        if heal_cfg is not None:  # after the adapter: set_adapter resets requires_grad of non-LiSA tensors
+            healing.attach(lm.model, heal_cfg, shared_layers=lm.plan.layers)
+            if resume and (resume / "healing").is_dir():
+                healing.load_into(lm.model, resume / "healing")
+        opt = distill_optimizer(lm, lr=spec.lr, heal_lr=spec.heal_lr)
         if resume:
             state = DistillState(**json.loads((resume / "state.json").read_text()))
             opt.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
@@ -383,13 +437,16 @@ def train_loop(cfg: dict) -> None:
     def save(state: DistillState) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             lm.save_adapter(Path(tmp) / "adapter", GENERAL)
+            if heal_cfg is not None:
+                healing.save(lm.model, Path(tmp) / "healing")
             torch.save(opt.state_dict(), Path(tmp) / "optimizer.pt")
             (Path(tmp) / "state.json").write_text(json.dumps(asdict(state)))
             ray.train.report({"step": state.step}, checkpoint=ray.train.Checkpoint.from_directory(tmp))
 
     def on_step(state: DistillState, parts: dict) -> None:
         if state.step == 1 or state.step % 5 == 0:
-            print(f"[train] step {state.step:5d}  kd {parts['kd']:.4f}  {state.elapsed:.0f}s", flush=True)
+            print(f"[train] step {state.step:5d}  " + "  ".join(f"{k} {v:.4f}" for k, v in parts.items())
+                  + f"  {state.elapsed:.0f}s", flush=True)
             if client is not None:
                 for key, value in parts.items():
                     client.log_metric(cfg["run_id"], f"train/{key}", value, step=state.step)
@@ -397,8 +454,8 @@ def train_loop(cfg: dict) -> None:
             save(state)
 
     state = self_distill(lm, train, minutes=spec.minutes, max_steps=spec.max_steps, batch_size=spec.batch_size,
-                         lr=spec.lr, kd_weight=spec.kd_weight, attn_weight=spec.attn_weight,
-                         lm_weight=spec.lm_weight, optimizer=opt, state=state, on_step=on_step)
+                         lr=spec.lr, heal_lr=spec.heal_lr, objective=spec.objective(), optimizer=opt, state=state,
+                         on_step=on_step)
     if state.step % spec.save_every:  # the last step's checkpoint is the result
         save(state)
 
@@ -419,10 +476,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=d.max_steps)
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--seq-len", type=int, default=d.seq_len)
-    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--lr", type=float, default=d.lr, help="learning rate of the LiSA tensors")
     parser.add_argument("--kd-weight", type=float, default=d.kd_weight)
+    parser.add_argument("--kd-temperature", type=float, default=d.kd_temperature)
+    parser.add_argument("--hidden-weight", type=float, default=d.hidden_weight)
     parser.add_argument("--attn-weight", type=float, default=d.attn_weight)
     parser.add_argument("--lm-weight", type=float, default=d.lm_weight)
+    parser.add_argument("--heal-targets", type=_name_list, default=d.heal_targets,
+                        help="linears to heal: o_proj,v_proj,mlp (gate/up/down_proj); 'none' turns healing off")
+    parser.add_argument("--heal-layers", default=d.heal_layers, choices=("all", "shared"))
+    parser.add_argument("--heal-rank", type=int, default=d.heal_rank)
+    parser.add_argument("--heal-alpha", type=float, default=d.heal_alpha)
+    parser.add_argument("--heal-norms", action=argparse.BooleanOptionalAction, default=d.heal_norms)
+    parser.add_argument("--heal-lr", type=float, default=d.heal_lr)
     parser.add_argument("--init-steps", type=int, default=d.init_steps)
     parser.add_argument("--sensitivity-steps", type=int, default=d.sensitivity_steps)
     parser.add_argument("--aligner", default=d.aligner, choices=("linear", "ffn"))
@@ -433,6 +499,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="write the backbone folder here (plan.json, adapter/, ...)")
     parser.add_argument("--register", action="store_true", help="register it as backbone-<base> in MLflow")
     parser.add_argument("--fresh-start", action="store_true", help="ignore checkpoints of an interrupted run")
+
+
+def _name_list(text: str) -> list[str]:
+    return [] if text.strip().lower() in ("", "none") else [x.strip() for x in text.split(",") if x.strip()]
 
 
 def _layer_list(text: str) -> list[int]:
@@ -450,7 +520,11 @@ def spec_from_args(args) -> ConvertSpec:
 def parse_args(argv: list[str] | None = None) -> ConvertSpec:
     parser = argparse.ArgumentParser(prog="python -m jobs.convert", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return spec_from_args(parser.parse_args(argv))
+    parser.add_argument("--spec-json", default=None, help="the whole ConvertSpec as JSON (what the SDK submits)")
+    args = parser.parse_args(argv)
+    if args.spec_json:
+        return ConvertSpec(**json.loads(args.spec_json))
+    return spec_from_args(args)
 
 
 if __name__ == "__main__":

@@ -9,10 +9,14 @@
   lisa-hub adapters [--task T]                registered adapters (also in the MLflow UI)
   lisa-hub generate --adapter A "prompt"      one completion on the backbone with adapter A
   lisa-hub serve [--adapters a,b] [--pin a]   Ray Serve app: OpenAI-compatible API, adapters batched
+  lisa-hub eval-ppl [--backbone DIR | --adapter REF] [--text FILE]   perplexity, loaded as serving loads it
   lisa-hub demo                               the whole tour on SmolLM2 (README's main command)
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 
 def add_commands(sub) -> None:
@@ -24,6 +28,19 @@ def add_commands(sub) -> None:
     p.add_argument("--submit", action="store_true", help="run it as a Ray job on the cluster instead of here")
     p.add_argument("--follow", action="store_true", help="with --submit: stream the log and wait")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("eval-ppl", help="perplexity of a base, a backbone or an adapter on a corpus or a text file")
+    p.add_argument("--base", default="smollm2-135m", help="base model")
+    p.add_argument("--backbone", default=None, metavar="DIR",
+                   help="a backbone folder (plan.json [, adapter/, healing/]); 'registered' = backbone-<base>@champion")
+    p.add_argument("--adapter", default=None, metavar="REF",
+                   help="a registered adapter (gsm8k-lisa@champion) or adapter folder, on the backbone")
+    p.add_argument("--data", default="wikitext2", help="wikitext2 (its first blocks), wikitext2-heldout, tinyshakespeare")
+    p.add_argument("--text", default=None, metavar="FILE", help="any UTF-8 text file instead of --data")
+    p.add_argument("--blocks", type=int, default=8)
+    p.add_argument("--block-len", type=int, default=1024)
+    p.add_argument("--dtype", default="float32")
+    p.set_defaults(func=_eval_ppl)
 
     p = sub.add_parser("adapt", help="run an adaptation job in this process (Ray Train inside)")
     add_arguments(p)
@@ -114,6 +131,47 @@ def _convert(args) -> int:
         print(f"converted {result.base}: {len(result.layers)} layers shared, perplexity ratio "
               f"{result.metrics['converted.ppl_ratio']:.3f}" + (f"; registered {result.model_name} version "
                                                                f"{result.version}" if result.version else ""))
+    return 0
+
+
+def _eval_ppl(args) -> int:
+    """One JSON line: what was scored, on what, and the perplexity last."""
+    import json
+    import time
+
+    import sdk
+    from adapters_hub.data import eval_text, token_blocks
+    from adapters_hub.evaluation import perplexity
+
+    start = time.perf_counter()
+    if args.text:
+        path = Path(args.text)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise ValueError(f"--text: {path} does not exist") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--text: {path} is not UTF-8 text (byte {err.start})") from None
+        data = str(path)
+    else:
+        text, data = eval_text(args.data), args.data
+    if args.backbone is None and args.adapter is None:  # the dense base itself
+        from adapters_hub.models import load_base
+
+        model, tok = load_base(args.base, dtype=args.dtype)
+        what = {"base": args.base}
+    else:  # exactly as serving loads it: healing merged, W_q/W_k pruned, general adapter active
+        plan_path = None if args.backbone in (None, "registered") else args.backbone
+        bb = sdk.Backbone.load(base_model=args.base, plan_path=plan_path, dtype=None if args.dtype == "float32" else args.dtype)
+        if args.adapter:
+            bb.use(args.adapter)
+        model, tok = bb.lm, bb.tokenizer
+        what = {"base": args.base, "backbone": args.backbone or "registered", "adapter": args.adapter,
+                "healed": bool(getattr(bb.lm, "healing", None)), "shared_layers": len(bb.lm.plan.shared)}
+    blocks = token_blocks(tok, text, n_blocks=args.blocks, block_len=args.block_len)
+    ppl = perplexity(model, blocks, progress=sys.stderr.isatty())
+    print(json.dumps({**what, "data": data, "blocks": args.blocks, "block_len": args.block_len,
+                      "seconds": round(time.perf_counter() - start, 1), "perplexity": round(ppl, 4)}))
     return 0
 
 

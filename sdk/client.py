@@ -254,15 +254,12 @@ def submit_conversion(
         raise ValueError(f"options: unknown field(s) {unknown}; known: {sorted(ConvertSpec.__dataclass_fields__)}")
     spec = ConvertSpec(**fields)  # validated here: nothing is submitted for a bad spec
     check_base(base_model)
-    argv = ["python", "-m", "jobs.convert"]
-    for key, value in vars(spec).items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            argv += [flag] if value else []
-        elif isinstance(value, list):
-            argv += [flag, ",".join(str(v) for v in value)]
-        elif value is not None and key != "out":
-            argv += [flag, str(value)]
+    import json
+    from dataclasses import asdict
+
+    # the validated spec travels as JSON (no flags rebuilt from fields and parsed back)
+    argv = ["python", "-m", "jobs.convert", "--spec-json", json.dumps({k: v for k, v in asdict(spec).items()
+                                                                       if k != "out"})]
     address = resolve_address(address)
     if register:
         _check_mlflow()

@@ -53,8 +53,9 @@ class Backbone:
              max_resident: int = 4, tracking_uri: str | None = None, dtype: str | None = None,
              prune: bool = True) -> "Backbone":
         """Load `base_model` as its registered backbone (`backbone-<base>@champion`: the
-        sharing plan and, for a converted backbone, its general adapter, active until an
-        adapter is used), or with the plan in `plan_path` (a backbone folder or plan.json).
+        sharing plan and, for a converted backbone, its healing, merged into the weights, and
+        its general adapter, active until an adapter is used), or with the plan in
+        `plan_path` (a backbone folder or plan.json).
 
         `prune` (default) drops W_q/W_k of the substituted layers: the memory LiSA saves.
         `dtype` ("bfloat16", "float16"; default float32) halves weights and KV cache.
@@ -62,7 +63,7 @@ class Backbone:
         >>> bb = Backbone.load(base_model="tiny-llama", plan_path="plan.json")  # doctest: +SKIP
         >>> bb.memory_report()["kv_bytes_per_token"]  # doctest: +SKIP
         """
-        from adapters_hub.backbone import backbone_folder, load_lisa_model, general_adapter_of
+        from adapters_hub.backbone import backbone_folder, general_adapter_of, healing_of, load_lisa_model
         from adapters_hub.lisa.plan import SharingPlan
 
         if plan_path:
@@ -76,7 +77,7 @@ class Backbone:
                                   f"{base_model} --register` (or `lisa-hub analyze --base {base_model} --register`)")
             plan = SharingPlan.load(folder / "plan.json")
         lm, tok = load_lisa_model(base_model, plan, dtype=dtype, general_adapter=general_adapter_of(folder),
-                                 prune=prune)
+                                  healing=healing_of(folder), prune=prune)
         lm.eval()
         tok.padding_side = "left"
         return cls(lm, tok, base_model=base_model, max_resident=max_resident, tracking_uri=tracking_uri)

@@ -64,10 +64,12 @@ def test_killed_conversion_resumes_registers_the_backbone_and_adaptation_starts_
     assert result["model_name"] == "backbone-tiny-llama" and result["metrics"]["steps"] == 200
     assert not (tmp_path / "home" / "train" / "convert").exists()
 
-    from adapters_hub.backbone import backbone_folder, general_adapter_of
+    from adapters_hub.backbone import backbone_folder, general_adapter_of, healing_of
 
     folder = backbone_folder("tiny-llama", tracking_uri=mlflow_uri)
     assert general_adapter_of(folder) is not None
+    assert healing_of(folder) is not None  # healed by default: the deltas travel with the backbone
+    assert (folder / "healing" / "healing.safetensors").stat().st_size < 2_000_000
     assert json.loads((folder / "plan.json").read_text())["hash"] == result["plan_hash"]
     assert len(json.loads((folder / "local_init.json").read_text())) == len(result["layers"])
 
@@ -76,5 +78,5 @@ def test_killed_conversion_resumes_registers_the_backbone_and_adaptation_starts_
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)  # the job logs and registers there
     job = sdk.submit_adaptation(task="gsm8k", address=dashboard, base_model="tiny-llama", profile="smoke")
     adapted = job.wait(timeout=900)
-    assert "init=general adapter" in job.logs()
+    assert "init=general adapter (healed backbone)" in job.logs()
     assert "init.answer_nll" in adapted.metrics and adapted.raw["plan_hash"] == result["plan_hash"]

@@ -79,7 +79,7 @@ def test_planner_budget_takes_the_longest_prefix_within_the_budget():
 
 
 def test_self_distillation_lowers_the_logit_kl_to_the_dense_teacher(tiny):
-    from adapters_hub.lisa.convert import self_distillation_loss
+    from adapters_hub.lisa.convert import Objective, self_distillation_loss
 
     torch.manual_seed(0)
     lm = make(tiny)
@@ -90,7 +90,7 @@ def test_self_distillation_lowers_the_logit_kl_to_the_dense_teacher(tiny):
     opt = torch.optim.Adam(params, lr=1e-2)
     lm.train()
     for step in range(60):
-        loss, parts = self_distillation_loss(lm, train[step % 16 : step % 16 + 4], attn_weight=0.1)
+        loss, parts = self_distillation_loss(lm, train[step % 16 : step % 16 + 4], Objective(attn_weight=0.1))
         assert set(parts) == {"kd", "attn_kl"}
         opt.zero_grad()
         loss.backward()

@@ -7,7 +7,7 @@ Token layout (one tokenisation of WikiText-2 test, never its held-out last 10%):
     [eval + calib, held-out)     conversion training text, interleaved with GSM8K train text
 
     split = token_split(tok)                         # TokenSplit(eval, calib, train)
-    loss, parts = self_distillation_loss(lm, ids)    # KL to the dense teacher (+ optional terms)
+    loss, parts = self_distillation_loss(lm, ids, Objective(kd_temperature=2.0))  # vs the dense teacher
     self_distill(lm, split.train, minutes=10)        # the training loop (jobs/convert.py runs it
                                                      # inside Ray Train with checkpoints)
 """
@@ -54,40 +54,94 @@ def token_split(tok, *, eval_blocks: int = 8, eval_len: int = 1024, calib_blocks
                       calib=ids[n_eval : n_eval + n_calib].view(calib_blocks, calib_len), train=train)
 
 
-def self_distillation_loss(lm, ids: torch.Tensor, *, kd_weight: float = 1.0, attn_weight: float = 0.0,
-                           lm_weight: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """kd_weight * KL(teacher || student) over next-token distributions (mean per token)
-    + attn_weight * attention KL of the substituted layers + lm_weight * LM loss.
+@dataclass(frozen=True)
+class Objective:
+    """What self-distillation minimises, each term weighted by a field (0 = off):
 
-    The teacher is the same model with adapters disabled (the dense base: substituted layers
-    run their own W_q/W_k), so no second model is held in memory; it needs W_q/W_k, i.e. a
-    backbone that was not pruned."""
+        kd_weight     * T^2 KL(softmax(teacher / T) || softmax(student / T))   next tokens
+        hidden_weight * |h_student - h_teacher|^2 / mean |h_teacher|^2          last hidden states
+        attn_weight   * attention KL of the substituted layers                  per layer
+        lm_weight     * next-token cross-entropy on the text itself
+
+    T^2 keeps the gradient scale of the KL term independent of T (Hinton et al.; SwiftKV
+    uses T = 2). The hidden term is relative, so its weight does not depend on the model's
+    hidden-state scale."""
+
+    kd_weight: float = 1.0
+    kd_temperature: float = 1.0
+    hidden_weight: float = 0.0
+    attn_weight: float = 0.0
+    lm_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("kd_weight", "hidden_weight", "attn_weight", "lm_weight"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name}: must be >= 0, got {getattr(self, name)}")
+        if not self.kd_temperature > 0:
+            raise ValueError(f"kd_temperature: must be > 0, got {self.kd_temperature}")
+        if not any(getattr(self, n) for n in ("kd_weight", "hidden_weight", "attn_weight", "lm_weight")):
+            raise ValueError("objective: every weight is 0; nothing to train on")
+
+
+def self_distillation_loss(lm, ids: torch.Tensor, objective: Objective = Objective()
+                           ) -> tuple[torch.Tensor, dict[str, float]]:
+    """The `Objective` on one batch of token rows `ids` (B, T); (loss, parts as floats).
+
+    The teacher is the same model with adapters and healing disabled (the dense base:
+    substituted layers run their own W_q/W_k, healed linears their plain weights), so no
+    second model is held in memory; it needs W_q/W_k, i.e. a backbone that was not pruned."""
+    from adapters_hub.lisa import healing
     from adapters_hub.lisa.distill import distillation
 
     if getattr(lm, "pruned", False):
         raise RuntimeError("self-distillation: W_q/W_k were pruned (prune_qk); the dense teacher is gone")
+    o = objective
+    hidden = bool(o.hidden_weight)
     was_training = lm.training
     lm.eval()  # inference mode: the teacher runs on the fast path (SDPA, no score tensors)
     try:
-        with torch.no_grad(), lm.disable_adapter():
-            teacher = torch.log_softmax(lm(input_ids=ids, use_cache=False).logits.float(), dim=-1)  # (B, T, V)
+        with torch.no_grad(), lm.disable_adapter(), healing.disabled(lm.model):
+            t_out = lm(input_ids=ids, use_cache=False, output_hidden_states=hidden)
     finally:
         lm.train(was_training)
-    ctx = distillation(lm) if attn_weight else contextlib.nullcontext()
+    ctx = distillation(lm) if o.attn_weight else contextlib.nullcontext()
     with ctx as d:
-        out = lm(input_ids=ids, labels=ids if lm_weight else None, use_cache=False)
-        attn = d.loss() if attn_weight else None
-    student = torch.log_softmax(out.logits.float(), dim=-1)
-    kd = F.kl_div(student.flatten(0, 1), teacher.flatten(0, 1), log_target=True, reduction="batchmean")
-    loss = kd_weight * kd
-    parts = {"kd": float(kd.detach())}
+        out = lm(input_ids=ids, labels=ids if o.lm_weight else None, use_cache=False, output_hidden_states=hidden)
+        attn = d.loss() if o.attn_weight else None
+    loss = torch.zeros((), device=ids.device)
+    parts: dict[str, float] = {}
+    if o.kd_weight:
+        temp = o.kd_temperature
+        teacher = torch.log_softmax(t_out.logits.float() / temp, dim=-1).flatten(0, 1)  # (B*T, V)
+        student = torch.log_softmax(out.logits.float() / temp, dim=-1).flatten(0, 1)
+        kd = F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temp**2
+        loss = loss + o.kd_weight * kd
+        parts["kd"] = float(kd.detach())
+    if hidden:
+        h_t, h_s = t_out.hidden_states[-1].float(), out.hidden_states[-1].float()  # (B, T, hidden)
+        mse = (h_s - h_t).pow(2).sum(-1).mean() / h_t.pow(2).sum(-1).mean()
+        loss = loss + o.hidden_weight * mse
+        parts["hidden"] = float(mse.detach())
     if attn is not None:
-        loss = loss + attn_weight * attn
+        loss = loss + o.attn_weight * attn
         parts["attn_kl"] = float(attn.detach())
-    if lm_weight:
-        loss = loss + lm_weight * out.loss
+    if o.lm_weight:
+        loss = loss + o.lm_weight * out.loss
         parts["lm"] = float(out.loss.detach())
     return loss, parts
+
+
+def distill_optimizer(lm, *, lr: float, heal_lr: float) -> torch.optim.Optimizer:
+    """AdamW over what requires grad: the LiSA tensors at `lr`, healing updates at `heal_lr`
+    (they move weights the whole model reads, so they take smaller steps)."""
+    from adapters_hub.lisa import healing
+
+    heal = {id(p) for p in healing.parameters(lm.model)}
+    lisa = [p for p in lm.parameters() if p.requires_grad and id(p) not in heal]
+    groups = [{"params": lisa, "lr": lr, "name": "lisa"}]
+    if heal:
+        groups.append({"params": [p for p in lm.parameters() if id(p) in heal], "lr": heal_lr, "name": "healing"})
+    return torch.optim.AdamW(groups, weight_decay=0.0)
 
 
 @dataclass
@@ -100,18 +154,18 @@ class DistillState:
 
 
 def self_distill(lm, train: torch.Tensor, *, minutes: float, max_steps: int = 100_000, batch_size: int = 4,
-                 lr: float = 2e-3, kd_weight: float = 1.0, attn_weight: float = 0.0, lm_weight: float = 0.0,
-                 optimizer: torch.optim.Optimizer | None = None, state: DistillState | None = None,
+                 lr: float = 2e-3, heal_lr: float = 2e-4, objective: Objective = Objective(), optimizer: torch.optim.Optimizer | None = None, state: DistillState | None = None,
                  on_step: Callable[[DistillState, dict], None] | None = None) -> DistillState:
-    """Train the active adapter of `lm` by `self_distillation_loss` on rows of `train`
-    (a fixed seeded order) until `minutes` of training or `max_steps`. The learning rate
-    warms up over 10 steps and decays (cosine, to 10%) over the time budget, so a run
+    """Train what requires grad in `lm` (the active adapter, and healing when attached) by
+    `self_distillation_loss` on rows of `train`
+    (a fixed seeded order) until `minutes` of training or `max_steps`. Each group's learning
+    rate (`lr` for LiSA tensors, `heal_lr` for healing) warms up over 10 steps and decays (cosine, to 10%) over the time budget, so a run
     ends annealed whenever the budget ends it. `on_step(state, parts)` runs after every
     step (logging, checkpoints); pass the optimizer and state of a checkpoint to resume."""
     params = [p for p in lm.parameters() if p.requires_grad]
     if not params:
         raise ValueError("self_distill: the model has no trainable parameters (no active adapter?)")
-    opt = optimizer or torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = optimizer or distill_optimizer(lm, lr=lr, heal_lr=heal_lr)
     state = state or DistillState()
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
     budget, start, offset = minutes * 60, time.perf_counter(), state.elapsed
@@ -121,9 +175,8 @@ def self_distill(lm, train: torch.Tensor, *, minutes: float, max_steps: int = 10
         rows = order[(torch.arange(batch_size) + state.step * batch_size) % len(train)]
         decay = 0.5 * (1 + math.cos(math.pi * min(1.0, state.elapsed / budget)))
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (state.step + 1) / 10) * (0.1 + 0.9 * decay)
-        loss, parts = self_distillation_loss(lm, train[rows], kd_weight=kd_weight, attn_weight=attn_weight,
-                                             lm_weight=lm_weight)
+            group["lr"] = group.setdefault("peak_lr", group["lr"]) * min(1.0, (state.step + 1) / 10) * (0.1 + 0.9 * decay)
+        loss, parts = self_distillation_loss(lm, train[rows], objective)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
