@@ -44,6 +44,8 @@ class ConvertSpec:
     fraction: float | None = None          # default 0.6 when max_ppl_increase is not given either
     max_ppl_increase: float | None = None  # e.g. 0.05: combined perplexity <= 1.05 x base (after local init)
     layers: list[int] | None = None        # substitute exactly these layers (no sensitivity scan)
+    ranks: str = "uniform"                 # "uniform": floor(head_dim / 6) everywhere; "sensitivity": the most
+    rank_boost: float = 2.0                #   sensitive third of the shared layers get rank_boost x that rank
     init_only: bool = False                # stop after local initialisation
     minutes: float = 15.0                  # wall-clock budget of the self-distillation
     max_steps: int = 100_000
@@ -100,6 +102,10 @@ class ConvertSpec:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if self.calib_blocks < 4:
             raise ValueError(f"calib_blocks: need at least 4 calibration blocks, got {self.calib_blocks}")
+        if self.ranks not in ("uniform", "sensitivity"):
+            raise ValueError(f"ranks: {self.ranks!r} is not one of uniform, sensitivity")
+        if not self.rank_boost >= 1:
+            raise ValueError(f"rank_boost: must be >= 1, got {self.rank_boost}")
         if not self.heal_lr > 0:
             raise ValueError(f"heal_lr: must be > 0, got {self.heal_lr}")
         self.objective()
@@ -149,7 +155,7 @@ def main(spec: ConvertSpec) -> dict:
     # 2-3. analysis, sensitivities after local init, plan --------------------------------
     report = analyze_attention(model, [split.calib[i : i + 1] for i in range(4)], progress=False, base=spec.base)
     plan, sensitivity = _choose_plan(spec, model, report, split.calib, fp)
-    print(f"[convert] {plan.summary()}", flush=True)
+    print(f"[convert] {plan.summary(model.config.num_key_value_heads)}", flush=True)
 
     # 4. local initialisation --------------------------------------------------------------
     lm = LisaModel(model, LisaConfig(plan=plan, aligner=spec.aligner), adapter_name=GENERAL, fingerprint=fp)
@@ -235,8 +241,14 @@ def _choose_plan(spec: ConvertSpec, model, report, calib, fp):
     layers = choose_layers(sensitivity, num_layers=report.num_layers, fraction=spec.fraction,
                            max_ppl_increase=spec.max_ppl_increase, base_ppl=base_ppl, combined_ppl=combined_ppl)
     meta = {"source": "convert", "fraction": spec.fraction, "max_ppl_increase": spec.max_ppl_increase,
-            "aligner": spec.aligner}
-    return SharingPlan.from_layers(report, layers, meta=meta), sensitivity
+            "aligner": spec.aligner, "ranks": spec.ranks}
+    rank = None
+    if spec.ranks == "sensitivity":
+        from adapters_hub.lisa.plan import default_rank, ranks_by_sensitivity
+
+        rank = ranks_by_sensitivity(layers, sensitivity, base_rank=default_rank(report.head_dim),
+                                    boost=spec.rank_boost, max_rank=report.head_dim - 1)
+    return SharingPlan.from_layers(report, layers, rank=rank, meta=meta), sensitivity
 
 
 def _evaluate(lm, blocks, adapter_dir: Path, healing_dir: Path | None, perplexity) -> dict[str, float]:
@@ -471,6 +483,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-ppl-increase", type=float, default=None,
                        help="share the most layers whose perplexity after local init stays within this of the base")
     group.add_argument("--layers", type=_layer_list, default=None, help="share exactly these layers, e.g. 2,3,5")
+    parser.add_argument("--ranks", default=d.ranks, choices=("uniform", "sensitivity"),
+                        help="rank of each shared layer's Q/K: one rank, or more for the most sensitive third")
+    parser.add_argument("--rank-boost", type=float, default=d.rank_boost)
     parser.add_argument("--init-only", action="store_true", help="stop after local initialisation")
     parser.add_argument("--minutes", type=float, default=d.minutes, help="self-distillation wall-clock budget")
     parser.add_argument("--max-steps", type=int, default=d.max_steps)

@@ -101,3 +101,30 @@ def test_shared_layer_type_is_checked():
     with pytest.raises(PlanError, match=r"^shared\[0\]:"):
         SharingPlan(4, 2, 8, ({"layer": 1},))  # type: ignore[arg-type]
     assert SharingPlan(4, 2, 8, (SharedLayer(2, 0, (1, 0), 1),)).get(2).donor == 0
+
+
+def test_per_layer_ranks_round_trip_and_the_kv_cache_holds_each_layers_own_rank(tiny, tmp_path):
+    import copy
+
+    import torch
+    from transformers import DynamicCache
+
+    from adapters_hub.lisa import LisaConfig, LisaModel
+    from adapters_hub.lisa.plan import SharingPlan, ranks_by_sensitivity
+
+    ranks = ranks_by_sensitivity([2, 3, 5], {2: 0.1, 3: 0.9, 5: 0.2}, base_rank=2, boost=2.0, max_rank=15)
+    assert ranks == {2: 2, 3: 4, 5: 2}  # the most sensitive third (one layer) gets 2x
+    model = copy.deepcopy(tiny[0])
+    plan = SharingPlan.for_model(model, [2, 3, 5], rank=ranks)
+    again = SharingPlan.load(plan.save(tmp_path / "plan.json"))
+    assert again == plan and [s.rank for s in again.shared] == [2, 4, 2]
+    lm = LisaModel(model, LisaConfig(plan=again))
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        lm(input_ids=torch.randint(3, 259, (1, 9)), past_key_values=cache, use_cache=True)
+    head_dim = plan.head_dim
+    widths = [cache.layers[i].keys.shape[-1] for i in range(plan.num_layers)]
+    assert widths == [ranks.get(i, head_dim) for i in range(plan.num_layers)]
+    kvh = model.config.num_key_value_heads
+    assert plan.kv_bytes_per_token(kvh) == sum(kvh * (w + head_dim) * 4 for w in widths)
+    assert "KV" in plan.summary(kvh) and "3:4" in plan.summary(kvh)

@@ -74,18 +74,20 @@ class SharingPlan:
         layers: Iterable[int],
         donors: dict[int, int] | None = None,
         perms: dict[int, Iterable[int]] | None = None,
-        rank: int | None = None,
+        rank: "int | dict[int, int] | None" = None,
         meta: dict[str, Any] | None = None,
     ) -> "SharingPlan":
-        """A plan given by hand: donor defaults to layer - 1, perm to the identity."""
+        """A plan given by hand: donor defaults to layer - 1, perm to the identity; `rank` is
+        one rank for every layer or {layer: rank} (missing layers: default_rank)."""
         donors, perms = donors or {}, perms or {}
-        r = default_rank(head_dim) if rank is None else rank
+        ranks = rank if isinstance(rank, dict) else {}
+        r = default_rank(head_dim) if rank is None or isinstance(rank, dict) else rank
         shared = tuple(
             SharedLayer(
                 layer=int(l),
                 donor=int(donors.get(l, l - 1)),
                 perm=tuple(int(p) for p in perms.get(l, range(num_heads))),
-                rank=int(r),
+                rank=int(ranks.get(l, r)),
             )
             for l in layers
         )
@@ -137,8 +139,8 @@ class SharingPlan:
                             layers=chosen, perms=perms, rank=rank, meta=meta)
 
     @classmethod
-    def from_layers(cls, report: "AttentionReport", layers: Iterable[int], *, rank: int | None = None,
-                    meta: dict[str, Any] | None = None) -> "SharingPlan":
+    def from_layers(cls, report: "AttentionReport", layers: Iterable[int], *,
+                    rank: "int | dict[int, int] | None" = None, meta: dict[str, Any] | None = None) -> "SharingPlan":
         """Substitute exactly `layers`, each sharing its predecessor's aligned attention."""
         layers = sorted(int(l) for l in layers)
         return cls.explicit(num_layers=report.num_layers, num_heads=report.num_heads, head_dim=report.head_dim,
@@ -235,10 +237,37 @@ class SharingPlan:
                 "shared": [s.to_dict() for s in self.shared]}
         return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
-    def summary(self) -> str:
+    def kv_bytes_per_token(self, num_kv_heads: int, itemsize: int = 4) -> int:
+        """Bytes of KV cache one token costs: a dense layer caches K and V (head_dim each per
+        KV head), a substituted layer its rank-r K and its V."""
+        return sum(num_kv_heads * ((s.rank if s else self.head_dim) + self.head_dim) * itemsize
+                   for s in (self.get(i) for i in range(self.num_layers)))
+
+    def summary(self, num_kv_heads: int | None = None) -> str:
         layers = ",".join(str(l) for l in self.layers)
-        return (f"SharingPlan({len(self.shared)}/{self.num_layers} layers shared [{layers}], "
-                f"rank {sorted({s.rank for s in self.shared})}, hash {self.hash})")
+        ranks = sorted({s.rank for s in self.shared})
+        rank = (f"rank {ranks}" if len(ranks) <= 1 else
+                "ranks " + ",".join(f"{s.layer}:{s.rank}" for s in self.shared if s.rank != min(ranks))
+                + f" (others {min(ranks)})")
+        kv = ""
+        if num_kv_heads:
+            dense = self.num_layers * num_kv_heads * 2 * self.head_dim * 4
+            mine = self.kv_bytes_per_token(num_kv_heads)
+            kv = f", KV {mine:,} B/token fp32 ({dense / mine:.2f}x less than dense)"
+        return f"SharingPlan({len(self.shared)}/{self.num_layers} layers shared [{layers}], {rank}{kv}, hash {self.hash})"
+
+
+def ranks_by_sensitivity(layers: Iterable[int], sensitivity: dict[int, float], *, base_rank: int,
+                         boost: float = 2.0, share: float = 1 / 3, max_rank: int | None = None) -> dict[int, int]:
+    """{layer: rank}: the most sensitive `share` of `layers` get `boost` x `base_rank` (capped
+    at max_rank), the rest base_rank. Fragile layers get the capacity; the KV cost of the
+    extra rank is small (r of 2 d per KV head)."""
+    layers = sorted(int(l) for l in layers)
+    fragile = set(sorted(layers, key=lambda l: (-sensitivity.get(l, 0.0), l))[: math.ceil(share * len(layers))])
+    high = int(round(base_rank * boost))
+    if max_rank is not None:
+        high = min(high, max_rank)
+    return {l: (high if l in fragile else base_rank) for l in layers}
 
 
 def choose_layers(sensitivity: dict[int, float], *, num_layers: int, fraction: float | None = None,
@@ -278,4 +307,4 @@ def choose_layers(sensitivity: dict[int, float], *, num_layers: int, fraction: f
     return sorted(order[:lo])
 
 
-__all__ = ["PlanError", "SharedLayer", "SharingPlan", "choose_layers", "default_rank"]
+__all__ = ["PlanError", "SharedLayer", "SharingPlan", "choose_layers", "default_rank", "ranks_by_sensitivity"]
