@@ -36,14 +36,24 @@ from pathlib import Path
 
 from jobs import RESULT_MARKER
 GENERAL = "general"  # adapter name of the general adapter inside a converted backbone
+# Fitted by benchmarks/convert_smollm2.py on SmolLM2 (healed conversions of 20 CPU-minutes):
+# log(converted / base) = PLANNER_EXPONENT * log(probe / base); see the README's table.
+PLANNER_EXPONENT = 0.5
 
 
 @dataclass
 class ConvertSpec:
     base: str = "smollm2-135m"
     fraction: float | None = None          # default 0.6 when max_ppl_increase is not given either
-    max_ppl_increase: float | None = None  # e.g. 0.05: combined perplexity <= 1.05 x base (after local init)
+    max_ppl_increase: float | None = None  # e.g. 0.05: predicted converted perplexity <= 1.05 x base
+    planner: str = "converted"             # what --max-ppl-increase judges: "converted" (the perplexity a
+                                           # conversion is predicted to reach from the local-init probe) or
+                                           # "init" (the probe itself, as before)
+    planner_exponent: float = PLANNER_EXPONENT  # converted = base * (probe / base) ** exponent
     layers: list[int] | None = None        # substitute exactly these layers (no sensitivity scan)
+    choose_by: str = "sensitivity"         # --fraction's layers: "sensitivity" (a scan of every layer after
+                                           # local init, ~9 CPU-min on SmolLM2) or "analysis" (attention
+                                           # divergence to the donor: seconds; the demo's choice)
     ranks: str = "uniform"                 # "uniform": floor(head_dim / 6) everywhere; "sensitivity": the most
     rank_boost: float = 2.0                #   sensitive third of the shared layers get rank_boost x that rank
     init_only: bool = False                # stop after local initialisation
@@ -102,8 +112,18 @@ class ConvertSpec:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if self.calib_blocks < 4:
             raise ValueError(f"calib_blocks: need at least 4 calibration blocks, got {self.calib_blocks}")
+        if self.planner not in ("converted", "init"):
+            raise ValueError(f"planner: {self.planner!r} is not one of converted, init")
+        if not self.planner_exponent > 0:
+            raise ValueError(f"planner_exponent: must be > 0, got {self.planner_exponent}")
+        if self.choose_by not in ("sensitivity", "analysis"):
+            raise ValueError(f"choose_by: {self.choose_by!r} is not one of sensitivity, analysis")
+        if self.choose_by == "analysis" and self.fraction is None:
+            raise ValueError("choose_by: 'analysis' picks --fraction's layers; give --fraction")
         if self.ranks not in ("uniform", "sensitivity"):
             raise ValueError(f"ranks: {self.ranks!r} is not one of uniform, sensitivity")
+        if self.ranks == "sensitivity" and (self.layers is not None or self.choose_by == "analysis"):
+            raise ValueError("ranks: 'sensitivity' needs the sensitivity scan (no --layers, --choose-by sensitivity)")
         if not self.rank_boost >= 1:
             raise ValueError(f"rank_boost: must be >= 1, got {self.rank_boost}")
         if not self.heal_lr > 0:
@@ -184,6 +204,9 @@ def main(spec: ConvertSpec) -> dict:
         from adapters_hub.lisa.healing import stamp_adapter
 
         fp = stamp_adapter(adapter_dir, healing_dir)
+    kvh = model.config.num_key_value_heads
+    metrics.update(kv_bytes_per_token=float(plan.kv_bytes_per_token(kvh)),
+                   kv_ratio=plan.num_layers * kvh * 2 * plan.head_dim * 4 / plan.kv_bytes_per_token(kvh))
     metrics.update(init_seconds=init_seconds, train_seconds=train_seconds, shared_layers=len(plan.shared),
                    fraction=plan.fraction, steps=float(history[-1]["step"]) if history else 0.0)
     for k, v in metrics.items():
@@ -211,12 +234,16 @@ def _choose_plan(spec: ConvertSpec, model, report, calib, fp):
     from adapters_hub.lisa import LisaConfig, LisaModel
     from adapters_hub.lisa.analysis import layer_sensitivity
     from adapters_hub.lisa.local_init import local_init
-    from adapters_hub.lisa.plan import SharingPlan, choose_layers
+    from adapters_hub.lisa.plan import SharingPlan, choose_layers, predicted_converted_ppl
 
     if spec.layers is not None:
         if max(spec.layers) >= report.num_layers:
             raise ValueError(f"layers: {spec.layers} has a layer past the last one ({report.num_layers - 1})")
         return SharingPlan.from_layers(report, spec.layers, meta={"source": "convert", "aligner": spec.aligner}), {}
+    if spec.choose_by == "analysis":
+        plan = SharingPlan.from_report(report, fraction=spec.fraction)
+        return SharingPlan.from_layers(report, plan.layers, meta={"source": "convert", "choose_by": "analysis",
+                                                                  "fraction": spec.fraction, "aligner": spec.aligner}), {}
     half = len(calib) // 2  # fit on the first half, measure on the second
     fit, measure = calib[:half], calib[half:]
     t = time.perf_counter()
@@ -234,9 +261,14 @@ def _choose_plan(spec: ConvertSpec, model, report, calib, fp):
             ppl = perplexity(lm, measure, progress=False)
         finally:
             lm.unload()
-        print(f"[convert]   {len(layers)} layers: calibration perplexity {ppl:.2f} ({ppl / base_ppl - 1:+.1%})",
-              flush=True)
-        return ppl
+        if spec.planner == "init":
+            print(f"[convert]   {len(layers)} layers: calibration perplexity after local init {ppl:.2f} "
+                  f"({ppl / base_ppl - 1:+.1%})", flush=True)
+            return ppl
+        predicted = predicted_converted_ppl(ppl, base_ppl, spec.planner_exponent)
+        print(f"[convert]   {len(layers)} layers: after local init {ppl:.2f} ({ppl / base_ppl - 1:+.1%}), predicted "
+              f"converted {predicted:.2f} ({predicted / base_ppl - 1:+.1%})", flush=True)
+        return predicted
 
     layers = choose_layers(sensitivity, num_layers=report.num_layers, fraction=spec.fraction,
                            max_ppl_increase=spec.max_ppl_increase, base_ppl=base_ppl, combined_ppl=combined_ppl)
@@ -282,6 +314,7 @@ def _write_backbone(folder: Path, plan, report, fits, sensitivity, adapter_dir, 
     plan.save(folder / "plan.json")
     report.save(folder)  # report.json (+ heatmap.png with the sensitivities)
     (folder / "local_init.json").write_text(json.dumps([f.to_dict() for f in fits], indent=2) + "\n")
+    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(folder / "adapter", ignore_errors=True)
     shutil.copytree(adapter_dir, folder / "adapter")
     shutil.rmtree(folder / "healing", ignore_errors=True)
@@ -481,8 +514,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--fraction", type=float, default=None, help="share this fraction of the layers (default 0.6)")
     group.add_argument("--max-ppl-increase", type=float, default=None,
-                       help="share the most layers whose perplexity after local init stays within this of the base")
+                       help="share the most layers whose predicted converted perplexity stays within this of the base")
     group.add_argument("--layers", type=_layer_list, default=None, help="share exactly these layers, e.g. 2,3,5")
+    parser.add_argument("--planner", default=d.planner, choices=("converted", "init"),
+                        help="what --max-ppl-increase judges: predicted converted perplexity, or the local-init one")
+    parser.add_argument("--planner-exponent", type=float, default=d.planner_exponent)
+    parser.add_argument("--choose-by", default=d.choose_by, choices=("sensitivity", "analysis"),
+                        help="how --fraction picks layers: measured sensitivity (slow) or attention divergence (fast)")
     parser.add_argument("--ranks", default=d.ranks, choices=("uniform", "sensitivity"),
                         help="rank of each shared layer's Q/K: one rank, or more for the most sensitive third")
     parser.add_argument("--rank-boost", type=float, default=d.rank_boost)

@@ -98,9 +98,15 @@ def add_commands(sub) -> None:
     p.add_argument("--num-cpus", type=float, default=0.5, help="CPUs reserved for the replica")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("demo", help="the full tour on SmolLM2: stack, submit gsm8k, follow, generate")
+    p = sub.add_parser("demo", help="the full tour on SmolLM2: stack, convert, adapt gsm8k, serve, compare")
     p.add_argument("--profile", default="quick")
     p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--fraction", type=float, default=0.5, help="layers shared by the demo's backbone")
+    p.add_argument("--convert-minutes", type=float, default=4.0,
+                   help="healing budget of the demo's conversion (only when no converted backbone is registered)")
+    p.add_argument("--convert-max-steps", type=int, default=100_000)
+    p.add_argument("--reconvert", action="store_true", help="convert again even if a converted backbone is registered")
+    p.add_argument("--port", type=int, default=8000, help="port of the OpenAI-compatible server the demo starts")
     p.set_defaults(func=_demo)
 
 
@@ -249,30 +255,90 @@ def _serve(args) -> int:
 
 
 def _demo(args) -> int:
+    """The product in one command: a converted (healed) backbone, a GSM8K adapter trained
+    on it, one answer through the OpenAI-compatible server, and what was gained and lost."""
+    import json
     import time
 
     import sdk
     from adapters_hub import stack
+    from adapters_hub.backbone import backbone_folder, general_adapter_of
 
     start = time.perf_counter()
     print("== 1. local stack (Ray head + dashboard, MLflow server)")
     for s in stack.up():
         print("  ", s.line())
-    print(f"== 2. submit gsm8k on {args.base} (profile {args.profile}); follow it in the Ray dashboard "
-          f"{stack.dashboard_url()}/#/jobs")
+    print(f"   follow the jobs in the Ray dashboard {stack.dashboard_url()}/#/jobs")
+    folder = backbone_folder(args.base)
+    if args.reconvert or general_adapter_of(folder) is None:
+        print(f"== 2. convert {args.base} into a LiSA backbone: {args.fraction:.0%} of the layers share attention "
+              f"(chosen by the attention analysis), local initialisation, {args.convert_minutes:g} min of healing")
+        job = sdk.submit_conversion(base_model=args.base, fraction=args.fraction, minutes=args.convert_minutes,
+                                    options={"choose_by": "analysis", "eval_blocks": 4,
+                                             "max_steps": args.convert_max_steps})
+        job.tail()
+        converted = job.wait().metrics
+        folder = backbone_folder(args.base)
+    else:
+        print(f"== 2. using the registered converted backbone of {args.base} ({folder.name}); --reconvert makes a new one")
+        converted = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").is_file() else {}
+    print(f"== 3. adapt gsm8k on it (profile {args.profile})")
     job = sdk.submit_adaptation(task="gsm8k", base_model=args.base, profile=args.profile)
     job.tail()
     result = job.wait()
-    print(f"== 3. registered {result.model_name} version {result.version} aliases {result.aliases}")
-    for key in sorted(result.metrics):
-        print(f"   {key:22s} {result.metrics[key]:.4f}")
-    print("== 4. generate without and with the adapter, on one loaded backbone")
-    bb = sdk.Backbone.load(base_model=args.base)
+    print(f"   registered {result.model_name} version {result.version} aliases {result.aliases}")
+    print("== 4. one request through the OpenAI-compatible server (lisa-hub serve), with the openai client")
     question = "Question: Tom has 3 boxes with 4 apples each. He eats 2 apples. How many apples are left?\nAnswer:"
-    first_answer = lambda text: text.strip().split("\n\n")[0][:300]  # the task's stop string
-    print("   fresh backbone:", first_answer(bb.generate(question, max_new_tokens=80)))
-    bb.use(result.ref)
-    print(f"   {result.ref}:", first_answer(bb.generate(question, max_new_tokens=80)))
+    answer = _ask_server(args.base, args.port, result.ref, question)
+    print(f"   {result.ref}: {answer.strip()[:300]}")
+    m = result.metrics
+    rows = [("base (dense)", converted.get("base.perplexity"), m.get("base.answer_nll")),
+            ("LiSA backbone (converted, healed)", converted.get("converted.perplexity"), m.get("init.answer_nll")),
+            (f"+ gsm8k adapter ({result.ref})", None, m.get("adapter.answer_nll"))]
+    fmt = lambda v: f"{v:10.3f}" if v is not None else f"{'':10s}"  # noqa: E731
+    print(f"== 5. what was gained and lost\n   {'':36s} {'WikiText-2 ppl':>14s} {'GSM8K answer NLL':>17s}")
+    for name, ppl, nll in rows:
+        print(f"   {name:36s} {fmt(ppl):>14s} {fmt(nll):>17s}")
+    if converted.get("base.perplexity") and converted.get("converted.perplexity"):
+        print(f"   backbone perplexity {converted['converted.perplexity'] / converted['base.perplexity']:.3f}x the base; "
+              f"KV cache {converted.get('kv_ratio', float('nan')):.2f}x smaller")
     print(f"== done in {time.perf_counter() - start:.0f} s.  Ray dashboard: {stack.dashboard_url()}   "
           f"MLflow UI: {stack.mlflow_url()}/#/models/{result.model_name}")
     return 0
+
+
+def _ask_server(base: str, port: int, model: str, prompt: str, *, timeout: float = 300.0) -> str:
+    """Start `lisa-hub serve` (the project's own command) on `port`, ask it one completion
+    with the openai client, stop it (SIGTERM deletes the app); the answer's text."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    import requests
+    from openai import OpenAI
+
+    proc = subprocess.Popen([sys.executable, "-m", "adapters_hub.cli", "serve", "--base", base, "--pin", model,
+                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).ok:
+                    break
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                out = proc.stdout.read() if proc.poll() is not None else ""
+                raise RuntimeError(f"lisa-hub serve did not answer on port {port} within {timeout:.0f} s\n{out[-2000:]}")
+            time.sleep(2)
+        client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none")
+        reply = client.completions.create(model=model, prompt=prompt, max_tokens=80, temperature=0, stop=["\n\n"])
+        return reply.choices[0].text
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

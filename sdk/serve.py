@@ -264,12 +264,16 @@ def run(*, base_model: str, port: int = 8000, host: str = "127.0.0.1", **options
 
     from sdk.client import resolve_address
 
+    from adapters_hub.stack import connect_ray
+
     explicit = os.environ.get("RAY_ADDRESS", "")
-    if explicit and not explicit.startswith("http"):  # a cluster's GCS address (host:port)
-        ray.init(address=explicit, ignore_reinit_error=True)
-    else:
-        resolve_address()  # starts the local stack when nothing runs
+    if explicit.startswith("http"):  # a remote cluster named by its dashboard
+        resolve_address()
         ray.init(address="auto", ignore_reinit_error=True)
+    else:
+        if not explicit:
+            resolve_address()  # starts the local stack when nothing runs
+        connect_ray()  # RAY_ADDRESS (host:port), else this stack's head by its 127.0.0.1 GCS address
     serve.start(http_options={"host": host, "port": port})
 
     def _stop(signum, frame):

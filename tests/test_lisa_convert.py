@@ -160,3 +160,25 @@ def test_serving_backbone_is_pruned_loads_the_general_adapter_and_reports_memory
     bb.use(str(lora_dir))  # a LoRA adapter of the LiSA backbone still loads on the pruned one
     half = Backbone.load(base_model="tiny-llama", plan_path=folder, dtype="bfloat16").memory_report()
     assert half["kv_bytes_per_token"] * 2 == report["kv_bytes_per_token"]
+
+
+def test_planner_judging_converted_quality_takes_the_longest_prefix_the_prediction_allows():
+    """Constructed table: local-init probes of each prefix; the budget 5% admits 2 layers by
+    the probe itself, 4 by the converted prediction with exponent 0.5 (1.09 ** 0.5 = 1.044)."""
+    from adapters_hub.lisa.plan import predicted_converted_ppl
+
+    probes = {0: 10.0, 1: 10.2, 2: 10.45, 3: 10.7, 4: 10.9, 5: 11.3, 6: 12.0, 7: 13.0, 8: 15.0, 9: 20.0}
+    seen = []
+
+    def probe(layers):
+        seen.append(len(layers))
+        return probes[len(layers)]
+
+    by_init = choose_layers(SENS, num_layers=10, max_ppl_increase=0.05, base_ppl=10.0, combined_ppl=probe)
+    by_converted = choose_layers(SENS, num_layers=10, max_ppl_increase=0.05, base_ppl=10.0,
+                                 combined_ppl=lambda l: predicted_converted_ppl(probe(l), 10.0, 0.5))
+    assert by_init == [2, 3]                 # 10.45 <= 10.5 < 10.7
+    assert by_converted == [2, 3, 5, 6]      # 10 * 1.09 ** 0.5 = 10.44 <= 10.5 < 10 * 1.13 ** 0.5 = 10.63
+    assert predicted_converted_ppl(12.0, 10.0, 1.0) == pytest.approx(12.0)
+    with pytest.raises(PlanError, match="planner_exponent"):
+        predicted_converted_ppl(12.0, 10.0, 0)

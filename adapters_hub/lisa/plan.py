@@ -270,6 +270,17 @@ def ranks_by_sensitivity(layers: Iterable[int], sensitivity: dict[int, float], *
     return {l: (high if l in fragile else base_rank) for l in layers}
 
 
+def predicted_converted_ppl(probe_ppl: float, base_ppl: float, exponent: float) -> float:
+    """The converted (healed) perplexity the budget planner expects from a probe (combined
+    calibration perplexity after local initialisation): base * (probe / base) ** exponent.
+    `exponent` < 1 says conversion removes that share of the probe's log-perplexity
+    increase; it is fitted and checked against full conversions by
+    benchmarks/convert_smollm2.py (its table prints probe, prediction and measurement)."""
+    if not exponent > 0:
+        raise PlanError(f"planner_exponent: must be > 0, got {exponent}")
+    return base_ppl * (probe_ppl / base_ppl) ** exponent
+
+
 def choose_layers(sensitivity: dict[int, float], *, num_layers: int, fraction: float | None = None,
                   max_ppl_increase: float | None = None, base_ppl: float | None = None,
                   combined_ppl: Callable[[list[int]], float] | None = None) -> list[int]:
@@ -307,4 +318,5 @@ def choose_layers(sensitivity: dict[int, float], *, num_layers: int, fraction: f
     return sorted(order[:lo])
 
 
-__all__ = ["PlanError", "SharedLayer", "SharingPlan", "choose_layers", "default_rank", "ranks_by_sensitivity"]
+__all__ = ["PlanError", "SharedLayer", "SharingPlan", "choose_layers", "default_rank", "predicted_converted_ppl",
+           "ranks_by_sensitivity"]
