@@ -236,8 +236,27 @@ def down(*, home: Path | None = None, timeout: float = 15.0) -> list[str]:
         stopped.append(f"{name} (pid {rec.pid})")
         if rec.extra.get("temp_dir"):
             shutil.rmtree(rec.extra["temp_dir"], ignore_errors=True)
+        if name == "ray" and rec.extra.get("gcs_address"):
+            forget_current_cluster(rec.extra["gcs_address"])
     _save_state(home, state)
     return stopped
+
+
+RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")  # where Ray notes the last head it started
+
+
+def forget_current_cluster(gcs_address: str, path: Path = RAY_CURRENT_CLUSTER) -> bool:
+    """Remove Ray's current-cluster note when it names the head we stopped (same GCS port):
+    left behind, a later driver's plain `ray.init()` "connects to the existing cluster" there
+    and retries for minutes. Returns whether it was removed."""
+    try:
+        noted = path.read_text().strip()
+    except OSError:
+        return False
+    if noted.rpartition(":")[2] != gcs_address.rpartition(":")[2]:
+        return False  # another cluster's note: not ours to remove
+    path.unlink(missing_ok=True)
+    return True
 
 
 def mlflow_url(home: Path | None = None) -> str:
@@ -264,39 +283,11 @@ def free_port() -> int:
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
-def check_ray_address(address: str | None, timeout: float = 3.0) -> str | None:
-    """`address` for ray.init, checked first when it is a GCS address (host:port): a closed
-    port fails here within `timeout` with one line, not after Ray's ~35 s of retries."""
-    if not address or address in ("auto", "local") or "://" in address:
-        return address or None
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConnectionError(f"RAY_ADDRESS={address!r}: expected host:port (the GCS), http://host:8265 "
-                              "(the job API) or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as err:
-        raise ConnectionError(f"RAY_ADDRESS={address}: no Ray GCS answers there ({err.__class__.__name__}); "
-                              "start the local stack with `lisa-hub up` or unset RAY_ADDRESS") from None
-    return address
-
-
-def connect_ray() -> None:
-    """ray.init for a job's driver: RAY_ADDRESS (checked first), else this stack's head by its
-    127.0.0.1 GCS address. (Ray's own "auto" finds a local head through the machine's
-    external address, which our 127.0.0.1 head does not answer as itself: a Train
-    controller started that way died before it ran.)"""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = check_ray_address(os.environ.get("RAY_ADDRESS"))
-    if address is None:
-        head = _load_state(settings.home()).get("ray")
-        if _alive(head):
-            address = head.extra["gcs_address"]
-            os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the stack's head runs (_ray_env)
-    ray.init(address=address, log_to_driver=True)
+def head_gcs_address(home: Path | None = None) -> str | None:
+    """The 127.0.0.1 GCS address of this stack's Ray head when it runs, else None (drivers
+    connect through jobs.runtime.connect)."""
+    head = _load_state(Path(home) if home else settings.home()).get("ray")
+    return head.extra["gcs_address"] if _alive(head) else None
 
 
 # ----------------------------------------------------------------------------- starting

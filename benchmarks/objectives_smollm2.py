@@ -14,7 +14,6 @@ held-out tail of WikiText-2 is never read.
 from __future__ import annotations
 
 import argparse
-import copy
 import time
 
 COMBOS = {  # name: (healing?, Objective fields)
@@ -86,7 +85,7 @@ def main() -> None:
     print(f"\n{'=' * 90}\n{args.base}, {len(layers)}/{report.num_layers} layers shared ({args.fraction:.0%}), "
           f"{args.minutes:g} CPU-min each, batch 4 x 256, lr {args.lr}, heal rank {args.heal_rank} lr {args.heal_lr}; "
           f"{time.perf_counter() - t0:.0f}s total")
-    print(f"| objective | steps | dev ppl / base | eval ppl / base |\n|---|---|---|---|")
+    print("| objective | steps | dev ppl / base | eval ppl / base |\n|---|---|---|---|")
     print(f"| base | | {base_dev:.2f} | {base_eval:.2f} |")
     for name, steps, d, e, _ in rows:
         mark = "**" if name == best[0] else ""

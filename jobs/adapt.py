@@ -21,7 +21,6 @@ The last line printed is `LISA_HUB_RESULT {json}` for the SDK.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import hashlib
 import json
 import os
@@ -32,9 +31,8 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from jobs import RESULT_MARKER
-
-MAX_WORKER_FAILURES = 2  # Ray Train restarts of a failed worker group, each from the newest checkpoint
+from jobs import runtime
+from jobs.runtime import JobConflictError
 
 
 @dataclass
@@ -74,7 +72,8 @@ def main(spec: AdaptSpec) -> dict:
         _check_chat_template(base)
     uri = settings.mlflow_uri()
     registry.Registry(tracking_uri=uri).client()      # probe: fail before any work, leave nothing behind
-    _use_all_cores()
+    runtime.connect()  # settle the Ray connection (in seconds) before any expensive work
+    runtime.use_all_cores()
     print(f"[adapt] task={task.name} kind={spec.kind} base={base} profile={profile.name} mlflow={uri}", flush=True)
 
     if spec.backbone == "dense":
@@ -94,7 +93,7 @@ def main(spec: AdaptSpec) -> dict:
     run_key = _run_key(spec, base, plan.hash, digest if spec.spec_file else "")
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(f"lisa-hub/{task.name}")
-    with _run_lock(run_key), mlflow.start_run(run_name=f"{task.name}-{spec.kind}-{base}") as run:
+    with runtime.run_lock(run_key), mlflow.start_run(run_name=f"{task.name}-{spec.kind}-{base}") as run:
         mlflow.set_tags({"task": task.name, "kind": spec.kind, "backbone": spec.backbone, "base_model": base,
                          "plan_hash": plan.hash,
                          "profile": profile.name, "ray_job_id": os.environ.get("LISA_HUB_JOB_ID", "")})
@@ -126,13 +125,13 @@ def main(spec: AdaptSpec) -> dict:
             higher_is_better=task.higher_is_better, trainable_params=trainable, tracking_uri=uri,
             tie_breaker=(f"adapter.{task.tie_breaker.value}", task.tie_breaker.higher_is_better)
             if task.tie_breaker else None, extra_tags={"spec_sha256": digest})
-        _delete_run(run_key)  # done: the next run of this spec starts fresh
+        runtime.delete_run(run_key, "[adapt]")  # done: the next run of this spec starts fresh
         shutil.rmtree(adapter_dir, ignore_errors=True)
 
     result = {"run_id": run.info.run_id, "model_name": registered.name, "version": str(registered.version),
               "aliases": list(registered.aliases), "metrics": metrics, "trainable_params": trainable,
               "seconds": round(time.perf_counter() - t0, 1), "plan_hash": plan.hash, "base": base}
-    print(RESULT_MARKER + json.dumps(result), flush=True)
+    runtime.print_result(result)
     return result
 
 
@@ -178,82 +177,14 @@ def _run_key(spec: AdaptSpec, base: str, plan_hash: str, digest: str = "") -> st
     return f"{spec.task}-{spec.kind}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-class JobConflictError(RuntimeError):
-    """An identical job (same run key) is running: its checkpoints and folders are in use."""
-
-
-@contextlib.contextmanager
-def _run_lock(run_key: str):
-    """Hold `train/<run_key>.lock` for the job's life. The same spec submitted twice while
-    the first runs: the second fails at once, naming the first; it does not race on the
-    first's checkpoints. An OS file lock dies with its process, so a killed job's re-run
-    takes the lock and resumes from the checkpoints it left."""
-    import fcntl
-
-    path = _run_dir(run_key).with_suffix(".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
-            raise JobConflictError(f"an identical job is running ({holder}, run key {run_key}); wait for it to "
-                                   "finish, or change the spec (e.g. --set seed=...)") from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"job {os.environ.get('LISA_HUB_JOB_ID') or '-'} pid {os.getpid()}")
-        fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _run_dir(run_key: str) -> Path:
-    """The driver's node-local folder of a run key: its lock and its adapter copies."""
-    from adapters_hub import settings
-
-    return settings.home() / "train" / run_key
-
-
 def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, list[dict], int]:
-    """Run `train_loop` in a Ray Train TorchTrainer; returns (adapter dir, log history, trainable)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from adapters_hub import settings
-    from adapters_hub.stack import connect_ray
-
-    connect_ray()
-    storage = settings.train_storage()
-    _check_storage(storage)
-    fs, run_path = _run_storage(storage, run_key)
-    from pyarrow.fs import FileType
-
-    if fs.get_file_info(run_path).type is not FileType.NotFound:
-        if fresh_start:
-            fs.delete_dir(run_path)
-        else:
-            print(f"[adapt] found an interrupted run {run_key}: resuming from its last checkpoint", flush=True)
+    """Run `train_loop` on Ray Train (jobs.runtime.fit); returns (adapter dir, log history, trainable)."""
     profile = cfg["profile"]
-    trainer = TorchTrainer(
-        train_loop,
-        train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=profile["num_workers"], use_gpu=profile["use_gpu"],
-                                     resources_per_worker={"CPU": _cpus_per_worker(profile["num_workers"])},
-                                     placement_strategy=profile["placement_strategy"]),
-        run_config=RunConfig(name=run_key, storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             # a killed worker is restarted from the run's newest checkpoint
-                             failure_config=FailureConfig(max_failures=MAX_WORKER_FAILURES)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"training failed: {result.error}")
-    _run_dir(run_key).parent.mkdir(parents=True, exist_ok=True)
-    out = Path(tempfile.mkdtemp(prefix=f"{run_key}-adapter-", dir=_run_dir(run_key).parent))  # this job's own copy
+    result = runtime.fit(train_loop, cfg, run_key=run_key, num_workers=profile["num_workers"],
+                         use_gpu=profile["use_gpu"], placement_strategy=profile["placement_strategy"],
+                         fresh_start=fresh_start, log_prefix="[adapt]")
+    runtime.run_dir(run_key).parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f"{run_key}-adapter-", dir=runtime.run_dir(run_key).parent))  # this job's own
     with result.checkpoint.as_directory() as ckpt:
         shutil.copytree(Path(ckpt) / "adapter", out, dirs_exist_ok=True)
         meta = json.loads((Path(ckpt) / "meta.json").read_text())
@@ -263,64 +194,6 @@ def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, 
 
         raise RegistryUnavailableError(f"MLflow became unreachable during training: {meta['mlflow_lost']}")
     return out, meta["history"], meta["trainable"]
-
-
-def _check_storage(storage: str) -> None:
-    """Refuse node-local run storage on a cluster of several nodes: a worker on another
-    node could not write the run's checkpoints where the driver and a restarted worker
-    read them."""
-    import ray
-
-    from adapters_hub import settings
-
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0]
-    if len(nodes) > 1 and not settings.train_storage_is_shared():
-        raise ValueError(f"storage: this cluster has {len(nodes)} nodes, and run checkpoints would go to the "
-                         f"node-local {storage}; set LISA_HUB_STORAGE to a folder every node sees or to an "
-                         "s3:// / gs:// URI (lisa-hub up --nodes sets it for a local cluster)")
-
-
-def _run_storage(storage: str, run_key: str):
-    """(pyarrow filesystem, path) of a run's folder under `storage` (a folder or a URI)."""
-    from pyarrow import fs
-
-    if "://" in storage:
-        filesystem, root = fs.FileSystem.from_uri(storage)
-        return filesystem, f"{root.rstrip('/')}/{run_key}"
-    return fs.LocalFileSystem(), str(Path(storage) / run_key)
-
-
-def _delete_run(run_key: str) -> None:
-    from pyarrow.fs import FileType
-
-    from adapters_hub import settings
-
-    filesystem, path = _run_storage(settings.train_storage(), run_key)
-    try:
-        if filesystem.get_file_info(path).type is not FileType.NotFound:
-            filesystem.delete_dir(path)
-    except OSError as err:  # leftovers cost space, not correctness
-        print(f"[adapt] could not delete the finished run's checkpoints at {path}: {err}", flush=True)
-
-
-def _cpus_per_worker(num_workers: int) -> int:
-    """Share the cluster's free CPUs among the workers. Ray gives a worker OMP_NUM_THREADS =
-    its CPU reservation, so the default of 1 CPU would leave torch on one thread (measured:
-    a training step twice as slow on 2 cores)."""
-    import ray
-
-    free = int(ray.available_resources().get("CPU", 1))
-    # a worker cannot span nodes: no more than the largest node has
-    per_node = max((int(n.get("Resources", {}).get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=1)
-    return max(1, min(free // max(1, num_workers), per_node))
-
-
-def _use_all_cores() -> None:
-    """The job's driver evaluates three models: give torch every core of the machine (a Ray
-    job's entrypoint may inherit OMP_NUM_THREADS=1). LISA_HUB_THREADS overrides."""
-    import torch
-
-    torch.set_num_threads(int(os.environ.get("LISA_HUB_THREADS") or len(os.sched_getaffinity(0))))
 
 
 def train_loop(cfg: dict) -> None:

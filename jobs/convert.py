@@ -34,7 +34,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from jobs import RESULT_MARKER
+from jobs import runtime
 GENERAL = "general"  # adapter name of the general adapter inside a converted backbone
 # Fitted by benchmarks/convert_smollm2.py on SmolLM2 (healed conversions of 20 CPU-minutes):
 # log(converted / base) = PLANNER_EXPONENT * log(probe / base); see the README's table.
@@ -59,6 +59,9 @@ class ConvertSpec:
     init_only: bool = False                # stop after local initialisation
     minutes: float = 15.0                  # wall-clock budget of the self-distillation
     max_steps: int = 100_000
+    tokens: int | None = None              # a token budget instead of minutes: steps = tokens / (batch x seq_len)
+    device: str = "cpu"                    # "cuda": the driver and the Train worker on the GPU
+    dtype: str = "float32"                 # "bfloat16": autocast in training (GPU)
     batch_size: int = 4
     seq_len: int = 256
     lr: float = 2e-3                       # LiSA tensors (aligner, rank-r Q/K)
@@ -112,6 +115,13 @@ class ConvertSpec:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
         if self.calib_blocks < 4:
             raise ValueError(f"calib_blocks: need at least 4 calibration blocks, got {self.calib_blocks}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"device: {self.device!r} is not one of cpu, cuda")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"dtype: {self.dtype!r} is not one of float32, bfloat16")
+        if self.tokens is not None and not (isinstance(self.tokens, int) and self.tokens >= self.batch_size * self.seq_len):
+            raise ValueError(f"tokens: must be an integer >= batch_size x seq_len = {self.batch_size * self.seq_len}, "
+                             f"got {self.tokens!r}")
         if self.planner not in ("converted", "init"):
             raise ValueError(f"planner: {self.planner!r} is not one of converted, init")
         if not self.planner_exponent > 0:
@@ -130,6 +140,12 @@ class ConvertSpec:
             raise ValueError(f"heal_lr: must be > 0, got {self.heal_lr}")
         self.objective()
         self.healing()
+
+    def budget(self) -> tuple[float, int]:
+        """(minutes, max_steps) of the distillation: a token budget fixes the steps, not the time."""
+        if self.tokens is not None:
+            return 1e9, min(self.max_steps, self.tokens // (self.batch_size * self.seq_len))
+        return self.minutes, self.max_steps
 
     def objective(self):
         from adapters_hub.lisa.convert import Objective
@@ -161,12 +177,15 @@ def main(spec: ConvertSpec) -> dict:
     uri = settings.mlflow_uri() if spec.register else None
     if uri:
         registry.Registry(tracking_uri=uri).client()  # probe: fail before any work
-    _use_all_cores()
+    if not spec.init_only:  # settle the Ray connection (in seconds) before minutes of analysis, not after them
+        runtime.connect()
+    runtime.use_all_cores()
     torch.manual_seed(0)
     choice = {"fraction": spec.fraction, "max_ppl_increase": spec.max_ppl_increase, "layers": spec.layers}
     print(f"[convert] base={spec.base} " + " ".join(f"{k}={v}" for k, v in choice.items() if v is not None), flush=True)
     model, tok = load_base(spec.base)
     fp = fingerprint(model)
+    model.to(_device(spec.device))
     split = token_split(tok, eval_blocks=spec.eval_blocks, eval_len=spec.eval_len,
                         calib_blocks=spec.calib_blocks, train_len=spec.seq_len)
     print(f"[convert] tokens: eval {tuple(split.eval.shape)}, calibration {tuple(split.calib.shape)}, "
@@ -219,8 +238,9 @@ def main(spec: ConvertSpec) -> dict:
               "folder": str(folder), "seconds": round(time.perf_counter() - t0, 1)}
     if uri:
         result.update(_register(uri, spec, plan, fp, folder, metrics, history, run_id=run_id))
-    shutil.rmtree(_run_dir(run_key), ignore_errors=True)  # done: a later run starts fresh
-    print(RESULT_MARKER + json.dumps(result), flush=True)
+    if not spec.init_only:
+        runtime.delete_run(run_key, "[convert]")  # done: a later run starts fresh
+    runtime.print_result(result)
     return result
 
 
@@ -389,45 +409,23 @@ def _run_key(spec: ConvertSpec, plan_hash: str) -> str:
     return f"convert-{hashlib.sha256(json.dumps([fields, plan_hash], sort_keys=True).encode()).hexdigest()[:10]}"
 
 
-def _run_dir(run_key: str) -> Path:
-    from adapters_hub import settings
-
-    return settings.home() / "train" / run_key
-
-
-def _use_all_cores() -> None:
+def _device(name: str):
     import torch
 
-    torch.set_num_threads(int(os.environ.get("LISA_HUB_THREADS") or len(os.sched_getaffinity(0))))
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: cuda asked for, but torch sees no GPU here")
+    return torch.device(name)
 
 
 def _train_on_ray(cfg: dict, *, run_key: str, fresh_start: bool) -> tuple[Path, Path | None, list[dict]]:
-    """Run `train_loop` in a Ray Train TorchTrainer (one worker); (adapter dir, healing dir
-    or None, history)."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    storage = _run_dir(run_key).parent
-    if fresh_start:
-        shutil.rmtree(storage / run_key, ignore_errors=True)
-    elif (storage / run_key).exists():
-        print(f"[convert] found an interrupted run {run_key}: resuming from its last checkpoint", flush=True)
-    from adapters_hub.stack import connect_ray
-
-    connect_ray()
-    cpus = max(1, int(ray.available_resources().get("CPU", 1)))
-    trainer = TorchTrainer(
-        train_loop, train_loop_config=cfg,
-        scaling_config=ScalingConfig(num_workers=1, use_gpu=False, resources_per_worker={"CPU": cpus}),
-        run_config=RunConfig(name=run_key, storage_path=str(storage), checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=0)),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise RuntimeError(f"self-distillation failed: {result.error}")
-    out = storage / f"{run_key}-adapter"
-    shutil.rmtree(out, ignore_errors=True)
+    """Run `train_loop` on Ray Train (jobs.runtime.fit: shared-storage check, retries of a
+    failed worker from its newest checkpoint, GPU when asked); (adapter dir, healing dir or
+    None, history)."""
+    spec = cfg["spec"]
+    result = runtime.fit(train_loop, cfg, run_key=run_key, use_gpu=spec["device"] == "cuda",
+                         fresh_start=fresh_start, log_prefix="[convert]")
+    runtime.run_dir(run_key).parent.mkdir(parents=True, exist_ok=True)
+    out = Path(tempfile.mkdtemp(prefix=f"{run_key}-", dir=runtime.run_dir(run_key).parent))
     healing_out = None
     with result.checkpoint.as_directory() as ckpt:
         shutil.copytree(Path(ckpt) / "adapter", out / "adapter")
@@ -450,6 +448,7 @@ def train_loop(cfg: dict) -> None:
 
     spec = ConvertSpec(**cfg["spec"])
     model, tok = load_base(spec.base)
+    model.to(_device(spec.device))
     lm = LisaModel(model, LisaConfig(plan=SharingPlan.from_dict(cfg["plan"]), aligner=spec.aligner),
                    adapter_name="fresh")
     state = DistillState()
@@ -470,9 +469,11 @@ def train_loop(cfg: dict) -> None:
             print(f"[train] resuming from checkpoint at step {state.step}", flush=True)
     train = token_split(tok, eval_blocks=spec.eval_blocks, eval_len=spec.eval_len, calib_blocks=spec.calib_blocks,
                         train_len=spec.seq_len).train
-    print(f"[train] {sum(p.numel() for p in lm.parameters() if p.requires_grad):,} trainable parameters; "
-          f"{len(train)} training blocks of {spec.seq_len}; budget {spec.minutes:g} min or {spec.max_steps} steps",
-          flush=True)
+    minutes, max_steps = spec.budget()
+    print(f"[train] {sum(p.numel() for p in lm.parameters() if p.requires_grad):,} trainable parameters "
+          f"({'healing ' + str(heal_cfg) if heal_cfg else 'no healing'}); {len(train)} training blocks of "
+          f"{spec.seq_len}; budget " + (f"{spec.tokens:,} tokens ({max_steps} steps)" if spec.tokens else
+                                         f"{minutes:g} min or {max_steps} steps") + f" on {spec.device}", flush=True)
     client = None
     if cfg["tracking_uri"] and cfg["run_id"]:
         import mlflow
@@ -498,7 +499,8 @@ def train_loop(cfg: dict) -> None:
         if state.step % spec.save_every == 0:
             save(state)
 
-    state = self_distill(lm, train, minutes=spec.minutes, max_steps=spec.max_steps, batch_size=spec.batch_size,
+    state = self_distill(lm, train, minutes=minutes, max_steps=max_steps, batch_size=spec.batch_size,
+                         amp_dtype=torch.bfloat16 if spec.dtype == "bfloat16" else None,
                          lr=spec.lr, heal_lr=spec.heal_lr, objective=spec.objective(), optimizer=opt, state=state,
                          on_step=on_step)
     if state.step % spec.save_every:  # the last step's checkpoint is the result
@@ -527,6 +529,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init-only", action="store_true", help="stop after local initialisation")
     parser.add_argument("--minutes", type=float, default=d.minutes, help="self-distillation wall-clock budget")
     parser.add_argument("--max-steps", type=int, default=d.max_steps)
+    parser.add_argument("--tokens", type=int, default=None, help="token budget of the distillation (instead of --minutes)")
+    parser.add_argument("--device", default=d.device, choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"))
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--seq-len", type=int, default=d.seq_len)
     parser.add_argument("--lr", type=float, default=d.lr, help="learning rate of the LiSA tensors")

@@ -1,4 +1,6 @@
-"""User-facing sub-commands of `lisa-hub` (added to adapters_hub.cli):
+"""The `lisa-hub` command line (entry point `main`). Feature modules add their own
+sub-commands through `add_commands(subparsers)` (COMMAND_MODULES); handlers import heavy
+libraries only when they run. This module's own:
 
   lisa-hub convert --base B [--fraction F | --max-ppl-increase X] [--register] [--submit]
                                               dense base -> LiSA backbone (jobs/convert.py)
@@ -15,8 +17,50 @@
 
 from __future__ import annotations
 
+import argparse
+import importlib
 import sys
 from pathlib import Path
+
+# Modules that contribute sub-commands besides this one; each defines add_commands(subparsers).
+COMMAND_MODULES = [
+    "adapters_hub.stack",       # lisa-hub up | down | status
+    "adapters_hub.lisa.cli",    # lisa-hub analyze
+    "adapters_hub.drop.cli",    # lisa-hub drop
+    "adapters_hub.tasks.cli",   # lisa-hub task init | check
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lisa-hub", description="lisa-hub: task adaptation for compressed LLMs")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("models", help="list base model names")
+    p.set_defaults(func=_models)
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_commands(sub)
+    add_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        return 130
+    except (LookupError, ValueError, RuntimeError, OSError) as err:
+        # Known failure kinds get one clear line instead of a traceback.
+        print(f"lisa-hub {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _models(args) -> int:
+    from adapters_hub.models import list_models
+
+    for info in list_models():
+        print(f"{info.name:14s} {info.description}  [{info.source}]")
+    print("(or any Hugging Face model id / local model folder)")
+    return 0
 
 
 def add_commands(sub) -> None:
@@ -318,7 +362,7 @@ def _ask_server(base: str, port: int, model: str, prompt: str, *, timeout: float
     import requests
     from openai import OpenAI
 
-    proc = subprocess.Popen([sys.executable, "-m", "adapters_hub.cli", "serve", "--base", base, "--pin", model,
+    proc = subprocess.Popen([sys.executable, "-m", "sdk.cli", "serve", "--base", base, "--pin", model,
                              "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
     try:
@@ -342,3 +386,7 @@ def _ask_server(base: str, port: int, model: str, prompt: str, *, timeout: float
             proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

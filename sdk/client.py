@@ -26,7 +26,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Iterator
 
-from jobs import RESULT_MARKER
+from jobs.runtime import parse_result as _parse_result_line
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -341,13 +341,12 @@ class ConversionJob(AdaptationJob):
     """Handle on a submitted conversion; `wait()` returns a ConversionResult."""
 
     def _parse(self, logs: str) -> "ConversionResult | None":
-        for line in reversed(logs.splitlines()):
-            if line.startswith(RESULT_MARKER):
-                raw = json.loads(line[len(RESULT_MARKER):])
-                return ConversionResult(job_id=self.id, base=raw["base"], plan_hash=raw["plan_hash"],
-                                        layers=list(raw["layers"]), metrics=dict(raw["metrics"]),
-                                        model_name=raw.get("model_name"), version=raw.get("version"), raw=raw)
-        return None
+        raw = _parse_result_line(logs)
+        if raw is None:
+            return None
+        return ConversionResult(job_id=self.id, base=raw["base"], plan_hash=raw["plan_hash"],
+                                layers=list(raw["layers"]), metrics=dict(raw["metrics"]),
+                                model_name=raw.get("model_name"), version=raw.get("version"), raw=raw)
 
 
 @contextlib.contextmanager
@@ -401,13 +400,12 @@ def list_jobs(*, address: str | None = None) -> list[JobSummary]:
 
 def parse_result(job_id: str, logs: str) -> AdaptationResult | None:
     """The result record from a job log (its last LISA_HUB_RESULT line), or None."""
-    for line in reversed(logs.splitlines()):
-        if line.startswith(RESULT_MARKER):
-            raw = json.loads(line[len(RESULT_MARKER):])
-            return AdaptationResult(job_id=job_id, run_id=raw["run_id"], model_name=raw["model_name"],
-                                    version=str(raw["version"]), aliases=list(raw["aliases"]),
-                                    metrics=dict(raw["metrics"]), raw=raw)
-    return None
+    raw = _parse_result_line(logs)
+    if raw is None:
+        return None
+    return AdaptationResult(job_id=job_id, run_id=raw["run_id"], model_name=raw["model_name"],
+                            version=str(raw["version"]), aliases=list(raw["aliases"]),
+                            metrics=dict(raw["metrics"]), raw=raw)
 
 
 def resolve_address(address: str | None = None, *, start: bool = True) -> str:

@@ -264,7 +264,7 @@ def run(*, base_model: str, port: int = 8000, host: str = "127.0.0.1", **options
 
     from sdk.client import resolve_address
 
-    from adapters_hub.stack import connect_ray
+    from jobs.runtime import connect
 
     explicit = os.environ.get("RAY_ADDRESS", "")
     if explicit.startswith("http"):  # a remote cluster named by its dashboard
@@ -273,7 +273,7 @@ def run(*, base_model: str, port: int = 8000, host: str = "127.0.0.1", **options
     else:
         if not explicit:
             resolve_address()  # starts the local stack when nothing runs
-        connect_ray()  # RAY_ADDRESS (host:port), else this stack's head by its 127.0.0.1 GCS address
+        connect()  # RAY_ADDRESS (host:port), else this stack's head by its 127.0.0.1 GCS address
     serve.start(http_options={"host": host, "port": port})
 
     def _stop(signum, frame):

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from adapters_hub.lisa import LisaConfig, LisaModel, SharingPlan
-from jobs import adapt
+from jobs import adapt, runtime
 
 
 def _trainer(tiny, tmp_path, beta, steps=2, save_steps=0):
@@ -71,13 +71,13 @@ def test_overrides_and_set_flags_are_validated():
 def test_an_identical_running_job_is_refused_and_a_dead_ones_lock_is_free(tmp_path, monkeypatch):
     monkeypatch.setenv("LISA_HUB_HOME", str(tmp_path))
     monkeypatch.setenv("LISA_HUB_JOB_ID", "raysubmit_first")
-    with adapt._run_lock("gsm8k-lisa-abc"):
-        with pytest.raises(adapt.JobConflictError, match="identical job is running.*raysubmit_first.*gsm8k-lisa-abc"):
-            with adapt._run_lock("gsm8k-lisa-abc"):  # a second open file: the lock another process would take
+    with runtime.run_lock("gsm8k-lisa-abc"):
+        with pytest.raises(runtime.JobConflictError, match="identical job is running.*raysubmit_first.*gsm8k-lisa-abc"):
+            with runtime.run_lock("gsm8k-lisa-abc"):  # a second open file: the lock another process would take
                 pass
-        with adapt._run_lock("gsm8k-lisa-other"):  # another spec runs beside it
+        with runtime.run_lock("gsm8k-lisa-other"):  # another spec runs beside it
             pass
-    with adapt._run_lock("gsm8k-lisa-abc"):  # released when the first job ends (or dies)
+    with runtime.run_lock("gsm8k-lisa-abc"):  # released when the first job ends (or dies)
         pass
 
 

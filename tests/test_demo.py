@@ -24,7 +24,7 @@ def test_demo_converts_adapts_serves_and_compares_on_a_fresh_registry(ray_stack,
     port = stack.free_port()
     env = {**os.environ, "LISA_HUB_HOME": str(home), "MLFLOW_TRACKING_URI": own_mlflow}
     env.pop("RAY_ADDRESS", None)
-    proc = subprocess.run([sys.executable, "-m", "adapters_hub.cli", "demo", "--base", "tiny-llama", "--profile",
+    proc = subprocess.run([sys.executable, "-m", "sdk.cli", "demo", "--base", "tiny-llama", "--profile",
                            "smoke", "--convert-minutes", "0.5", "--convert-max-steps", "6", "--port", str(port)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     out = proc.stdout + proc.stderr
@@ -42,7 +42,7 @@ def test_demo_converts_adapts_serves_and_compares_on_a_fresh_registry(ray_stack,
     assert general_adapter_of(folder) is not None and healing_of(folder) is not None
 
     # a second demo reuses the registered converted backbone instead of converting again
-    again = subprocess.run([sys.executable, "-m", "adapters_hub.cli", "demo", "--base", "tiny-llama", "--profile",
+    again = subprocess.run([sys.executable, "-m", "sdk.cli", "demo", "--base", "tiny-llama", "--profile",
                             "smoke", "--port", str(port)], cwd=REPO, env=env, capture_output=True, text=True,
                            timeout=900)
     assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]

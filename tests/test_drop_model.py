@@ -270,7 +270,7 @@ def test_adapter_refuses_another_base(model, tmp_path):
 
 @needs_data("tinyshakespeare/input.txt")
 def test_cli_writes_scores_chart_and_adapter(tmp_path, capsys):
-    from adapters_hub.cli import main
+    from sdk.cli import main
 
     out = tmp_path / "plan"
     rc = main(["drop", "--base", "tiny-llama", "--target", "attn", "--n", "2", "--iterative",

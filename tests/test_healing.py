@@ -161,7 +161,7 @@ def test_eval_ppl_scores_a_healed_backbone_folder_as_conversion_measured_it(tiny
     the perplexity last; it equals the unmerged model's perplexity on the same blocks."""
     import json
 
-    from adapters_hub.cli import main
+    from sdk.cli import main
     from adapters_hub.data import token_blocks
     from adapters_hub.evaluation import perplexity
 

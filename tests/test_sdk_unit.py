@@ -9,7 +9,8 @@ import pytest
 import yaml
 
 import sdk
-from sdk.client import RESULT_MARKER, parse_result
+from jobs.runtime import RESULT_MARKER
+from sdk.client import parse_result
 
 
 def test_status_terminality():
@@ -71,7 +72,7 @@ def test_a_ray_address_that_does_not_answer_fails_within_seconds():
     import socket
     import time
 
-    from adapters_hub.stack import check_ray_address
+    from jobs.runtime import check_ray_address
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

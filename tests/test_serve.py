@@ -251,7 +251,7 @@ def test_cli_serve_stops_cleanly_on_sigterm(app, ray_stack, registered):
     from adapters_hub import stack
 
     env = {**os.environ, "RAY_ADDRESS": stack._load_state(ray_stack[0])["ray"].extra["gcs_address"]}
-    proc = subprocess.Popen([sys.executable, "-m", "adapters_hub.cli", "serve", "--base", "tiny-llama",
+    proc = subprocess.Popen([sys.executable, "-m", "sdk.cli", "serve", "--base", "tiny-llama",
                              "--tracking-uri", registered, "--pin", "alpha", "--port", str(app[1]),
                              "--num-cpus", "0", "--max-tokens", "32"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.stack
 
 
 def _cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adapters_hub.cli", *args], env=env,
+    return subprocess.run([sys.executable, "-m", "sdk.cli", *args], env=env,
                           capture_output=True, text=True, timeout=300)
 
 

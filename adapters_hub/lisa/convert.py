@@ -154,7 +154,8 @@ class DistillState:
 
 
 def self_distill(lm, train: torch.Tensor, *, minutes: float, max_steps: int = 100_000, batch_size: int = 4,
-                 lr: float = 2e-3, heal_lr: float = 2e-4, objective: Objective = Objective(), optimizer: torch.optim.Optimizer | None = None, state: DistillState | None = None,
+                 lr: float = 2e-3, heal_lr: float = 2e-4, objective: Objective = Objective(),
+                 amp_dtype: torch.dtype | None = None, optimizer: torch.optim.Optimizer | None = None, state: DistillState | None = None,
                  on_step: Callable[[DistillState, dict], None] | None = None) -> DistillState:
     """Train what requires grad in `lm` (the active adapter, and healing when attached) by
     `self_distillation_loss` on rows of `train`
@@ -168,6 +169,7 @@ def self_distill(lm, train: torch.Tensor, *, minutes: float, max_steps: int = 10
     opt = optimizer or distill_optimizer(lm, lr=lr, heal_lr=heal_lr)
     state = state or DistillState()
     order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))
+    device = params[0].device
     budget, start, offset = minutes * 60, time.perf_counter(), state.elapsed
     was_training = lm.training
     lm.train()
@@ -176,7 +178,9 @@ def self_distill(lm, train: torch.Tensor, *, minutes: float, max_steps: int = 10
         decay = 0.5 * (1 + math.cos(math.pi * min(1.0, state.elapsed / budget)))
         for group in opt.param_groups:
             group["lr"] = group.setdefault("peak_lr", group["lr"]) * min(1.0, (state.step + 1) / 10) * (0.1 + 0.9 * decay)
-        loss, parts = self_distillation_loss(lm, train[rows], objective)
+        ids = train[rows].to(device)
+        with torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else contextlib.nullcontext():
+            loss, parts = self_distillation_loss(lm, ids, objective)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
