@@ -57,6 +57,11 @@ def load_text(name: str, split: str | None = None) -> str:
     return "".join(row[source.text_field] for row in rows)  # raw wikitext lines keep their "\n"
 
 
+# The evaluation slice: the first 8 x 1024 tokens of a corpus, which perplexity numbers
+# (eval-ppl, the conversion, the benchmarks) score. Calibration starts after it. Not the
+# same thing as the held-out tail below, which nothing but a final evaluation reads.
+EVAL_SLICE_TOKENS = 8 * 1024
+
 # Corpora whose tail is held out: never trained, calibrated, tuned or selected on. The
 # held-out part starts at the first line that begins at or after this fraction of the
 # characters (WikiText-2 test: offset 1,157,338, the line " = = Equestrian = = ").

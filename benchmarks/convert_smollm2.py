@@ -83,6 +83,12 @@ def main() -> None:
     ap.add_argument("--save", default="runs/convert-bench", help="folder for the healed backbones and the plot")
     ap.add_argument("--sensitivity-cache", default=None)
     ap.add_argument("--max-ppl-increase", type=float, default=0.05)
+    ap.add_argument("--device", default="cpu", help="cuda: a GPU conversion (scripts/gpu_check.sh)")
+    ap.add_argument("--dtype", default="float32", help="bfloat16: autocast in training (GPU)")
+    ap.add_argument("--batch-size", type=int, default=None, help="default: the job's (4 x 256 tokens)")
+    ap.add_argument("--tokens", type=int, default=None,
+                    help="token budget of each conversion instead of its minutes (the minutes then only label it)")
+    ap.add_argument("--no-served", action="store_true", help="skip the eval-ppl re-scoring (no subprocesses)")
     args = ap.parse_args()
 
     import os
@@ -102,6 +108,9 @@ def main() -> None:
     t0 = time.perf_counter()
     model, tok = load_base(args.base)
     fp = fingerprint(model)
+    model.to(args.device)
+    batch_size = args.batch_size or spec.batch_size
+    amp = torch.bfloat16 if args.dtype == "bfloat16" else None
     kvh = model.config.num_key_value_heads
     split = token_split(tok)
     fit, measure = split.calib[:8], split.calib[8:]
@@ -109,8 +118,10 @@ def main() -> None:
     base_ppl = perplexity(model, split.eval, progress=False)
     save = Path(args.save)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    base_heldout = eval_ppl_base(args.base, "wikitext2-heldout", env)
-    base_shakespeare = eval_ppl_base(args.base, "tinyshakespeare", env)
+    base_heldout = base_shakespeare = float("nan")
+    if not args.no_served:
+        base_heldout = eval_ppl_base(args.base, "wikitext2-heldout", env)
+        base_shakespeare = eval_ppl_base(args.base, "tinyshakespeare", env)
     print(f"base perplexity {base_ppl:.2f} (held-out tail {base_heldout:.2f}, Tiny Shakespeare {base_shakespeare:.2f})",
           flush=True)
 
@@ -141,10 +152,11 @@ def main() -> None:
             torch.manual_seed(0)
             if method == "healed":
                 healing.attach(lm.model, spec.healing(), shared_layers=plan.layers)
-            state = self_distill(lm, split.train, minutes=budget, lr=spec.lr, heal_lr=spec.heal_lr,
-                                 objective=spec.objective(), batch_size=spec.batch_size)
+            minutes, steps = (1e9, args.tokens // (batch_size * split.train.shape[1])) if args.tokens else (budget, 100_000)
+            state = self_distill(lm, split.train, minutes=minutes, max_steps=steps, lr=spec.lr, heal_lr=spec.heal_lr,
+                                 objective=spec.objective(), batch_size=batch_size, amp_dtype=amp)
             row[method] = perplexity(lm, split.eval, progress=False)
-            row[f"{method}_steps"], row[f"{method}_minutes"] = state.step, budget
+            row[f"{method}_steps"], row[f"{method}_minutes"] = state.step, round(state.elapsed / 60, 1)
             if method == "healed":
                 folder = save / f"fraction-{fraction}"
                 plan.save(folder / "plan.json")
@@ -152,6 +164,8 @@ def main() -> None:
                 healing.save(lm.model, folder / "healing")
                 healing.stamp_adapter(folder / "adapter", folder / "healing")
                 healing.detach(lm.model)
+                if args.no_served:
+                    continue
                 row["served"] = eval_ppl(args.base, folder, "wikitext2", env)
                 row["heldout"] = eval_ppl(args.base, folder, "wikitext2-heldout", env)
                 row["shakespeare"] = eval_ppl(args.base, folder, "tinyshakespeare", env)

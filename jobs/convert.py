@@ -5,7 +5,7 @@ Run (from the repository root):
 
     python -m jobs.convert --base smollm2-135m --fraction 0.6 --minutes 15 --out runs/smollm2-60
     lisa-hub convert --base smollm2-135m --max-ppl-increase 0.05 --register     # same thing
-    sdk.submit_conversion(base="smollm2-135m", fraction=0.6, register=True)     # as a Ray job
+    sdk.submit_conversion(base_model="smollm2-135m", fraction=0.6)             # as a Ray job (registers)
 
 Steps: 1 tokens: eval / calibration / training (adapters_hub.lisa.convert.token_split; the
 held-out tail of WikiText-2 is never read)   2 attention analysis (head permutations)

@@ -1,7 +1,7 @@
 """`lisa-hub drop`: measure module importance on calibration text and write a drop plan.
 
   lisa-hub drop --base smollm2-135m --target attn --n 8 [--iterative] [--joint] \
-                [--data wikitext2] [--blocks 8 --block-len 256] [--skip-tokens 0] --out DIR
+                [--data wikitext2] [--blocks 8 --block-len 256] [--skip-tokens 8192] --out DIR
 
 DIR becomes an attn_drop adapter folder (adapter_config.json, no tensors) that also holds
 importance.json (scores per layer; one table per round when iterative) and importance.png.
@@ -22,7 +22,8 @@ def add_commands(subparsers) -> None:
     p.add_argument("--data", default="wikitext2", help="calibration corpus")
     p.add_argument("--blocks", type=int, default=8, help="calibration blocks")
     p.add_argument("--block-len", type=int, default=256, help="tokens per calibration block")
-    p.add_argument("--skip-tokens", type=int, default=0, help="start calibration after this many tokens")
+    p.add_argument("--skip-tokens", type=int, default=8192,
+                   help="start calibration after this many tokens (default: past the evaluation slice eval-ppl scores)")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--out", required=True, help="adapter folder to write")
@@ -34,7 +35,7 @@ def _drop(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from adapters_hub.data import load_text
+    from adapters_hub.data import trainable_text
     from adapters_hub.drop.plan import DropConfig
     from adapters_hub.drop.importance import calibration_blocks, make_plan
     from adapters_hub.drop.model import DropAdapter
@@ -48,7 +49,7 @@ def _drop(args: argparse.Namespace) -> int:
     )
     start = time.perf_counter()
     model, tok = load_base(args.base, dtype=args.dtype)
-    calib = calibration_blocks(tok, load_text(config.data), n_blocks=config.n_blocks, block_len=config.block_len,
+    calib = calibration_blocks(tok, trainable_text(config.data), n_blocks=config.n_blocks, block_len=config.block_len,
                                skip_tokens=config.skip_tokens)
     plan, tables = make_plan(model, calib, config)
 

@@ -1,8 +1,10 @@
-"""Pure pieces of a conversion (dense base -> LiSA backbone), shared by `jobs/convert.py`,
-its tests and `benchmarks/convert_smollm2.py`.
+"""The pieces of a conversion (dense base -> LiSA backbone): the token layout, the objective
+and the self-distillation loop; `jobs/convert.py` runs them in Ray Train, the benchmarks
+in-process.
 
 Token layout (one tokenisation of WikiText-2 test, never its held-out last 10%):
-    [0, eval)                    evaluation blocks (perplexity; never trained or calibrated on)
+    [0, eval)                    the evaluation slice (perplexity; never trained or calibrated on;
+                                 not to be confused with the *held-out tail*, data.held_out_text)
     [eval, eval + calib)         calibration: analysis, sensitivities, local initialisation
     [eval + calib, held-out)     conversion training text, interleaved with GSM8K train text
 

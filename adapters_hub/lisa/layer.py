@@ -9,7 +9,8 @@ Sharing scheme, for a plan substituting layers 3 and 4 (donors 2 and 3):
     out = A2 V2 W_o2                            out = A3 V3 W_o3                      out = A4 V4 W_o4
     KV cache: K2 (d), V2                        KV cache: k_r (r), V3                 KV cache: k_r (r), V4
 
-    align(z) = P z + W2 act(W1 P z)   over the head axis at every (i, j); P = plan.perm, W2 = 0 at init
+    align(z) = W P z                  (linear, the default) or P z + W2 act(W1 P z) (ffn, the paper's), over
+                                      the head axis at every (i, j); P = plan.perm; identity at init
     Z (B, H, Tq, Tk) is pre-softmax and pre-mask; it only lives for the current forward step.
 
 The `ScoreBus` is the side channel: a donor `put`s its Z, the consumer `take`s it. In eval
@@ -457,7 +458,7 @@ class LisaAttention(_AttentionBase):
         self.active_adapter: str | None = None
 
     # ---- adapters ----------------------------------------------------------------
-    def add_adapter(self, name: str, *, aligner: str = "ffn", aligner_hidden: int, act: str,
+    def add_adapter(self, name: str, *, aligner: str = "linear", aligner_hidden: int, act: str,
                     aligner_init_std: float, lowrank_init_std: float | None) -> None:
         hidden = self.config.hidden_size
         ref = self.v_proj.weight

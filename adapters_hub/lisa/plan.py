@@ -28,7 +28,7 @@ class PlanError(ValueError):
 
 def default_rank(head_dim: int) -> int:
     """Rank of the low-rank Q/K of a substituted layer: floor(head_dim / 6), at least 1
-    (floor rather than ARCHITECTURE.md's ceil, so that Q/K shrink at least 6x)."""
+    (floor, so that Q/K shrink at least 6x)."""
     return max(1, head_dim // 6)
 
 
