@@ -200,9 +200,10 @@ def byte_tokenizer() -> "PreTrainedTokenizerBase":
     """A lossless byte-level tokenizer: ids 0-2 are <pad>, <s>, </s>; byte b is id b + 3."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode  # GPT-2's reversible byte map
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()  # the 256 printable stand-ins for bytes
-    byte_to_unicode = _bytes_to_unicode()
+    byte_to_unicode = bytes_to_unicode()
     vocab = {"<pad>": 0, "<s>": 1, "</s>": 2}
     vocab.update({byte_to_unicode[b]: b + 3 for b in range(256)})
     assert set(alphabet) == set(byte_to_unicode.values())
@@ -212,19 +213,6 @@ def byte_tokenizer() -> "PreTrainedTokenizerBase":
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", model_max_length=2048
     )
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    # GPT-2's reversible byte -> printable unicode map (what ByteLevel pre-tokenizers use).
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return {b: chr(c) for b, c in zip(bs, cs)}
 
 
 def tiny_llama_config():

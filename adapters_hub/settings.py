@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-RAY_DASHBOARD_HOST = "127.0.0.1"
 RAY_DASHBOARD_PORT = 8265
 RAY_GCS_PORT = 6379
 MLFLOW_HOST = "127.0.0.1"
@@ -56,14 +55,6 @@ def data_dir() -> Path | None:
 
 def mlflow_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI", f"http://{MLFLOW_HOST}:{MLFLOW_PORT}")
-
-
-def ray_dashboard_url() -> str:
-    """HTTP address of the Ray dashboard / job API (what JobSubmissionClient takes)."""
-    address = os.environ.get("RAY_ADDRESS", "")
-    if address.startswith("http"):
-        return address.rstrip("/")
-    return f"http://{RAY_DASHBOARD_HOST}:{RAY_DASHBOARD_PORT}"
 
 
 def ray_auth_headers() -> dict[str, str]:

@@ -16,13 +16,15 @@ from __future__ import annotations
 import argparse
 import time
 
-COMBOS = {  # name: (healing?, Objective fields)
-    "lisa only, KD T=1": (False, {}),
-    "healed, KD T=1": (True, {}),
-    "healed, KD T=2": (True, {"kd_temperature": 2.0}),
-    "healed, KD T=2 + hidden 1": (True, {"kd_temperature": 2.0, "hidden_weight": 1.0}),
-    "healed, KD T=1 + hidden 1": (True, {"hidden_weight": 1.0}),
-    "healed, KD T=2 + attn 0.1 + LM 0.1": (True, {"kd_temperature": 2.0, "attn_weight": 0.1, "lm_weight": 0.1}),
+COMBOS = {  # name: (healing?, Objective fields, (batch, sequence length))
+    "lisa only, KD T=1, 4 x 256": (False, {}, (4, 256)),
+    "healed, KD T=1, 4 x 256": (True, {}, (4, 256)),
+    "healed, KD T=2, 4 x 256": (True, {"kd_temperature": 2.0}, (4, 256)),
+    "healed, KD T=2, 1 x 1024": (True, {"kd_temperature": 2.0}, (1, 1024)),
+    "healed, KD T=2 + hidden 1, 1 x 1024": (True, {"kd_temperature": 2.0, "hidden_weight": 1.0}, (1, 1024)),
+    "healed, KD T=1, 1 x 1024": (True, {}, (1, 1024)),
+    "healed, KD T=2 + attn 0.1 + LM 0.1, 1 x 1024": (True, {"kd_temperature": 2.0, "attn_weight": 0.1,
+                                                             "lm_weight": 0.1}, (1, 1024)),
 }
 
 
@@ -66,14 +68,15 @@ def main() -> None:
     names = list(COMBOS)
     for i in [int(c) for c in args.combos.split(",")]:
         name = names[i]
-        heal, fields = COMBOS[name]
+        heal, fields, (batch, seq) = COMBOS[name]
         with torch.no_grad():
             for k, v in lm.adapter_state_dict().items():
                 v.copy_(init_state[k])
         torch.manual_seed(0)
         if heal:
             healing.attach(lm.model, healing.HealingConfig(rank=args.heal_rank), shared_layers=plan.layers)
-        state = self_distill(lm, split.train, minutes=args.minutes, lr=args.lr, heal_lr=args.heal_lr,
+        train = split.train if seq == split.train.shape[1] else token_split(tok, train_len=seq).train
+        state = self_distill(lm, train, minutes=args.minutes, lr=args.lr, heal_lr=args.heal_lr, batch_size=batch,
                              objective=Objective(**fields))
         dev_ppl, eval_ppl = perplexity(lm, dev, progress=False), perplexity(lm, split.eval, progress=False)
         if heal:
@@ -83,7 +86,7 @@ def main() -> None:
               f"({eval_ppl / base_eval:.3f}x)", flush=True)
     best = min(rows[1:], key=lambda r: r[2])
     print(f"\n{'=' * 90}\n{args.base}, {len(layers)}/{report.num_layers} layers shared ({args.fraction:.0%}), "
-          f"{args.minutes:g} CPU-min each, batch 4 x 256, lr {args.lr}, heal rank {args.heal_rank} lr {args.heal_lr}; "
+          f"{args.minutes:g} CPU-min each, lr {args.lr}, heal rank {args.heal_rank} lr {args.heal_lr}; "
           f"{time.perf_counter() - t0:.0f}s total")
     print("| objective | steps | dev ppl / base | eval ppl / base |\n|---|---|---|---|")
     print(f"| base | | {base_dev:.2f} | {base_eval:.2f} |")

@@ -302,13 +302,13 @@ class Engine:
         if served.key is None:
             return bb.base_adapter
         folder = served.folder
-        if served.key not in bb._resident and (folder is None or folder == Path()):
+        if not bb.is_resident(served.key) and (folder is None or folder == Path()):
             folder, _ = bb.resolve(served.key)  # evicted since it was resolved
-        kind, name = bb.load_resolved(folder, served.key, keep=keep)
+        kind = bb.kind_of(folder, served.key)  # before loading: a refused adapter changes nothing resident
         if kind != "lisa":
             raise ApiError(400, f"model {served.model!r} is a {kind} adapter; mixed-adapter serving takes lisa "
                            f"adapters only (use sdk.Backbone for it)", param="model", code="unsupported_kind")
-        return name
+        return bb.load_resolved(folder, served.key, keep=keep)[1]
 
 
 def _post(job: Job, fn, *args) -> None:

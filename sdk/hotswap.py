@@ -149,12 +149,13 @@ class Backbone:
         if isinstance(adapter, list):
             if len(adapter) != len(prompts):
                 raise ValueError(f"adapter: {len(adapter)} adapters for {len(prompts)} prompts")
-            names = []
-            for ref in adapter:  # the batch's own adapters are never evicted while it loads
-                key, kind, name = self._ensure_resident(ref, keep=names)
-                if kind != "lisa":
+            resolved = [self._resolve(ref) for ref in adapter]
+            for ref, (folder, key) in zip(adapter, resolved):  # the kind first: a refusal loads nothing
+                if (kind := self.kind_of(folder, key)) != "lisa":
                     raise ValueError(f"adapter: mixed batches take lisa adapters only; {ref!r} is {kind}")
-                names.append(name)
+            names = []
+            for folder, key in resolved:  # the batch's own adapters are never evicted while it loads
+                names.append(self._load(folder, key, names)[1])
             per_row = names
         elif adapter is not None:
             self.use(adapter)
@@ -164,6 +165,18 @@ class Backbone:
                                    pad_token_id=self.tokenizer.pad_token_id, adapter_names=per_row)
         texts = self.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return texts[0] if single else texts
+
+    def kind_of(self, folder: Path, key: str) -> str:
+        """The adapter kind of a resolved adapter, without loading it (the resident entry, or
+        its folder's adapter_config.json): serving decides what it can batch before loading."""
+        from adapters_hub.kinds import read_config
+
+        if key in self._resident:
+            return self._resident[key][0]
+        return read_config(folder)["kind"]
+
+    def is_resident(self, key: str) -> bool:
+        return key in self._resident
 
     # ------------------------------------------------------------------ internals
 

@@ -198,3 +198,38 @@ def test_a_registry_that_does_not_answer_is_a_503_not_a_404(setup):
         return info.value
     err = asyncio.run(main())
     assert err.status == 503 and err.code == "registry_unavailable"
+
+
+def test_a_refused_lora_adapter_loads_nothing_and_changes_no_other_rows_answer(setup, tmp_path):
+    """The kind is read before anything loads: a request naming a lora adapter is a 400
+    `unsupported_kind`, the resident set is what it was, and a lisa row answers as before
+    (a LoRA injected once stays active on every tuner layer until deleted)."""
+    import torch
+
+    from adapters_hub.kinds import get_kind
+
+    plan, a, _, _ = setup
+    lm, _ = load_lisa_model("tiny-llama", plan)
+    lora = get_kind("lora")
+    lora.add(lm, "sneaky", {})
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)  # a LoRA that would change every answer
+    folder = lora.save(lm, "sneaky", tmp_path / "sneaky")
+    engine = _engine(plan)
+
+    async def main():
+        before = await _text(engine, a, "The cat sat on the")
+        resident = list(engine.bb.resident)
+        job = await engine.submit(params=_params(str(folder), "Hi"))
+        await engine.result(job)
+        assert job.error is not None and job.error.status == 400 and job.error.code == "unsupported_kind"
+        assert engine.bb.resident == resident
+        assert not any("lora_" in n for n, _ in engine.bb.lm.named_parameters())
+        return before, await _text(engine, a, "The cat sat on the")
+    before, after = asyncio.run(main())
+    assert after == before
+    with pytest.raises(ValueError, match="lisa adapters only"):
+        engine.bb.generate(["x", "y"], adapter=[a, str(folder)])
+    assert not any("lora_" in n for n, _ in engine.bb.lm.named_parameters())
