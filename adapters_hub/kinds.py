@@ -239,7 +239,9 @@ class AttnDropKind:
         kind_state(lm, self.name)[adapter_name] = DropAdapter.load(directory)
 
     def activate(self, lm, adapter_name):
-        kind_state(lm, self.name)[adapter_name].activate(lm.get_base_model())
+        # `load` checked the adapter against the backbone's fingerprint; the live model's own
+        # fingerprint differs once W_q/W_k are pruned or healing is merged, so not again here.
+        kind_state(lm, self.name)[adapter_name].activate(lm.get_base_model(), check=False)
 
     def deactivate(self, lm, adapter_name):
         kind_state(lm, self.name)[adapter_name].deactivate(lm.get_base_model())

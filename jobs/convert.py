@@ -68,7 +68,7 @@ class ConvertSpec:
     # objective (adapters_hub.lisa.convert.Objective); defaults: the winner of
     # benchmarks/objectives_smollm2.py on the dev blocks
     kd_weight: float = 1.0                 # KL to the teacher's next-token distribution
-    kd_temperature: float = 2.0            # softened KL, scaled by T^2
+    kd_temperature: float = 1.0            # softened KL, scaled by T^2 (SwiftKV: 2; not better here, see README)
     hidden_weight: float = 0.0             # relative MSE of the last hidden states
     attn_weight: float = 0.0               # attention KL of the substituted layers
     lm_weight: float = 0.0                 # next-token cross-entropy
@@ -240,6 +240,7 @@ def main(spec: ConvertSpec) -> dict:
         result.update(_register(uri, spec, plan, fp, folder, metrics, history, run_id=run_id))
     if not spec.init_only:
         runtime.delete_run(run_key, "[convert]")  # done: a later run starts fresh
+        shutil.rmtree(adapter_dir.parent, ignore_errors=True)  # this run's copy of its last checkpoint
     runtime.print_result(result)
     return result
 

@@ -140,6 +140,9 @@ def add_commands(sub) -> None:
     p.add_argument("--allow-local-folders", action="store_true",
                    help="also serve adapters from folders on this machine (registry references only otherwise)")
     p.add_argument("--num-cpus", type=float, default=0.5, help="CPUs reserved for the replica")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on every route but /health (default: LISA_HUB_API_KEY); "
+                        "needed to serve on a non-loopback --host")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("demo", help="the full tour on SmolLM2: stack, convert, adapt gsm8k, serve, compare")
@@ -294,7 +297,7 @@ def _serve(args) -> int:
         tracking_uri=args.tracking_uri, max_resident=args.max_resident,
         adapters=[a for a in split(args.adapters) if a not in pin], pin=pin, allow_local_folders=args.allow_local_folders,
         max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue, timeout_s=args.timeout_s, num_cpus=args.num_cpus)
+        max_queue=args.max_queue, timeout_s=args.timeout_s, num_cpus=args.num_cpus, api_key=args.api_key)
     return 0
 
 

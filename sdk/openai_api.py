@@ -65,6 +65,26 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+def check_api_key(authorization: str | None, api_key: str) -> None:
+    """401 unless the Authorization header is `Bearer <api_key>` (compared in constant time)."""
+    import hmac
+
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+        raise ApiError(401, "Incorrect or missing API key: send `Authorization: Bearer <key>` (the openai "
+                       "client's api_key).", code="invalid_api_key")
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def check_bind(host: str, api_key: str | None) -> None:
+    """Serving beyond this machine needs an API key: refuse a non-loopback host without one."""
+    if api_key is None and not (host in LOOPBACK or host.startswith("127.")):
+        raise ValueError(f"host: serving on {host} (reachable from other machines) needs an API key; give "
+                         "--api-key KEY or set LISA_HUB_API_KEY")
+
+
 def not_found(model: str) -> ApiError:
     return ApiError(404, f"The model {model!r} does not exist or is not served here; GET /v1/models lists them.",
                     param="model", code="model_not_found")

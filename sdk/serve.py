@@ -76,8 +76,11 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
               max_resident: int = 4, num_cpus: float = 0.5, adapters: list[str] | tuple[str, ...] = (),
               pin: list[str] | tuple[str, ...] = (), allow_local_folders: bool = False, max_tokens: int = 512,
               max_prompt_tokens: int = 2048, max_batch_size: int = 16, max_queue: int = 64,
-              timeout_s: float = 60.0):
+              timeout_s: float = 60.0, api_key: str | None = None):
     """The Serve application (bound deployment), ready for `serve.run(app, route_prefix="/")`.
+
+    With `api_key`, every route but GET /health needs `Authorization: Bearer <api_key>`
+    (what the openai client sends as its api_key), else 401 with an OpenAI error body.
 
     `adapters` are preloaded and `pin` ones preloaded and never evicted; the caps
     (max_tokens, max_prompt_tokens, max_batch_size, max_queue, timeout_s) are checked
@@ -121,6 +124,12 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
 
             path = request.url.path.rstrip("/")
             try:
+                if request.method == "GET" and path.endswith("/health"):
+                    return JSONResponse({"status": "ok"})
+                if api_key is not None:
+                    from sdk.openai_api import check_api_key
+
+                    check_api_key(request.headers.get("authorization"), api_key)
                 if request.method == "GET" and path.endswith("/v1/models"):
                     return JSONResponse(await self._models())
                 if request.method == "GET" and path.endswith("/stats"):
@@ -132,7 +141,7 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
                 if request.method == "POST" and path.endswith("/generate"):
                     return await self._legacy(request)
                 raise ApiError(404, f"no route {request.method} {request.url.path}; routes: POST /v1/completions, "
-                               "POST /v1/chat/completions, GET /v1/models, GET /stats, POST /generate",
+                               "POST /v1/chat/completions, GET /v1/models, GET /stats, POST /generate, GET /health",
                                code="unknown_route")
             except ApiError as err:
                 return JSONResponse(err.body(), status_code=err.status)
@@ -250,9 +259,12 @@ def api_models(entries):
     return models_response(entries)
 
 
-def run(*, base_model: str, port: int = 8000, host: str = "127.0.0.1", **options) -> None:
+def run(*, base_model: str, port: int = 8000, host: str = "127.0.0.1", api_key: str | None = None,
+        **options) -> None:
     """Deploy on the Ray cluster (local stack by default) and serve until Ctrl-C or SIGTERM,
-    which delete the app. `options` go to `build_app` (adapters, pin, caps, ...).
+    which delete the app. `options` go to `build_app` (adapters, pin, caps, ...). `api_key`
+    (default LISA_HUB_API_KEY) guards every route but /health; a non-loopback `host` is
+    refused without one.
 
     >>> run(base_model="smollm2-135m", adapters=["gsm8k"], pin=["gsm8k"], max_tokens=256)  # doctest: +SKIP
     """
@@ -265,7 +277,10 @@ def run(*, base_model: str, port: int = 8000, host: str = "127.0.0.1", **options
     from sdk.client import resolve_address
 
     from jobs.runtime import connect
+    from sdk.openai_api import check_bind
 
+    api_key = api_key or os.environ.get("LISA_HUB_API_KEY") or None
+    check_bind(host, api_key)  # before anything starts
     explicit = os.environ.get("RAY_ADDRESS", "")
     if explicit.startswith("http"):  # a remote cluster named by its dashboard
         resolve_address()
@@ -281,8 +296,9 @@ def run(*, base_model: str, port: int = 8000, host: str = "127.0.0.1", **options
 
     previous = signal.signal(signal.SIGTERM, _stop)
     try:
-        serve.run(build_app(base_model=base_model, **options), name=APP_NAME, route_prefix=ROUTE)
-        print(f"serving {base_model} at http://{host}:{port}/v1  (OpenAI API; Ctrl-C or SIGTERM stops)", flush=True)
+        serve.run(build_app(base_model=base_model, api_key=api_key, **options), name=APP_NAME, route_prefix=ROUTE)
+        print(f"serving {base_model} at http://{host}:{port}/v1  (OpenAI API{', API key required' if api_key else ''}; "
+              "Ctrl-C or SIGTERM stops)", flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

@@ -321,3 +321,36 @@ def test_smollm2_attention_drop():
     assert kv_cache_bytes_per_token(model) == 22 * 2 * cfg.num_key_value_heads * cfg.head_dim * 4
     restore(model)
     assert torch.equal(model(ids).logits, base)
+
+
+def test_attention_drop_on_a_pruned_lisa_backbone_keeps_scores_and_cache_apart(tmp_path):
+    """An attn_drop adapter on a LiSA backbone: dropping layer 0's attention renumbers the KV
+    cache slots of the kept layers, while the score bus stays keyed by layer (a consumer's
+    donor is a layer, not a slot); activation trusts the load-time check, since a pruned
+    backbone's own weights fingerprint differently. Same logits as zeroing layer 0's o_proj
+    (no attention output), and cached decoding equals the full forward."""
+    from adapters_hub.kinds import get_kind
+    from adapters_hub.models import load_base
+    from tests.test_lisa_model import make, randomize
+
+    tiny = load_base("tiny-llama")
+    plan = DropPlan(num_layers=6, target="attn", attn=(0,))
+    DropAdapter.for_model(tiny[0], plan).save(tmp_path / "drop0")
+    lm = make(tiny)  # layers 2, 3, 5 shared; donors 1, 2, 4
+    randomize(lm, scale=0.1)
+    reference = copy.deepcopy(lm)
+    with torch.no_grad():
+        reference.model.model.layers[0].self_attn.o_proj.weight.zero_()
+    lm.prune_qk()
+    kind = get_kind("attn_drop")
+    kind.load(lm, tmp_path / "drop0", "drop0")
+    kind.activate(lm, "drop0")
+    lm.eval()
+    reference.eval()
+    ids = _ids((2, 24))
+    with torch.no_grad():
+        full = lm(input_ids=ids).logits
+        assert torch.allclose(full, reference(input_ids=ids).logits, atol=1e-5)
+        assert torch.allclose(_cached_logits(lm, ids), full, atol=1e-5)
+    kind.deactivate(lm, "drop0")
+    assert active_plan(lm.get_base_model()) is None

@@ -114,3 +114,18 @@ def test_chat_template_fallback_is_chatml(tiny):
 ])
 def test_what_counts_as_a_path(ref, path):
     assert _looks_like_path(ref) == path
+
+
+def test_api_key_check_and_non_loopback_bind_without_a_key_is_refused():
+    from sdk.openai_api import ApiError, check_api_key, check_bind
+
+    check_api_key("Bearer s3cret", "s3cret")
+    for header in (None, "", "Bearer wrong", "s3cret", "Basic s3cret"):
+        with pytest.raises(ApiError) as err:
+            check_api_key(header, "s3cret")
+        assert err.value.status == 401 and err.value.body()["error"]["code"] == "invalid_api_key"
+    check_bind("127.0.0.1", None)
+    check_bind("localhost", None)
+    check_bind("0.0.0.0", "key")
+    with pytest.raises(ValueError, match="needs an API key"):
+        check_bind("0.0.0.0", None)

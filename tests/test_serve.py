@@ -95,16 +95,39 @@ def app(ray_stack, registered):
                             adapters=["beta"], max_tokens=100), name="lisa-hub-serve-test", route_prefix="/t")
         serve.run(build_app(base_model="tiny-llama", tracking_uri=registered, num_cpus=0, **TIGHT),
                   name="lisa-hub-serve-tight", route_prefix="/tight")
+        serve.run(build_app(base_model="tiny-llama", tracking_uri=registered, num_cpus=0, api_key=API_KEY),
+                  name="lisa-hub-serve-keyed", route_prefix="/keyed")
         yield f"http://127.0.0.1:{port}", port
     finally:
         serve.shutdown()
         ray.shutdown()
 
 
-def _client(url, prefix="/t"):
+API_KEY = "test-key-0123456789"
+
+
+def _client(url, prefix="/t", api_key="none"):
     from openai import OpenAI
 
-    return OpenAI(base_url=f"{url}{prefix}/v1", api_key="none", max_retries=0, timeout=60)
+    return OpenAI(base_url=f"{url}{prefix}/v1", api_key=api_key, max_retries=0, timeout=60)
+
+
+def test_an_api_key_guards_every_route_but_health(app):
+    """`lisa-hub serve --api-key`: the openai client without the key gets 401 with an OpenAI
+    error body, with it 200; /health answers anyone (for load balancers)."""
+    import openai
+    import requests
+
+    url, _ = app
+    with pytest.raises(openai.AuthenticationError) as err:
+        _client(url, "/keyed").completions.create(model="tiny-llama", prompt="Hi", max_tokens=2)
+    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+    for path in ("/v1/models", "/stats"):
+        r = requests.get(f"{url}/keyed{path}", timeout=30, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+    assert requests.get(f"{url}/keyed/health", timeout=30).json() == {"status": "ok"}
+    ok = _client(url, "/keyed", api_key=API_KEY).completions.create(model="tiny-llama", prompt="Hi", max_tokens=2)
+    assert ok.choices[0].text is not None and ok.usage.completion_tokens >= 1
 
 
 def test_models_lists_the_registry_and_the_bare_backbone(app):

@@ -316,7 +316,10 @@ class _AttentionBase(nn.Module):
             raise TypeError(f"{type(base_attn).__name__} uses q/k norms; LiSA supports LLaMA/Mistral/Qwen2 attention")
         cfg = base_attn.config
         self.config = cfg
-        self.layer_idx = base_attn.layer_idx
+        # `layer` is the decoder layer's index, the key of its scores on the bus (what consumers
+        # name as their donor); `layer_idx` is its KV-cache slot, which an attention drop
+        # renumbers (adapters_hub/drop/model.py) while the bus keys stay.
+        self.layer = self.layer_idx = base_attn.layer_idx
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.num_key_value_groups = self.num_heads // self.num_kv_heads
@@ -358,8 +361,8 @@ class _AttentionBase(nn.Module):
     def _dense_fast(self, x, cos, sin, attention_mask, past_key_values) -> torch.Tensor:
         """The layer's own dense attention as one SDPA call; consumers get its factors."""
         q, k, v = self._dense_qkv(x, cos, sin, past_key_values)
-        if self._bus.wants(self.layer_idx):
-            self._bus.put(self.layer_idx, ScoreFactors.own(q, k, self.scaling))
+        if self._bus.wants(self.layer):
+            self._bus.put(self.layer, ScoreFactors.own(q, k, self.scaling))
         mask, causal = sdpa_mask(attention_mask, q.shape[2], k.shape[2], q.dtype, q.device)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scaling,
                                              enable_gqa=self.num_key_value_groups > 1)
@@ -381,10 +384,10 @@ class ScoredAttention(_AttentionBase):
             return self._dense_fast(hidden_states, cos, sin, attention_mask, past_key_values), None
         z, v = self.dense_scores(hidden_states, cos, sin, past_key_values)  # (B, H, Tq, Tk)
         mask = additive_mask(attention_mask, z.shape[-2], z.shape[-1], z.device)
-        self._bus.put(self.layer_idx, z)
+        self._bus.put(self.layer, z)
         probs = softmax_fp32(z, mask)  # (B, H, Tq, Tk)
         if self._bus.observer is not None:
-            self._bus.observer(self.layer_idx, probs, mask)
+            self._bus.observer(self.layer, probs, mask)
         return self._output(probs, v, hidden_states), probs
 
 
@@ -535,12 +538,12 @@ class LisaAttention(_AttentionBase):
         else:
             z, v = self.scores(names, x, cos, sin, donor, past_key_values)
         mask = additive_mask(attention_mask, z.shape[-2], z.shape[-1], z.device)  # (B|1, 1, Tq, Tk)
-        bus.put(self.layer_idx, z)
+        bus.put(self.layer, z)
         probs = softmax_fp32(z, mask)                                              # (B, H, Tq, Tk)
         if bus.distill is not None and names is not None:
             bus.distill.add(self._distill_kl(x, cos, sin, z, mask, past_key_values))
         if bus.observer is not None:
-            bus.observer(self.layer_idx, probs, mask)
+            bus.observer(self.layer, probs, mask)
         return self._output(probs, v, x), probs
 
     def scores(self, names, x, cos, sin, z_donor, past_key_values=None):
@@ -580,7 +583,7 @@ class LisaAttention(_AttentionBase):
         SDPA call; no (B, H, Tq, Tk) tensor is made here."""
         q_r, k_r, v = self._lowrank_qkv(names, x, cos, sin, past_key_values)    # (B,H,Tq,r), (B,KVH,Tk,r), (B,KVH,Tk,d)
         factors = donor.mix(self._mix_matrix(names)).plus_lowrank(q_r, k_r, 1 / math.sqrt(self.rank))
-        self._bus.put(self.layer_idx, factors)
+        self._bus.put(self.layer, factors)
         mask, causal = sdpa_mask(attention_mask, q_r.shape[2], k_r.shape[2], x.dtype, x.device)
         kernel = self._bus.kernel if self._bus.kernel != "auto" else ("blocks" if x.device.type == "cpu" else "fused")
         if kernel == "blocks":
