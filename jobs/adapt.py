@@ -46,27 +46,36 @@ class AdaptSpec:
     fresh_start: bool = False          # ignore checkpoints of an interrupted earlier run
     spec_file: str | None = None       # a task of one's own: its spec YAML (data paths relative to it)
 
+    def __post_init__(self) -> None:
+        """One validation for the SDK, the CLI and the job (the task itself is checked by
+        loading it; profile values by TaskSpec.profile_with)."""
+        from adapters_hub.backbone import BACKBONES
+        from adapters_hub.kinds import trainable_kinds
+
+        if not isinstance(self.task, str) or not self.task:
+            raise ValueError(f"task: must be a task name, got {self.task!r}")
+        if self.kind not in trainable_kinds():
+            raise ValueError(f"kind: unknown {self.kind!r}; trainable kinds: {', '.join(trainable_kinds())}")
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"backbone: unknown {self.backbone!r}; known: {', '.join(BACKBONES)}")
+        if self.backbone == "dense" and self.kind == "lisa":
+            raise ValueError("kind: a lisa adapter needs the LiSA backbone (--backbone lisa); the dense backbone "
+                             "takes lora adapters")
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"overrides: must be a mapping of profile fields, got {type(self.overrides).__name__}")
+
 
 def main(spec: AdaptSpec) -> dict:
     import mlflow
 
     from adapters_hub import registry, settings
-    from adapters_hub.backbone import BACKBONES, backbone_plan, dense_plan
+    from adapters_hub.backbone import backbone_plan, dense_plan
     from adapters_hub.task_eval import sft_examples
     from adapters_hub.tasks import load_rows, load_task, spec_digest
 
     t0 = time.perf_counter()
     task = load_task(spec.task, spec.spec_file)       # clear error: unknown task / bad spec
-    profile = _profile(task, spec)
-    from adapters_hub.kinds import trainable_kinds
-
-    if spec.kind not in trainable_kinds():
-        raise ValueError(f"kind: unknown {spec.kind!r}; trainable kinds: {', '.join(trainable_kinds())}")
-    if spec.backbone not in BACKBONES:
-        raise ValueError(f"backbone: unknown {spec.backbone!r}; known: {', '.join(BACKBONES)}")
-    if spec.backbone == "dense" and spec.kind == "lisa":
-        raise ValueError("kind: a lisa adapter needs the LiSA backbone (--backbone lisa); the dense backbone "
-                         "takes lora adapters")
+    profile = _profile(task, spec)                     # (kind, backbone, overrides: AdaptSpec checked them)
     base = spec.base or profile.default_base
     if task.is_chat:
         _check_chat_template(base)
@@ -373,7 +382,11 @@ def _flat(d: dict, prefix: str = "") -> dict:
 def parse_args(argv: list[str] | None = None) -> AdaptSpec:
     parser = argparse.ArgumentParser(prog="python -m jobs.adapt", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return spec_from_args(parser.parse_args(argv))
+    parser.add_argument("--spec-json", default=None, help="the whole AdaptSpec as JSON (what the SDK submits)")
+    args = parser.parse_args(argv)
+    if args.spec_json:
+        return AdaptSpec(**json.loads(args.spec_json))
+    return spec_from_args(args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -189,14 +189,12 @@ def submit_adaptation(
     spec_path = Path(spec).expanduser().resolve() if spec is not None else None
     spec = load_task(task, spec_path)  # unknown task / malformed spec: clear error, nothing submitted
     task = spec.name
-    from adapters_hub.kinds import trainable_kinds
+    from dataclasses import asdict
 
-    if kind not in trainable_kinds():
-        raise ValueError(f"kind: unknown {kind!r}; trainable kinds: {', '.join(trainable_kinds())}")
-    if backbone not in ("lisa", "dense"):
-        raise ValueError(f"backbone: unknown {backbone!r}; known: lisa, dense")
-    if backbone == "dense" and kind == "lisa":
-        raise ValueError("kind: a lisa adapter needs the LiSA backbone; the dense backbone takes lora adapters")
+    from jobs.adapt import AdaptSpec
+
+    job_spec = AdaptSpec(task=task, base=base_model, kind=kind, backbone=backbone, profile=profile,
+                         overrides=dict(overrides or {}), fresh_start=fresh_start)  # validated here: nothing submitted
     if profile not in spec.profiles:
         raise ValueError(f"profile: task {task!r} has no profile {profile!r}; known: {', '.join(spec.profiles)}")
     overrides = dict(overrides or {})
@@ -206,14 +204,11 @@ def submit_adaptation(
     carried = _task_files(spec, resolved) if spec_path else {}
     address = resolve_address(address)
     _check_mlflow()
-    argv = ["python", "-m", "jobs.adapt", "--task", task, "--base", base, "--kind", kind, "--backbone", backbone,
-            "--profile", profile]
-    for key, value in overrides.items():
-        argv += ["--set", f"{key}={json.dumps(value)}"]
-    if fresh_start:
-        argv.append("--fresh-start")
+    job_spec.base = base
     if carried:
-        argv += ["--spec", next(iter(carried))]  # the spec's path inside the job's working_dir
+        job_spec.spec_file = next(iter(carried))  # the spec's path inside the job's working_dir
+    # the validated spec travels as JSON (no flags rebuilt from fields and parsed back)
+    argv = ["python", "-m", "jobs.adapt", "--spec-json", json.dumps(asdict(job_spec))]
     job_id = _submit(address, argv, submission_id,
                      {"task": task, "kind": kind, "backbone": backbone, "base": base, "profile": profile},
                      carried=carried)
