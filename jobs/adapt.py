@@ -380,13 +380,8 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 
 def parse_args(argv: list[str] | None = None) -> AdaptSpec:
-    parser = argparse.ArgumentParser(prog="python -m jobs.adapt", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--spec-json", default=None, help="the whole AdaptSpec as JSON (what the SDK submits)")
-    args = parser.parse_args(argv)
-    if args.spec_json:
-        return AdaptSpec(**json.loads(args.spec_json))
-    return spec_from_args(args)
+    return runtime.parse_spec(argv, prog="python -m jobs.adapt", description=__doc__.split("\n")[0],
+                              add_arguments=add_arguments, spec_type=AdaptSpec, from_args=spec_from_args)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -577,13 +577,8 @@ def spec_from_args(args) -> ConvertSpec:
 
 
 def parse_args(argv: list[str] | None = None) -> ConvertSpec:
-    parser = argparse.ArgumentParser(prog="python -m jobs.convert", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    parser.add_argument("--spec-json", default=None, help="the whole ConvertSpec as JSON (what the SDK submits)")
-    args = parser.parse_args(argv)
-    if args.spec_json:
-        return ConvertSpec(**json.loads(args.spec_json))
-    return spec_from_args(args)
+    return runtime.parse_spec(argv, prog="python -m jobs.convert", description=__doc__.split("\n")[0],
+                              add_arguments=add_arguments, spec_type=ConvertSpec, from_args=spec_from_args)
 
 
 if __name__ == "__main__":

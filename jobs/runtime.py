@@ -210,6 +210,25 @@ def fit(train_loop: Callable[[dict], None], config: dict, *, run_key: str, num_w
     return result
 
 
+# ----------------------------------------------------------------------------- the command line
+
+
+def parse_spec(argv: list[str] | None, *, prog: str, description: str, add_arguments: Callable, spec_type: type,
+               from_args: Callable):
+    """A job's spec from its command line: `--spec-json '{...}'` (what the SDK submits: the
+    validated spec itself) or the job's own flags (`from_args(parsed)`)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    add_arguments(parser)
+    parser.add_argument("--spec-json", default=None, help=f"the whole {spec_type.__name__} as JSON (what the SDK "
+                                                          "submits)")
+    args = parser.parse_args(argv)
+    if args.spec_json:
+        return spec_type(**json.loads(args.spec_json))
+    return from_args(args)
+
+
 # ----------------------------------------------------------------------------- the result line
 
 
