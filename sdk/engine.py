@@ -304,10 +304,13 @@ class Engine:
         folder = served.folder
         if not bb.is_resident(served.key) and (folder is None or folder == Path()):
             folder, _ = bb.resolve(served.key)  # evicted since it was resolved
+        from adapters_hub.kinds import batching_kinds, get_kind
+
         kind = bb.kind_of(folder, served.key)  # before loading: a refused adapter changes nothing resident
-        if kind != "lisa":
-            raise ApiError(400, f"model {served.model!r} is a {kind} adapter; mixed-adapter serving takes lisa "
-                           f"adapters only (use sdk.Backbone for it)", param="model", code="unsupported_kind")
+        if not get_kind(kind).batches_per_row:
+            raise ApiError(400, f"model {served.model!r} is a {kind} adapter; mixed-adapter serving takes "
+                           f"{', '.join(batching_kinds())} adapters (use sdk.Backbone for it)", param="model",
+                           code="unsupported_kind")
         return bb.load_resolved(folder, served.key, keep=keep)[1]
 
 

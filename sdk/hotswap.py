@@ -149,10 +149,13 @@ class Backbone:
         if isinstance(adapter, list):
             if len(adapter) != len(prompts):
                 raise ValueError(f"adapter: {len(adapter)} adapters for {len(prompts)} prompts")
+            from adapters_hub.kinds import batching_kinds, get_kind
+
             resolved = [self._resolve(ref) for ref in adapter]
             for ref, (folder, key) in zip(adapter, resolved):  # the kind first: a refusal loads nothing
-                if (kind := self.kind_of(folder, key)) != "lisa":
-                    raise ValueError(f"adapter: mixed batches take lisa adapters only; {ref!r} is {kind}")
+                if not get_kind(kind := self.kind_of(folder, key)).batches_per_row:
+                    raise ValueError(f"adapter: mixed batches take {', '.join(batching_kinds())} adapters only; "
+                                     f"{ref!r} is {kind}")
             names = []
             for folder, key in resolved:  # the batch's own adapters are never evicted while it loads
                 names.append(self._load(folder, key, names)[1])

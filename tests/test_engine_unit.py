@@ -223,8 +223,9 @@ def test_a_refused_lora_adapter_loads_nothing_and_changes_no_other_rows_answer(s
         before = await _text(engine, a, "The cat sat on the")
         resident = list(engine.bb.resident)
         job = await engine.submit(params=_params(str(folder), "Hi"))
-        await engine.result(job)
-        assert job.error is not None and job.error.status == 400 and job.error.code == "unsupported_kind"
+        with pytest.raises(api.ApiError) as err:
+            await engine.result(job)
+        assert err.value.status == 400 and err.value.code == "unsupported_kind"
         assert engine.bb.resident == resident
         assert not any("lora_" in n for n, _ in engine.bb.lm.named_parameters())
         return before, await _text(engine, a, "The cat sat on the")

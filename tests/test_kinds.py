@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from adapters_hub.kinds import AdapterError, get_kind, kind_state, known_kinds, trainable_kinds
+from adapters_hub.kinds import AdapterError, batching_kinds, get_kind, kind_state, known_kinds, trainable_kinds
 from adapters_hub.lisa import AdapterMismatchError, SharingPlan
 
 TRAINABLE = trainable_kinds()
@@ -48,6 +48,7 @@ def test_every_kind_declares_the_contract():
         kind = get_kind(name)
         assert kind.name == name
         assert isinstance(kind.trainable, bool) and isinstance(kind.prefix, str) and isinstance(kind.needs_plan, bool)
+        assert isinstance(kind.batches_per_row, bool) and isinstance(kind.composes_with_sharing, bool), name
         assert not kind.trainable or kind.prefix, name
         for method in ("add", "save", "load", "activate", "deactivate", "delete"):
             assert callable(getattr(kind, method)), (name, method)
@@ -107,3 +108,9 @@ def test_kinds_that_cannot_be_trained_refuse_to_add():
     for name in sorted(set(known_kinds()) - set(TRAINABLE)):
         with pytest.raises(AdapterError):
             get_kind(name).add(backbone(), "x", {})
+
+
+def test_each_built_in_kind_lives_in_its_own_module_and_serving_takes_the_batching_ones():
+    for name in ("lisa", "lora", "attn_drop"):
+        assert type(get_kind(name)).__module__ == f"adapters_hub.kinds.{name}"
+    assert batching_kinds() == ["lisa"]  # lora and attn_drop change every row: served by Backbone.use
