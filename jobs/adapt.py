@@ -96,7 +96,8 @@ def main(spec: AdaptSpec) -> dict:
     healing = str(healing) if healing else None
     train_rows, eval_rows = load_rows(task, "train", profile), load_rows(task, "eval", profile)  # checked rows
     print(f"[adapt] plan {plan.hash} ({len(plan.layers)} shared layers); {len(train_rows)} train / "
-          f"{len(eval_rows)} eval rows; init={'general adapter' if init_from else 'fresh'}", flush=True)
+          f"{len(eval_rows)} eval rows; init={'general adapter' if init_from else 'fresh'}"
+          f"{' (healed backbone)' if healing else ''}", flush=True)
 
     digest = spec_digest(task)
     run_key = _run_key(spec, base, plan.hash, digest if spec.spec_file else "")

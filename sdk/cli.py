@@ -384,9 +384,11 @@ def _ask_server(base: str, port: int, model: str, prompt: str, *, timeout: float
         reply = client.completions.create(model=model, prompt=prompt, max_tokens=80, temperature=0, stop=["\n\n"])
         return reply.choices[0].text
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
         try:
+            os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=60)
+        except ProcessLookupError:  # it ended by itself (the error above says why)
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
 

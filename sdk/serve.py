@@ -281,6 +281,10 @@ def run(*, base_model: str, port: int = 8000, host: str = "127.0.0.1", api_key: 
 
     api_key = api_key or os.environ.get("LISA_HUB_API_KEY") or None
     check_bind(host, api_key)  # before anything starts
+    from adapters_hub import settings
+
+    # The replica runs in the cluster's environment: name the registry this process means.
+    options["tracking_uri"] = options.get("tracking_uri") or settings.mlflow_uri()
     explicit = os.environ.get("RAY_ADDRESS", "")
     if explicit.startswith("http"):  # a remote cluster named by its dashboard
         resolve_address()
