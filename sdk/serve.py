@@ -310,4 +310,6 @@ def run(*, base_model: str, port: int = 8000, host: str = "127.0.0.1", api_key: 
     finally:
         signal.signal(signal.SIGTERM, previous)
         serve.delete(APP_NAME)
+        if not serve.status().applications:  # nothing else is served: free the HTTP port too (a later
+            serve.shutdown()                   # `serve --port Q` would otherwise find the proxy on the old one)
         print("stopped: app deleted", flush=True)

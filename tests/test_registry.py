@@ -245,7 +245,8 @@ def test_unreachable_mlflow_fails_fast_and_clearly():
 
 @pytest.mark.stack
 def test_analyze_cli_registers_the_backbone_jobs_use(mlflow_server, tiny, tmp_path, monkeypatch, capsys):
-    from adapters_hub import backbone, cli
+    from adapters_hub import backbone
+    from sdk import cli
     from adapters_hub.lisa.plan import SharingPlan
 
     monkeypatch.setenv("LISA_HUB_HOME", str(tmp_path / "home"))

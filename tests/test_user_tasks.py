@@ -213,7 +213,7 @@ def test_chat_tasks_train_on_the_assistant_turn_only(tiny, tmp_path):
 
 
 def test_task_init_writes_a_spec_that_checks(tmp_path, capsys):
-    from adapters_hub import cli
+    from sdk import cli
 
     _jsonl(tmp_path / "tickets.jsonl", [{"text": t, "label": lab} for t, lab in TICKETS])
     assert cli.main(["task", "init", "tickets", "--data", str(tmp_path / "tickets.jsonl")]) == 0

@@ -21,7 +21,7 @@ TICKETS = [("My card was charged twice", "billing"), ("The app crashes on start"
 
 
 def _spec(folder, name, dataset):
-    from adapters_hub import cli
+    from sdk import cli
 
     rows = [{"text": f"{t} ({i})", "label": lab} for i in range(4) for t, lab in TICKETS]
     (folder / "seed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
