@@ -119,9 +119,6 @@ class HealedLinear(nn.Module):
             return y
         return y + ((x.to(self.heal_A.dtype) @ self.heal_A.T) @ self.heal_B.T * self.scale).to(y.dtype)
 
-    def delta(self) -> torch.Tensor:
-        return (self.heal_B @ self.heal_A) * self.scale  # (out, in)
-
 
 class HealedNorm(nn.Module):
     """RMSNorm with an additive delta on its scale: base(x) + rms_normalise(x) * delta.
@@ -188,11 +185,6 @@ def attach(model: nn.Module, cfg: HealingConfig, *, shared_layers=()) -> list[nn
         p.requires_grad_(True)
     model._lisa_healing = (cfg, switch, list(shared_layers))
     return params
-
-
-def attached(model: nn.Module) -> HealingConfig | None:
-    state = getattr(model, "_lisa_healing", None)
-    return state[0] if state else None
 
 
 def parameters(model: nn.Module) -> list[nn.Parameter]:
