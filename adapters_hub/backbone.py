@@ -129,6 +129,7 @@ def load_lisa_model(base: str, plan, *, dtype=None, general_adapter: str | Path 
     lm.healing = str(healing) if healing is not None else None
     if general_adapter is not None:
         lm.load_adapter(general_adapter, GENERAL, activate=True)
+        lm.base_adapter = GENERAL  # rows of lora-kind adapters run the LiSA layers on it
     for p in lm.parameters():
         p.requires_grad_(False)
     if prune:

@@ -1,12 +1,16 @@
 """Serving under concurrent load: batching across requests and adapters, measured in one run.
 
     LISA_HUB_DATA_DIR=../shared/data .venv/bin/python benchmarks/serve_load.py [--base smollm2-135m] [--plan plan.json]
+        [--adapters lisa|parts|mixed|dense-lora]
     .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --models gsm8k,wikitext2,a-lisa/1,b-lisa/1
 
 Without --url it is self-contained: a temporary LISA_HUB_HOME with its own MLflow server
 (free port), the base's backbone registered from `--plan` (default: the attention analysis
-of the base, as benchmarks/hotswap_smollm2.py), four LiSA adapters with non-trivial
-random weights registered as bench_a..bench_d-lisa, a local Ray instance and the Serve app
+of the base, as benchmarks/hotswap_smollm2.py), four adapters with non-trivial random
+weights registered as bench_a..bench_d (`--adapters`: lisa = LiSA-only; parts = lisa with
+LoRA parts r=5 on o/v/MLP; mixed = LiSA-only, parts, a `lora` adapter (r=8 q/v), parts;
+dense-lora = four `lora` adapters on the dense backbone, the multi-LoRA baseline server),
+plus a LiSA-only reference adapter when the four are not, a local Ray instance and the Serve app
 (`sdk.serve.build_app`, all four adapters pinned) on a free port; all of it is stopped at
 the end. With --url it measures an app already running (`lisa-hub serve ...`) with the
 four adapters named by --models.
@@ -17,6 +21,7 @@ next request when its answer is back), `--per-client` requests per client at 16 
 (more per client at fewer clients, same request count per phase where possible):
   1 / 4 / 16 clients      requests spread over the 4 adapters (round robin)
   16 clients, 1 adapter   the same requests, all on the first adapter
+  16 clients, 1 lisa-only the same requests on the LiSA-only reference (when the four are not)
   one at a time           the 16-client requests (4 adapters) sent sequentially
 It prints total generated tok/s, p50/p95 request latency, and the ratios the issue sets
 as targets: 16 clients over 4 adapters vs one at a time (>= 4x) and vs 16 clients on one
@@ -99,18 +104,44 @@ def self_contained(args, home: Path):
         raise
 
 
+MIXES = {"lisa": ["lisa"] * 4, "parts": ["parts"] * 4, "mixed": ["lisa", "parts", "lora", "parts"],
+         "dense-lora": ["lora"] * 4}
+
+
+def _make_adapter(lm, task: str, make: str, seed: int, home: Path) -> tuple[str, Path]:
+    """(kind, folder) of a saved adapter with random non-trivial weights."""
+    import torch
+
+    from adapters_hub.kinds import get_kind
+    from adapters_hub.multi_lora import LoraParts
+
+    if make == "lora":
+        get_kind("lora").add(lm, task, {})
+    else:
+        parts = LoraParts(r=5, targets=("o_proj", "v_proj", "mlp")) if make == "parts" else None
+        get_kind("lisa").add(lm, task, {"lora_parts": parts})
+    with torch.no_grad():  # non-trivial weights, so adapters really differ
+        for name, p in lm.named_parameters():
+            if task in name.split("."):
+                p.normal_(0, 0.02, generator=torch.Generator().manual_seed(seed))
+    kind = "lora" if make == "lora" else "lisa"
+    return kind, get_kind(kind).save(lm, task, home / task)
+
+
 def _start(args, home: Path, uri: str, stop):
     import mlflow
     import ray
-    import torch
     from ray import serve
 
     from adapters_hub import registry, stack
-    from adapters_hub.backbone import analyse_base, load_lisa_model
+    from adapters_hub.backbone import analyse_base, dense_plan, load_lisa_model
     from adapters_hub.lisa.plan import SharingPlan
     from sdk.serve import build_app
 
-    plan = SharingPlan.load(args.plan) if args.plan else analyse_base(args.base)[0]
+    if args.adapters == "dense-lora":
+        plan = dense_plan(args.base)
+    else:
+        plan = SharingPlan.load(args.plan) if args.plan else analyse_base(args.base)[0]
     (home / "backbone").mkdir()
     plan.save(home / "backbone" / "plan.json")
     lm, _ = load_lisa_model(args.base, plan)
@@ -118,16 +149,12 @@ def _start(args, home: Path, uri: str, stop):
                                base_fingerprint=lm.base_fingerprint)
     mlflow.set_tracking_uri(uri)
     models = []
-    for i, task in enumerate(("bench_a", "bench_b", "bench_c", "bench_d")):
-        lm.add_adapter(task, next(iter(lm.peft_config.values())))
-        with torch.no_grad():  # non-trivial weights, so adapters really differ
-            for name, p in lm.named_parameters():
-                if f".{task}." in name:
-                    p.normal_(0, 0.02, generator=torch.Generator().manual_seed(i))
-        folder = lm.save_adapter(home / task, task)
+    mix = MIXES[args.adapters] + (["lisa"] if "lisa" not in MIXES[args.adapters] and plan.shared else [])
+    for i, (task, make) in enumerate(zip(("bench_a", "bench_b", "bench_c", "bench_d", "bench_ref"), mix)):
+        kind, folder = _make_adapter(lm, task, make, i, home)
         with mlflow.start_run() as run:
             reg = registry.register_adapter(
-                run_id=run.info.run_id, adapter_dir=folder, task=task, kind="lisa", base=args.base,
+                run_id=run.info.run_id, adapter_dir=folder, task=task, kind=kind, base=args.base,
                 base_fingerprint=lm.base_fingerprint, plan_hash=plan.hash, metrics={"adapter.score": float(i)},
                 main_metric="adapter.score", higher_is_better=True, trainable_params=0, tracking_uri=uri)
         models.append(f"{reg.name}/{reg.version}")
@@ -146,6 +173,7 @@ def main() -> None:
     parser.add_argument("--plan", default=None, help="plan.json of the backbone (default: analysis of the base)")
     parser.add_argument("--url", default=None, help="a running app; needs --models")
     parser.add_argument("--models", default=None, help="four comma-separated adapters served by --url")
+    parser.add_argument("--adapters", default="lisa", choices=sorted(MIXES), help="the four adapters' kinds")
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--per-client", type=int, default=2, help="requests per client at 16 clients")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance and the replica")
@@ -160,6 +188,7 @@ def main() -> None:
         home = Path(tempfile.mkdtemp(prefix="lisa-hub-serve-bench-"))
         os.environ["LISA_HUB_HOME"] = str(home)
         url, models, stop = self_contained(args, home)
+    reference, models = (models[4] if len(models) > 4 else None), models[:4]
     try:
         total = 16 * args.per_client
         spread = [(models[k % 4], PROMPTS[k % 16]) for k in range(total)]
@@ -170,6 +199,9 @@ def main() -> None:
             n = total if clients == 16 else max(clients, total // 4)
             rows.append((f"{clients} clients, 4 adapters", clients, run_load(url, spread[:n], clients, args.new_tokens)))
         rows.append(("16 clients, 1 adapter", 16, run_load(url, single, 16, args.new_tokens)))
+        if reference:
+            rows.append(("16 clients, 1 lisa-only adapter", 16,
+                         run_load(url, [(reference, p) for _, p in spread], 16, args.new_tokens)))
         rows.append(("one at a time (same requests)", 1, run_load(url, spread, 1, args.new_tokens)))
         by = {label: r for label, _, r in rows}
         base = by["one at a time (same requests)"]["tok_s"]
@@ -180,8 +212,12 @@ def main() -> None:
             print(f"{label:32s} {r['requests']:8d} {r['seconds']:8.2f} {r['tok_s']:8.1f} {r['p50']:7.2f} "
                   f"{r['p95']:7.2f} {r['tok_s'] / base:16.2f}x")
         mixed, one = by["16 clients, 4 adapters"]["tok_s"], by["16 clients, 1 adapter"]["tok_s"]
-        print(f"\n16 clients over 4 adapters: {mixed / base:.2f}x one at a time (target >= 4x), "
+        print(f"\n16 clients over 4 adapters ({args.adapters}): {mixed / base:.2f}x one at a time (target >= 4x), "
               f"{mixed / one:.2f}x of 16 clients on one adapter (target >= 0.85x)")
+        if reference:
+            ref = by["16 clients, 1 lisa-only adapter"]["tok_s"]
+            print(f"16 clients over 4 adapters ({args.adapters}): {mixed / ref:.2f}x of 16 clients on one "
+                  f"lisa-only adapter (target >= 0.85x)")
     finally:
         if stop is not None:
             stop()

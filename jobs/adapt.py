@@ -210,12 +210,11 @@ def train_loop(cfg: dict) -> None:
     """Runs on each Ray Train worker: TRL SFT of the adapter tensors only."""
     import ray.train
     from datasets import Dataset
-    from trl import SFTConfig
 
-    from jobs.trainer import AdapterSFTTrainer, MlflowSteps, ReportCheckpoints
+    from jobs.trainer import AdapterSFTTrainer, MlflowSteps, ReportCheckpoints, sft_config
 
     from adapters_hub.backbone import load_lisa_model
-    from adapters_hub.kinds import get_kind, only_trainable
+    from adapters_hub.kinds import get_kind
     from adapters_hub.lisa.plan import SharingPlan
 
     # MLflow's client retries a dead server for minutes by default; on a worker that only
@@ -226,14 +225,7 @@ def train_loop(cfg: dict) -> None:
     lm, tok = load_lisa_model(cfg["base"], SharingPlan.from_dict(cfg["plan"]), general_adapter=cfg["init_from"],
                               healing=cfg.get("healing"))
     kind, name = get_kind(cfg["kind"]), cfg["task"]
-    if cfg["init_from"] and cfg["kind"] == "lisa":
-        kind.load(lm, cfg["init_from"], name)     # start from the base's general adapter
-        kind.activate(lm, name)
-        only_trainable(lm, kind, name)
-    else:
-        kind.add(lm, name, {})
-        kind.activate(lm, name)
-    trainable = sum(t.numel() for t in lm.parameters() if t.requires_grad)
+    trainable = prepare_adapter(lm, kind, name, p, init_from=cfg["init_from"])
     import torch
 
     context = ray.train.get_context()
@@ -246,24 +238,7 @@ def train_loop(cfg: dict) -> None:
 
     dataset = Dataset.from_list(cfg["examples"])
     work = Path(tempfile.mkdtemp(prefix="lisa-train-"))
-    save_steps = p["save_steps"] or max(1, p["max_steps"] // 4)
-    args = SFTConfig(
-        output_dir=str(work), max_steps=p["max_steps"], per_device_train_batch_size=p["batch_size"],
-        gradient_accumulation_steps=p["grad_accum"], learning_rate=p["lr"], lr_scheduler_type="cosine",
-        warmup_steps=min(10, p["max_steps"] // 10), logging_steps=1, save_steps=save_steps, save_total_limit=2,
-        report_to="none", max_length=p["max_seq_len"], seed=p["seed"], use_cpu=not p["use_gpu"],
-        dataloader_num_workers=0, disable_tqdm=False, save_only_model=False,
-        # TRL turns activation checkpointing on by default; a 135M model does not need it, it
-        # costs ~30% more compute, and its recomputation would replay the distillation hooks.
-        activation_checkpointing=False,
-        # TRL defaults to bf16 autocast; on this CPU its backward runs ~8x slower than fp32
-        # (measured: 214 s vs 12 s per step of 8 GSM8K rows), so bf16 only on GPUs.
-        bf16=bool(p["use_gpu"]),
-        # Several workers: the HF Trainer sees Ray Train's process group (gloo on CPU, NCCL on
-        # GPU), wraps the model in DDP and gives each worker its shard of the rows. Every
-        # adapter tensor takes part in every forward: no unused-parameter search.
-        ddp_find_unused_parameters=False,
-    )
+    args = sft_config(p, work)
 
     steps = MlflowSteps(cfg["tracking_uri"], cfg["run_id"], lambda: ray.train.get_context().get_world_rank())
     checkpoints = ReportCheckpoints(lisa_model=lm, adapter_kind=kind, adapter_name=name, trainable=trainable,
@@ -284,6 +259,28 @@ def train_loop(cfg: dict) -> None:
         trainer.save_model(str(work / "final"))
         trainer.state.save_to_json(str(work / "final" / "trainer_state.json"))
     checkpoints.report(work / "final", trainer.state, final=True)
+
+
+def prepare_adapter(lm, kind, name: str, profile: dict, *, init_from: str | None) -> int:
+    """Add (or, for lisa with a general adapter, load from it) the adapter `name` that the
+    profile describes, activate it, leave exactly its trainable tensors requiring grad;
+    returns their count. A lisa adapter gets its LoRA parts here (fresh: B = 0)."""
+    from adapters_hub.kinds import only_trainable
+
+    options = kind.profile_options(profile)
+    if init_from and kind.name == "lisa":
+        kind.load(lm, init_from, name)     # start from the base's general adapter
+        if options.get("lora_parts") is not None and lm.peft_config[name].lora_parts is None:
+            lm.add_lora_parts(name, options["lora_parts"])  # (a general adapter with parts keeps its own)
+    else:
+        kind.add(lm, name, options)
+    kind.activate(lm, name)
+    only_trainable(lm, kind, name)
+    if kind.name == "lisa" and profile.get("lisa_tensors") == "aligner":
+        for key, t in lm.named_parameters():
+            if ".lisa_qk." in key:
+                t.requires_grad_(False)  # the low-rank Q/K stay as the general adapter left them
+    return sum(t.numel() for t in lm.parameters() if t.requires_grad)
 
 
 def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows, *, init_dir=None,

@@ -97,3 +97,29 @@ def test_a_lost_mlflow_stops_training_instead_of_failing_the_worker(monkeypatch)
     assert "at step 7" in steps.lost
     steps.on_step_end(None, SimpleNamespace(global_step=8), control)  # agreed at the next step's end
     assert control.should_training_stop
+
+
+def test_profile_lora_fields_decide_what_trains(tiny, tmp_path):
+    """lora_rank / lora_targets / lisa_tensors of a profile reach the adapter: a lisa adapter
+    started from the general adapter gets LoRA parts and, with lisa_tensors=aligner, keeps its
+    low-rank Q/K frozen; a lora adapter gets the rank and targets asked for."""
+    from adapters_hub.backbone import load_lisa_model
+    from adapters_hub.kinds import get_kind
+
+    plan = SharingPlan.for_model(tiny[0], [2, 3, 5])
+    lm, _ = load_lisa_model("tiny-llama", plan)
+    general = lm.save_adapter(tmp_path / "general", "fresh")
+    lm, _ = load_lisa_model("tiny-llama", plan, general_adapter=general)
+    n = adapt.prepare_adapter(lm, get_kind("lisa"), "t", {"lora_rank": 2, "lora_targets": ["o_proj"],
+                                                           "lisa_tensors": "aligner"}, init_from=str(general))
+    names = [k for k, p in lm.named_parameters() if p.requires_grad]
+    assert n == 3 * 16 + 6 * 2 * (64 + 64)  # 3 aligners (4 x 4 heads) + o_proj parts on all 6 layers
+    assert all("lisa_aligner.t." in k or "o_proj.lisa_lora_" in k for k in names)
+    assert lm.peft_config["t"].lora_parts.r == 2
+
+    lm, _ = load_lisa_model("tiny-llama", plan)
+    n = adapt.prepare_adapter(lm, get_kind("lora"), "l", {"lora_rank": 3, "lora_targets": ["mlp"]}, init_from=None)
+    names = [k for k, p in lm.named_parameters() if p.requires_grad]
+    assert names and all(".mlp." in k and ".lora_" in k and ".l." in k for k in names)
+    assert n == sum(p.numel() for k, p in lm.named_parameters() if p.requires_grad)
+    assert {p.shape[0] for k, p in lm.named_parameters() if "lora_A" in k} == {3}

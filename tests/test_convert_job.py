@@ -1,6 +1,6 @@
 """The conversion job end to end on tiny-llama with a real Ray head and MLflow server:
-a killed conversion resumes from its checkpoint, registers backbone-<base> with its
-general adapter, and the next adaptation of that base starts from it.
+a killed conversion resumes from its checkpoint and registers backbone-<base> with its
+general adapter and healing (tests/test_demo.py trains an adapter on such a backbone).
 
 It registers into an MLflow server of its own: the session's registry belongs to the
 ordered e2e tests, which expect tiny-llama's plain backbone and empty adapter models."""
@@ -20,7 +20,7 @@ import pytest
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
-ARGS = ["--base", "tiny-llama", "--fraction", "0.5", "--minutes", "10", "--max-steps", "200", "--save-every", "3",
+ARGS = ["--base", "tiny-llama", "--fraction", "0.5", "--minutes", "10", "--max-steps", "60", "--save-every", "3",
         "--eval-blocks", "2", "--eval-len", "64", "--calib-blocks", "8", "--init-steps", "5",
         "--sensitivity-steps", "3", "--batch-size", "2", "--seq-len", "64"]
 
@@ -44,9 +44,8 @@ def _convert(extra, env, *, kill_after_checkpoint=False):
     return proc.returncode, "".join(lines)
 
 
-def test_killed_conversion_resumes_registers_the_backbone_and_adaptation_starts_from_it(ray_stack, own_mlflow,
-                                                                                       tmp_path, monkeypatch):
-    home, dashboard, _ = ray_stack
+def test_killed_conversion_resumes_and_registers_the_healed_backbone(ray_stack, own_mlflow, tmp_path):
+    home = ray_stack[0]
     mlflow_uri = own_mlflow
     from adapters_hub import stack
 
@@ -59,9 +58,9 @@ def test_killed_conversion_resumes_registers_the_backbone_and_adaptation_starts_
     assert rc == 0, second[-4000:]
     assert "resuming from checkpoint at step" in second, second[-4000:]
     step = int(second.split("resuming from checkpoint at step")[1].split()[0])
-    assert 3 <= step < 200
+    assert 3 <= step < 60
     result = json.loads(second.split("LISA_HUB_RESULT ")[1].splitlines()[0])
-    assert result["model_name"] == "backbone-tiny-llama" and result["metrics"]["steps"] == 200
+    assert result["model_name"] == "backbone-tiny-llama" and result["metrics"]["steps"] == 60
     assert not (tmp_path / "home" / "train" / "convert").exists()
 
     from adapters_hub.backbone import backbone_folder, general_adapter_of, healing_of
@@ -72,11 +71,3 @@ def test_killed_conversion_resumes_registers_the_backbone_and_adaptation_starts_
     assert (folder / "healing" / "healing.safetensors").stat().st_size < 2_000_000
     assert json.loads((folder / "plan.json").read_text())["hash"] == result["plan_hash"]
     assert len(json.loads((folder / "local_init.json").read_text())) == len(result["layers"])
-
-    import sdk
-
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)  # the job logs and registers there
-    job = sdk.submit_adaptation(task="gsm8k", address=dashboard, base_model="tiny-llama", profile="smoke")
-    adapted = job.wait(timeout=900)
-    assert "init=general adapter (healed backbone)" in job.logs()
-    assert "init.answer_nll" in adapted.metrics and adapted.raw["plan_hash"] == result["plan_hash"]

@@ -31,6 +31,12 @@ def test_neither_mirror_nor_hub_names_both_options(tmp_path, monkeypatch):
     monkeypatch.setenv("LISA_HUB_DATA_DIR", str(tmp_path))  # empty mirror
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")  # the hub is unreachable here anyway; fail fast
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets.config
+    import huggingface_hub.constants
+
+    # both libraries read the variables at import: tell the imported modules too
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True, raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True, raising=False)
     with pytest.raises(data.DataUnavailableError) as err:
         data.load_task_rows("gsm8k", "test")
     msg = str(err.value)

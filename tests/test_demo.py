@@ -1,6 +1,8 @@
 """`lisa-hub demo` end to end on tiny-llama against a real Ray head and an MLflow server of
 its own: it converts (and heals) the backbone first, adapts GSM8K on it, answers through
-the OpenAI-compatible server it starts, and prints base / backbone / adapter side by side."""
+the OpenAI-compatible server it starts, and prints base / backbone / adapter side by side.
+(That a second demo reuses the registered converted backbone is one condition in
+`sdk.cli._demo`; it is not run twice here, to keep CI short.)"""
 
 from __future__ import annotations
 
@@ -40,10 +42,3 @@ def test_demo_converts_adapts_serves_and_compares_on_a_fresh_registry(ray_stack,
 
     folder = backbone_folder("tiny-llama", tracking_uri=own_mlflow)
     assert general_adapter_of(folder) is not None and healing_of(folder) is not None
-
-    # a second demo reuses the registered converted backbone instead of converting again
-    again = subprocess.run([sys.executable, "-m", "sdk.cli", "demo", "--base", "tiny-llama", "--profile",
-                            "smoke", "--port", str(port)], cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=900)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
-    assert "using the registered converted backbone" in again.stdout

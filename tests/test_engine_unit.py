@@ -200,10 +200,10 @@ def test_a_registry_that_does_not_answer_is_a_503_not_a_404(setup):
     assert err.status == 503 and err.code == "registry_unavailable"
 
 
-def test_a_refused_lora_adapter_loads_nothing_and_changes_no_other_rows_answer(setup, tmp_path):
-    """The kind is read before anything loads: a request naming a lora adapter is a 400
-    `unsupported_kind`, the resident set is what it was, and a lisa row answers as before
-    (a LoRA injected once stays active on every tuner layer until deleted)."""
+def test_a_lora_adapter_is_served_in_the_mixed_batch_and_changes_no_other_rows_answer(setup, tmp_path):
+    """A request naming a lora adapter decodes in the same batch as lisa rows; its answer is
+    what `Backbone.use` gives alone, and the lisa rows answer as they did before it loaded
+    (the old engine activated a LoRA for every row of the replica)."""
     import torch
 
     from adapters_hub.kinds import get_kind
@@ -221,16 +221,39 @@ def test_a_refused_lora_adapter_loads_nothing_and_changes_no_other_rows_answer(s
 
     async def main():
         before = await _text(engine, a, "The cat sat on the")
+        together = await asyncio.gather(_text(engine, a, "The cat sat on the"), _text(engine, str(folder), "Hi"),
+                                        _text(engine, a, "The cat sat on the"))
+        return before, together
+    before, (lisa_row, lora_row, lisa_again) = asyncio.run(main())
+    assert lisa_row == before and lisa_again == before
+    assert engine.stats["largest_batch"] == 3
+    assert len(engine.bb.resident) == 2
+    engine.bb.use(str(folder))
+    assert engine.bb.generate("Hi", max_new_tokens=8) == lora_row[0]
+    assert lora_row[0] != engine.bb.generate("Hi", adapter=[a], max_new_tokens=8)[0]
+
+
+def test_an_adapter_of_a_kind_that_cannot_batch_is_refused_before_it_loads(setup, tmp_path):
+    """attn_drop changes the model's structure for every row: the kind is read from the
+    folder first, the request is a 400 `unsupported_kind`, nothing becomes resident."""
+    import json
+
+    plan, a, _, _ = setup
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"kind": "attn_drop", "base_fingerprint": "x"}))
+    engine = _engine(plan)
+
+    async def main():
+        before = await _text(engine, a, "The cat sat on the")
         resident = list(engine.bb.resident)
         job = await engine.submit(params=_params(str(folder), "Hi"))
         with pytest.raises(api.ApiError) as err:
             await engine.result(job)
         assert err.value.status == 400 and err.value.code == "unsupported_kind"
         assert engine.bb.resident == resident
-        assert not any("lora_" in n for n, _ in engine.bb.lm.named_parameters())
         return before, await _text(engine, a, "The cat sat on the")
     before, after = asyncio.run(main())
     assert after == before
-    with pytest.raises(ValueError, match="lisa adapters only"):
+    with pytest.raises(ValueError, match="mixed batches take lisa, lora adapters only"):
         engine.bb.generate(["x", "y"], adapter=[a, str(folder)])
-    assert not any("lora_" in n for n, _ in engine.bb.lm.named_parameters())

@@ -1,6 +1,7 @@
 """Scale-out on the real local stack: a second Ray node (its own raylet) joined to the
-head, a 2-worker data-parallel smoke job placed one worker per node, and the refusal of
-node-local checkpoint storage for a multi-node run. Registers into an MLflow of its own."""
+head, a 2-worker data-parallel smoke job placed one worker per node that survives one
+killed worker (retried from its checkpoint), and the refusal of node-local checkpoint
+storage for a multi-node run. Registers into an MLflow of its own."""
 
 from __future__ import annotations
 
@@ -24,14 +25,20 @@ def two_nodes(ray_stack):
     stack.remove_nodes(home=home)  # later tests see one node again
 
 
-def test_a_two_worker_job_spreads_over_two_nodes_and_registers_one_adapter(two_nodes, own_mlflow, monkeypatch):
+def test_a_two_worker_job_spreads_over_two_nodes_survives_a_killed_worker_and_registers_one_adapter(
+        two_nodes, own_mlflow, monkeypatch):
+    import collections
+    import os
+    import signal
+
     import mlflow
+    import psutil
 
     import sdk
 
     home, dashboard, _ = two_nodes
-    overrides = {"num_workers": 2, "placement_strategy": "STRICT_SPREAD", "batch_size": 1, "max_steps": 3,
-                 "seed": 11, "eval_examples": 2, "max_new_tokens": 2}
+    overrides = {"num_workers": 2, "placement_strategy": "STRICT_SPREAD", "batch_size": 1, "max_steps": 30,
+                 "save_steps": 3, "seed": 12, "eval_examples": 2, "max_new_tokens": 2}
 
     # node-local checkpoints on a cluster of two nodes: refused before training, one line
     refused = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
@@ -40,33 +47,6 @@ def test_a_two_worker_job_spreads_over_two_nodes_and_registers_one_adapter(two_n
     assert "storage: this cluster has 2 nodes" in refused.logs() and "LISA_HUB_STORAGE" in refused.logs()
 
     monkeypatch.setenv("LISA_HUB_STORAGE", str(home / "train"))  # one machine: the folder is shared
-    job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
-    result = job.wait(timeout=900)
-    logs = job.logs()
-    assert "2 worker(s) x batch 1 x grad_accum 1 = global batch 2" in logs
-    placed = dict(re.findall(r"\[train\] worker (\d)/2 on node (\w+)", logs))
-    assert set(placed) == {"0", "1"} and len(set(placed.values())) == 2, logs[-3000:]
-    assert logs.count("[train] trainable parameters") == 1  # rank 0 only
-
-    client = mlflow.MlflowClient(own_mlflow)
-    assert client.get_run(result.run_id).data.params["global_batch"] == "2"
-    losses = client.get_metric_history(result.run_id, "train/loss")
-    assert sorted(m.step for m in losses) == [1, 2, 3]  # one curve: rank 0's
-    assert result.version == "1" and "champion" in result.aliases
-
-
-def test_a_killed_worker_of_a_two_worker_job_is_retried_from_its_checkpoint(two_nodes, own_mlflow, monkeypatch):
-    import os
-    import signal
-
-    import psutil
-
-    import sdk
-
-    home, dashboard, _ = two_nodes
-    monkeypatch.setenv("LISA_HUB_STORAGE", str(home / "train"))
-    overrides = {"num_workers": 2, "placement_strategy": "STRICT_SPREAD", "batch_size": 1, "max_steps": 30,
-                 "save_steps": 3, "seed": 12, "eval_examples": 2, "max_new_tokens": 2}
     job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
     deadline = time.monotonic() + 600
     while "Reporting training result" not in job.logs():  # this job has reported a checkpoint
@@ -78,6 +58,16 @@ def test_a_killed_worker_of_a_two_worker_job_is_retried_from_its_checkpoint(two_
     os.kill(workers[-1].pid, signal.SIGKILL)  # one of the two
     result = job.wait(timeout=900)
     logs = job.logs()
+    assert "2 worker(s) x batch 1 x grad_accum 1 = global batch 2" in logs
+    placed = dict(re.findall(r"\[train\] worker (\d)/2 on node (\w+)", logs))
+    assert set(placed) == {"0", "1"} and len(set(placed.values())) == 2, logs[-3000:]
     assert "resuming from checkpoint at step" in logs, logs[-3000:]
-    assert 3 <= int(logs.split("resuming from checkpoint at step")[1].split()[0]) < 30
-    assert result.version
+    resumed_at = int(logs.split("resuming from checkpoint at step")[1].split()[0])
+    assert 3 <= resumed_at < 30
+
+    client = mlflow.MlflowClient(own_mlflow)
+    assert client.get_run(result.run_id).data.params["global_batch"] == "2"
+    per_step = collections.Counter(m.step for m in client.get_metric_history(result.run_id, "train/loss"))
+    assert set(per_step) == set(range(1, 31))
+    assert all(per_step[s] == 1 for s in range(1, resumed_at + 1))  # one curve: rank 0's (later steps ran twice)
+    assert result.version == "1" and "champion" in result.aliases

@@ -2,8 +2,8 @@
 
 A backbone is a `LisaModel` (base model + sharing plan). Every kind works on it:
 
-  lisa      (kinds/lisa.py)      per-task LiSA modules (aligners + low-rank Q/K), trained; the default
-  lora      (kinds/lora.py)      PEFT LoRA on q_proj / v_proj of the backbone, a baseline
+  lisa      (kinds/lisa.py)      per-task LiSA modules (aligners + low-rank Q/K) and LoRA parts, trained; the default
+  lora      (kinds/lora.py)      LoRA on chosen linears (q_proj / v_proj by default), PEFT's keys, a baseline
   attn_drop (kinds/attn_drop.py) a training-free structural plan (layers dropped); no tensors
 
 Each kind declares its capabilities, so callers decide before loading anything:
@@ -48,6 +48,9 @@ class AdapterKind(Protocol):
     def add(self, lm: "LisaModel", adapter_name: str, options: dict) -> None:
         """Create a fresh adapter under `adapter_name`; only its tensors require grad."""
 
+    def profile_options(self, profile: dict) -> dict:
+        """The `add` options a task profile asks for (trainable kinds)."""
+
     def save(self, lm: "LisaModel", adapter_name: str, directory: Path) -> Path: ...
 
     def load(self, lm: "LisaModel", directory: Path, adapter_name: str) -> None:
@@ -68,9 +71,10 @@ def kind_state(lm, kind: str) -> dict:
 
 def only_trainable(lm, kind: "AdapterKind", adapter_name: str) -> None:
     """requires_grad on exactly the tensors of `adapter_name` of `kind`."""
-    tag = f".{adapter_name}."
     for name, p in lm.named_parameters():
-        p.requires_grad_(bool(kind.prefix) and kind.prefix in name and tag in name)
+        parts = name.split(".")
+        p.requires_grad_(bool(kind.prefix) and adapter_name in parts
+                         and any(part.startswith(kind.prefix) for part in parts))
 
 
 def read_config(directory: str | Path) -> dict:

@@ -1,8 +1,17 @@
-"""The `lisa` kind: per-task LiSA modules (head aligners + low-rank Q/K) on a LiSA backbone."""
+"""The `lisa` kind: per-task LiSA modules (head aligners + low-rank Q/K) on a LiSA backbone,
+and LoRA parts: low-rank updates of chosen linears (`adapters_hub.multi_lora`), so that a
+task adapter changes what the model computes from the attention, not only the attention.
+All of it is one adapter: one folder, one registry entry, routed per row when served."""
 
 from __future__ import annotations
 
 from adapters_hub.kinds import only_trainable
+from adapters_hub.multi_lora import LoraParts
+
+# The LoRA parts a profile gets when it names none (lora_rank / lora_targets unset): the
+# combination that won on GSM8K within the trainable size of a LiSA-only adapter
+# (benchmarks/gsm8k_adapters.py, README).
+DEFAULT_PARTS = LoraParts(r=4, targets=("o_proj", "v_proj", "mlp"))
 
 
 class LisaKind:
@@ -21,6 +30,13 @@ class LisaKind:
         config = replace(next(iter(lm.peft_config.values())), **options)
         lm.add_adapter(adapter_name, config)
         only_trainable(lm, self, adapter_name)
+
+    def profile_options(self, profile: dict) -> dict:
+        """`add` options from a task profile's lora_rank / lora_targets (0: no LoRA parts)."""
+        rank, targets = profile.get("lora_rank"), profile.get("lora_targets")
+        if rank == 0:
+            return {"lora_parts": None}
+        return {"lora_parts": LoraParts(r=rank or DEFAULT_PARTS.r, targets=tuple(targets or DEFAULT_PARTS.targets))}
 
     def save(self, lm, adapter_name, directory):
         return lm.save_adapter(directory, adapter_name)

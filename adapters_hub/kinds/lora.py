@@ -1,45 +1,54 @@
-"""The `lora` kind: PEFT LoRA injected into the backbone's linears, one per adapter name."""
+"""The `lora` kind: LoRA on chosen linears of the backbone, one per adapter name, any mix per row.
+
+The updates live in `adapters_hub.multi_lora` (per-row routing, so serving batches LoRA
+adapters with every other kind); the tensors keep PEFT's key names
+(`...q_proj.lora_A.weight`). The LiSA layers of a `lora` row run on the backbone's own
+adapter (`LisaModel.base_adapter`: the general adapter of a converted backbone, else the
+fresh one), so a LoRA adapter is comparable to a LiSA one trained on the same backbone;
+on the dense backbone it is plain LoRA on the base.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from adapters_hub import multi_lora
 from adapters_hub.kinds import (CONFIG_NAME, WEIGHTS_NAME, AdapterError, check_compatible, kind_state, only_trainable,
                                 read_config)
 
 
 class LoraKind:
-    """PEFT LoRA injected into the backbone's modules (no PeftModel wrapper), one per name.
-
-    The LiSA layers stay on the backbone's fresh adapter (aligned direct sharing), so a
-    LoRA adapter is comparable to a LiSA one trained on the same backbone."""
-
     name = "lora"
     trainable = True
     prefix = "lora_"
     needs_plan = True
-    batches_per_row = False       # PEFT activates one LoRA for every row (served in-process by Backbone.use)
+    batches_per_row = True        # multi_lora gathers each row's update by adapter
     composes_with_sharing = True
     defaults = {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"], "lora_dropout": 0.0}
 
     def add(self, lm, adapter_name, options):
-        from peft import LoraConfig, inject_adapter_in_model
-
         options = {**self.defaults, **options}
-        inject_adapter_in_model(LoraConfig(**options), lm.get_base_model(), adapter_name=adapter_name)
+        if options.get("lora_dropout"):
+            raise AdapterError(f"lora_dropout: {options['lora_dropout']} is not supported (0 only)")
+        parts = multi_lora.LoraParts(r=int(options["r"]), alpha=float(options["lora_alpha"]),
+                                     targets=tuple(options["target_modules"]))
+        multi_lora.add(lm.get_base_model(), adapter_name, parts, prefix=self.prefix)
         kind_state(lm, self.name)[adapter_name] = options
         only_trainable(lm, self, adapter_name)
-        self.activate(lm, adapter_name)
+
+    def profile_options(self, profile: dict) -> dict:
+        """`add` options from a task profile's lora_rank / lora_targets (alpha stays 2 r)."""
+        rank, targets = profile.get("lora_rank") or self.defaults["r"], profile.get("lora_targets")
+        return {"r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets or self.defaults["target_modules"])}
 
     def save(self, lm, adapter_name, directory):
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tag = f".{adapter_name}."
-        tensors = {k.replace(tag, "."): v.detach().cpu().contiguous()
-                   for k, v in lm.get_base_model().state_dict().items() if "lora_" in k and tag in k}
+        tensors = {_drop_name(k, adapter_name): v.detach().cpu().contiguous()
+                   for k, v in lm.get_base_model().state_dict().items() if _is_ours(k, adapter_name)}
         save_file(tensors, str(directory / WEIGHTS_NAME))
         config = {"kind": self.name, "base_model": lm.base_name, "base_fingerprint": lm.base_fingerprint,
                   "plan_hash": lm.plan.hash, "lora": kind_state(lm, self.name)[adapter_name]}
@@ -60,36 +69,38 @@ class LoraKind:
         if lm.pruned:  # LoRA on a pruned W_q/W_k of a substituted layer never ran: nothing to load there
             pruned = tuple(f"layers.{i}.self_attn.{proj}." for i in lm.lisa_layers for proj in ("q_proj", "k_proj"))
             state = {k: v for k, v in state.items() if not any(p in k for p in pruned)}
-        missing = set(state) - set(lm.get_base_model().state_dict())
-        if missing:
+        own = {k for k in lm.get_base_model().state_dict() if _is_ours(k, adapter_name)}
+        if set(state) != own:
             self.delete(lm, adapter_name)
-            raise AdapterError(f"{directory}: tensors do not fit this backbone: {sorted(missing)[:3]}")
+            missing, extra = sorted(own - set(state)), sorted(set(state) - own)
+            raise AdapterError(f"{directory}: tensors do not fit this backbone: missing {missing[:2]}, "
+                               f"unexpected {extra[:2]}")
         lm.get_base_model().load_state_dict(state, strict=False)
+        multi_lora.changed(lm.get_base_model())
         for p in lm.get_base_model().parameters():
             p.requires_grad_(False)
 
     def activate(self, lm, adapter_name):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for module in lm.get_base_model().modules():
-            if isinstance(module, BaseTunerLayer):
-                module.enable_adapters(True)
-                module.set_adapter(adapter_name)
+        if lm.active_adapter != lm.base_adapter:  # the LiSA layers run the backbone's own adapter
+            lm.set_adapter(lm.base_adapter)
+        multi_lora.router_of(lm.get_base_model()).active[self.name] = adapter_name
 
     def deactivate(self, lm, adapter_name):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for module in lm.get_base_model().modules():
-            if isinstance(module, BaseTunerLayer):
-                module.enable_adapters(False)
+        multi_lora.router_of(lm.get_base_model()).active[self.name] = None
 
     def delete(self, lm, adapter_name):
-        from peft.tuners.tuners_utils import BaseTunerLayer
-
-        for module in lm.get_base_model().modules():
-            if isinstance(module, BaseTunerLayer) and adapter_name in module.lora_A:
-                module.delete_adapter(adapter_name)
+        multi_lora.delete(lm.get_base_model(), adapter_name)
         kind_state(lm, self.name).pop(adapter_name, None)
+
+
+def _is_ours(key: str, adapter_name: str) -> bool:
+    parts = key.split(".")
+    return any(p in ("lora_A", "lora_B") and parts[i + 1] == adapter_name for i, p in enumerate(parts[:-1]))
+
+
+def _drop_name(key: str, adapter_name: str) -> str:
+    # "...q_proj.lora_A.<name>.weight" -> "...q_proj.lora_A.weight" (PEFT's saved key names)
+    return key.replace(f".lora_A.{adapter_name}.", ".lora_A.").replace(f".lora_B.{adapter_name}.", ".lora_B.")
 
 
 def _insert_name(key: str, adapter_name: str) -> str:

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from adapters_hub.lisa.plan import PlanError, SharingPlan
+from adapters_hub.multi_lora import LoraParts, LoraPartsError
 
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh")
 # "linear": align(z) = W P z, a learned mix over the head axis; it folds into the query side,
@@ -33,6 +34,7 @@ class LisaConfig:
     aligner_act: str = "gelu"
     aligner_init_std: float = 0.02      # W1 init (W2 is zero, so a fresh adapter is exact)
     lowrank_init_std: float | None = None  # k_r init; None = 1/sqrt(hidden_size) (q_r is zero)
+    lora_parts: LoraParts | None = None  # low-rank updates of chosen linears (multi_lora), trained with it
     base_model: str | None = None       # filled by LisaModel
     base_fingerprint: str | None = None  # filled by LisaModel (fingerprint of the unmodified base)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form, saved as is (task, lr, ...)
@@ -48,6 +50,8 @@ class LisaConfig:
             raise LisaConfigError(f"aligner_act: {self.aligner_act!r} is not one of {', '.join(ACTIVATIONS)}")
         if not self.aligner_init_std > 0:
             raise LisaConfigError(f"aligner_init_std: must be > 0, got {self.aligner_init_std}")
+        if self.lora_parts is not None and not isinstance(self.lora_parts, LoraParts):
+            raise LisaConfigError(f"lora_parts: must be a LoraParts or None, got {type(self.lora_parts).__name__}")
         if self.lowrank_init_std is not None and not self.lowrank_init_std > 0:
             raise LisaConfigError(f"lowrank_init_std: must be > 0 or None, got {self.lowrank_init_std}")
 
@@ -68,6 +72,7 @@ class LisaConfig:
             "aligner_act": self.aligner_act,
             "aligner_init_std": self.aligner_init_std,
             "lowrank_init_std": self.lowrank_init_std,
+            "lora_parts": self.lora_parts.to_dict() if self.lora_parts else None,
             "base_model": self.base_model,
             "base_fingerprint": self.base_fingerprint,
             "extra": self.extra,
@@ -84,6 +89,10 @@ class LisaConfig:
         except PlanError as err:
             raise LisaConfigError(f"plan.{err}") from None
         data = {"aligner": "ffn", **data}  # adapters saved before `aligner` existed are FFN ones
-        known = {"aligner", "aligner_hidden", "aligner_act", "aligner_init_std", "lowrank_init_std", "base_model",
-                 "base_fingerprint", "extra"}
+        try:
+            data["lora_parts"] = LoraParts.from_dict(data.get("lora_parts"))
+        except (LoraPartsError, TypeError) as err:
+            raise LisaConfigError(f"lora_parts.{err}") from None
+        known = {"aligner", "aligner_hidden", "aligner_act", "aligner_init_std", "lowrank_init_std", "lora_parts",
+                 "base_model", "base_fingerprint", "extra"}
         return cls(plan=plan, **{k: v for k, v in data.items() if k in known})

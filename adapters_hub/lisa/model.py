@@ -5,11 +5,14 @@
     lm.save_adapter("out/gsm8k")                           # adapter_config.json + adapter_model.safetensors
     lm.load_adapter("out/gsm8k", "gsm8k"); lm.set_adapter("gsm8k")
     with lm.adapter_per_row(["a", "b", "a"]): lm.generate(...)   # one adapter per row
+    lm.add_lora_parts("gsm8k", LoraParts(r=4))            # + low-rank updates of o/v/MLP linears
     lm.prune_qk()                                          # drop W_q/W_k of substituted layers
 
 Like PEFT's tuners, every adapter tensor sits in a `lisa_*` ModuleDict keyed by adapter
-name inside the replaced attention modules; saving, loading and `requires_grad` all filter
-on the `lisa_` prefix. Base weights keep their state-dict names.
+name inside the replaced attention modules (and, for an adapter's LoRA parts, inside the
+target linears: `o_proj.lisa_lora_A.<name>`, see `adapters_hub.multi_lora`); saving,
+loading and `requires_grad` all filter on the `lisa_` prefix. Base weights keep their
+state-dict names.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
+from adapters_hub import multi_lora
 from adapters_hub.errors import AdapterMismatchError
 from adapters_hub.lisa.config import LisaConfig
 from adapters_hub.lisa.layer import LisaAttention, ScoreBus, ScoredAttention
@@ -112,6 +116,8 @@ class LisaModel(nn.Module):
         self.model = model
         self.plan = config.plan
         self._patch = SharingPatch(model, config.plan)
+        self._router = multi_lora.router_of(model)
+        self.base_adapter = adapter_name  # the LiSA adapter of rows whose adapter has none (lora kind)
         self.peft_config: dict[str, LisaConfig] = {}
         self._active: str | None = None
         self.pruned = False
@@ -165,6 +171,7 @@ class LisaModel(nn.Module):
     @fast_path.setter
     def fast_path(self, value: bool) -> None:
         self._patch.fast_path = bool(value)
+        self._router.route = "gather" if value else "loop"
 
     @property
     def fast_kernel(self) -> str:
@@ -201,13 +208,34 @@ class LisaModel(nn.Module):
             layer.add_adapter(adapter_name, aligner=config.aligner, aligner_hidden=config.h_ff, act=config.aligner_act,
                               aligner_init_std=config.aligner_init_std, lowrank_init_std=config.lowrank_init_std)
         self.peft_config[adapter_name] = config
+        if config.lora_parts is not None:
+            self._add_parts(adapter_name, config.lora_parts)
         self._refresh_grad()
+
+    def add_lora_parts(self, adapter_name: str, parts: "multi_lora.LoraParts") -> int:
+        """Give a loaded adapter fresh LoRA parts (B = 0: its outputs do not change); a task
+        adapter that starts from the general adapter gets them this way. Returns their size."""
+        if adapter_name not in self.peft_config:
+            raise KeyError(f"adapter_name: {adapter_name!r} is not loaded")
+        if self.peft_config[adapter_name].lora_parts is not None:
+            raise ValueError(f"adapter_name: {adapter_name!r} already has LoRA parts")
+        from dataclasses import replace
+
+        self.peft_config[adapter_name] = replace(self.peft_config[adapter_name], lora_parts=parts)
+        count = self._add_parts(adapter_name, parts)
+        self._refresh_grad()
+        return count
+
+    def _add_parts(self, adapter_name: str, parts: "multi_lora.LoraParts") -> int:
+        layers = None if parts.layers == "all" else list(self.plan.layers)
+        return multi_lora.add(self.model, adapter_name, parts, prefix="lisa_lora_", layers=layers)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Activate one adapter; only its tensors require grad."""
         if adapter_name not in self.peft_config:
             raise KeyError(f"adapter_name: {adapter_name!r} is not loaded (loaded: {', '.join(self.peft_config)})")
         self._active = adapter_name
+        self._router.active["lisa"] = adapter_name
         for layer in self.lisa_layers.values():
             layer.active_adapter = adapter_name
         self._refresh_grad()
@@ -217,6 +245,7 @@ class LisaModel(nn.Module):
             raise KeyError(f"adapter_name: {adapter_name!r} is not loaded")
         for layer in self.lisa_layers.values():
             layer.delete_adapter(adapter_name)
+        multi_lora.delete(self.model, adapter_name)
         del self.peft_config[adapter_name]
         if self._active == adapter_name:
             self._active = None
@@ -229,33 +258,41 @@ class LisaModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Substituted layers run their original dense attention (needs W_q/W_k)."""
+        """Substituted layers run their original dense attention (needs W_q/W_k); no LoRA
+        update of any adapter applies."""
         layers = self.lisa_layers.values()
+        active = dict(self._router.active)
         for layer in layers:
             layer.active_adapter = None
+        self._router.active.clear()
         try:
             yield
         finally:
             for layer in layers:
                 layer.active_adapter = self._active
+            self._router.active.update(active)
 
     @contextlib.contextmanager
     def adapter_per_row(self, adapter_names: list[str] | None) -> Iterator[None]:
         """Route row b of every forward inside the block through adapter adapter_names[b]
-        (generate's expanded batches, e.g. num_return_sequences, repeat each name)."""
+        (generate's expanded batches, e.g. num_return_sequences, repeat each name). A name
+        may be a LiSA adapter (its LiSA tensors and LoRA parts) or a `lora`-kind adapter (its
+        LoRA updates, the LiSA layers on `base_adapter`)."""
         if adapter_names is None:
             yield
             return
         names = [str(n) for n in adapter_names]
-        unknown = sorted(set(names) - set(self.peft_config))
+        unknown = sorted(n for n in set(names) - set(self.peft_config) if not multi_lora.has_parts(self.model, n))
         if unknown:
             raise KeyError(f"adapter_names: {unknown} not loaded (loaded: {', '.join(self.peft_config)})")
-        bus = self._patch.bus
-        previous, bus.row_adapters = bus.row_adapters, names
+        bus, router = self._patch.bus, self._router
+        lisa_names = [n if n in self.peft_config else self.base_adapter for n in names]
+        previous = bus.row_adapters, router.rows
+        bus.row_adapters, router.rows = lisa_names, names
         try:
             yield
         finally:
-            bus.row_adapters = previous
+            bus.row_adapters, router.rows = previous
 
     # ---- state --------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
@@ -313,6 +350,7 @@ class LisaModel(nn.Module):
                     if target.shape != state[key].shape:
                         raise AdapterMismatchError(f"{key}: shape {tuple(state[key].shape)} != {tuple(target.shape)}")
                     target.copy_(state[key])
+            multi_lora.changed(self.model)
         except Exception:
             self.delete_adapter(adapter_name)
             raise

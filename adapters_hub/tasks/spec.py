@@ -232,6 +232,11 @@ class Profile(_Strict):
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"
     use_gpu: bool
     distill_beta: float = Field(ge=0)  # weight of the attention-distillation regulariser; 0 = off
+    # LoRA updates: the `lora` kind's, and the LoRA parts of a `lisa` adapter (adapters_hub.multi_lora)
+    lora_rank: int | None = Field(default=None, ge=0)  # None: the kind's default; 0: a lisa adapter without parts
+    lora_targets: list[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "mlp"]] \
+        | None = Field(default=None, min_length=1)     # None: the kind's default
+    lisa_tensors: Literal["all", "aligner"] = "all"    # a lisa adapter's LiSA tensors that train (aligner: Q/K kept)
     save_steps: int = Field(ge=0)      # 0 = no intermediate checkpoints
     max_new_tokens: int | None = Field(default=None, gt=0)  # overrides generation.max_new_tokens
     seed: int = 0
