@@ -144,7 +144,7 @@ class _Site:
             return out
         if len(present) == 1 and len(set(names)) == 1:
             return out + self._delta(names[0], x)
-        if router.route == "loop" or x.dim() != 3:
+        if router.route == "loop" or x.dim() != 3 or torch.is_grad_enabled():  # the stack holds no graph
             return self._per_row_loop(names, x, out)
         a_t, b_t = self._gathered(names, x)
         # x (B, T, in) @ A^T (B, in, r) -> (B, T, r) @ scale B^T (B, r, out) -> (B, T, out)
@@ -162,7 +162,10 @@ class _Site:
         return torch.cat(rows, 0)
 
     def _gathered(self, names, x) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (tuple(names), x.dtype, x.device)
+        # the weights' in-place versions too: factors changed without `changed()` are restacked
+        versions = tuple(self.factors(n)[i].weight._version for n in sorted(set(names) & set(self.adapters))
+                         for i in (0, 1))
+        key = (tuple(names), x.dtype, x.device, versions)
         if self._stack_key != key:
             order = sorted({n for n in names if n in self.adapters})
             slot = {n: i + 1 for i, n in enumerate(order)}          # 0: the zero slot
@@ -195,10 +198,10 @@ def _linear(layer: nn.Module, proj: str) -> nn.Linear | None:
 
 
 def add(model: nn.Module, adapter_name: str, parts: LoraParts, *, prefix: str, layers: list[int] | None = None,
-        dtype: torch.dtype | None = None) -> int:
+        skip: set[tuple[int, str]] = frozenset(), dtype: torch.dtype | None = None) -> int:
     """Give `adapter_name` a fresh low-rank update (B = 0) on every target linear of `layers`
-    (None: all); returns the number of new parameters. Only the new tensors require grad
-    in no way: callers set requires_grad (the kinds do)."""
+    (None: all) but the (layer, projection) pairs in `skip`; returns the number of new
+    parameters. requires_grad is the caller's to set (the kinds do)."""
     if prefix not in PREFIXES:
         raise ValueError(f"prefix: {prefix!r} is not one of {', '.join(PREFIXES)}")
     router = router_of(model)
@@ -207,7 +210,7 @@ def add(model: nn.Module, adapter_name: str, parts: LoraParts, *, prefix: str, l
         if layers is not None and i not in layers:
             continue
         for proj in parts.projections:
-            linear = _linear(layer, proj)
+            linear = None if (i, proj) in skip else _linear(layer, proj)
             if linear is None:  # pruned (W_q/W_k of a substituted layer): nothing runs there
                 continue
             site = getattr(linear, "_lora_site", None)

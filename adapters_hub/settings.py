@@ -6,7 +6,8 @@ LISA_HUB_STORAGE     where Ray Train keeps runs and checkpoints: a folder every 
                      s3:// / gs:// (pyarrow filesystems); default LISA_HUB_HOME/train (node-local)
 MLFLOW_TRACKING_URI  MLflow server; default http://127.0.0.1:5000
 RAY_ADDRESS          Ray cluster; default the local head (dashboard http://127.0.0.1:8265)
-RAY_AUTH_TOKEN(_PATH) Ray's token authentication (else ~/.ray/auth_token), sent by our HTTP checks
+RAY_AUTH_MODE        token (what `lisa-hub up` starts, and manifests run) | disabled (`--no-auth`)
+RAY_AUTH_TOKEN       Ray's token (else RAY_AUTH_TOKEN_PATH, else the stack's LISA_HUB_HOME/ray_auth_token)
 """
 
 from __future__ import annotations

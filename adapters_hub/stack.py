@@ -17,6 +17,13 @@ some gRPC ports to all interfaces (`lisa-hub status` shows which).
 
 The Ray head gets MLFLOW_TRACKING_URI, LISA_HUB_HOME and LISA_HUB_DATA_DIR in its
 environment, so jobs it runs log to this MLflow server and read the same data mirror.
+
+Ray runs with token authentication (RAY_AUTH_MODE=token): every node, the dashboard, the
+job API and the GCS ask for one token, LISA_HUB_HOME/ray_auth_token (mode 0600, made by
+the first `up`), or the user's RAY_AUTH_TOKEN. Drivers of this stack get it from
+`use_ray_auth` (the SDK, the CLI, jobs.runtime, the test fixtures); jobs and workers from
+the raylet's environment; a browser asks for it once. `up(auth=False)` (`--no-auth`)
+turns it off, with a warning: Ray binds some of its ports on every interface.
 """
 
 from __future__ import annotations
@@ -73,11 +80,12 @@ class _Record:  # one started service, as kept in stack.json
 
 
 def up(*, home: Path | None = None, ray: bool = True, mlflow: bool = True,
-       ports: Ports | None = None, nodes: int = 1, timeout: float = 180.0) -> list[ServiceStatus]:
+       ports: Ports | None = None, nodes: int = 1, timeout: float = 180.0, auth: bool = True) -> list[ServiceStatus]:
     """Start the services that are not running yet and wait until they answer.
 
     `nodes` > 1 adds nodes-1 Ray nodes to the head (`add_nodes`): separate raylets, as on a
-    cluster, the machine's CPUs split between them.
+    cluster, the machine's CPUs split between them. `auth` (default) starts Ray with token
+    authentication; this process then uses the token (`use_ray_auth`).
 
     >>> for s in up(): print(s.line())   # doctest: +SKIP
     ray     healthy  http://127.0.0.1:8265 pid 1234
@@ -98,13 +106,15 @@ def up(*, home: Path | None = None, ray: bool = True, mlflow: bool = True,
         mlflow_port = state["mlflow"].port if state.get("mlflow") else ports.mlflow
         state["ray"] = _start_ray(home, ports, f"http://127.0.0.1:{mlflow_port}",
                                   num_cpus=cpus_per_node if nodes > 1 else None,
-                                  shared_storage=nodes > 1)
+                                  shared_storage=nodes > 1, auth=auth)
         state["ray"].extra["nodes"] = nodes
         started.append("ray")
     elif ray and nodes != state["ray"].extra.get("nodes", 1):
         raise StackError(f"the running stack has {state['ray'].extra.get('nodes', 1)} Ray node(s); "
                          f"`lisa-hub down` first to start it with {nodes}")
     _save_state(home, state)
+    if ray:
+        use_ray_auth(home)
 
     deadline = time.monotonic() + timeout
     while True:
@@ -141,7 +151,8 @@ def add_nodes(n: int, *, home: Path | None = None, num_cpus: int = 1, timeout: f
     names = []
     for i in range(len(existing) + 1, len(existing) + n + 1):
         name = f"ray-node-{i}"
-        env = _ray_env(home, mlflow_url(home))
+        env = _ray_env(home, mlflow_url(home), auth=head.extra.get("auth", "disabled") == "token",
+                       user_token=head.extra.get("token") == "RAY_AUTH_TOKEN")
         # A temp dir of its own: nodes on one machine would otherwise share the session's
         # runtime_resources, and one node's agent deletes a job's working_dir that a
         # process on the other node still runs in. Short, for the socket paths under it.
@@ -158,7 +169,7 @@ def add_nodes(n: int, *, home: Path | None = None, num_cpus: int = 1, timeout: f
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            alive = _alive_nodes(head.extra["gcs_address"])
+            alive = _alive_nodes(head.extra["gcs_address"], home)
         except Exception:  # the GCS not answering yet
             alive = 0
         if alive >= want:
@@ -188,16 +199,17 @@ def remove_nodes(*, home: Path | None = None, timeout: float = 60.0) -> list[str
     head = state.get("ray")
     deadline = time.monotonic() + timeout
     while stopped and _alive(head) and time.monotonic() < deadline:
-        if _alive_nodes(head.extra["gcs_address"]) <= 1:
+        if _alive_nodes(head.extra["gcs_address"], home) <= 1:
             break
         time.sleep(1.0)
     return stopped
 
 
-def _alive_nodes(gcs_address: str) -> int:
+def _alive_nodes(gcs_address: str, home: Path) -> int:
     """Alive nodes of the cluster, asked of the GCS through the `ray` CLI's state API."""
     out = subprocess.run([_bin("ray"), "list", "nodes", "--address", gcs_address, "--format", "json",
-                          "--filter", "state=ALIVE"], capture_output=True, text=True, timeout=60)
+                          "--filter", "state=ALIVE"], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, **ray_client_env(home)})
     if out.returncode != 0:
         raise StackError(out.stderr[-300:])
     return len(json.loads(out.stdout))
@@ -212,12 +224,18 @@ def status(*, home: Path | None = None) -> list[ServiceStatus]:
         rec = state.get(name)
         port = rec.port if rec else {"ray": settings.RAY_DASHBOARD_PORT, "mlflow": settings.MLFLOW_PORT}[name]
         url = f"http://127.0.0.1:{port}"
-        ok, detail = _http_ok(url + path, settings.ray_auth_headers() if name == "ray" else None)
+        ok, detail = _http_ok(url + path, _ray_headers(home) if name == "ray" else None)
         pid = rec.pid if rec and _alive(rec) else None
         if rec is None:
             detail = "not started by lisa-hub" + (" (but something answers there)" if ok else "")
         elif pid is None:
             detail, ok = "recorded process is gone", False
+        elif name == "ray":
+            detail = (f"token auth on (token: {_token_source(home)})" if rec.extra.get("auth") == "token"
+                      else "token auth OFF (--no-auth): anyone who reaches this machine can run code") + (
+                          f"; {detail}" if detail else "")
+        elif name == "mlflow":
+            detail = "no auth: loopback only" + (f"; {detail}" if detail else "")
         out.append(ServiceStatus(name, url, ok, pid, detail))
     return out
 
@@ -283,6 +301,45 @@ def free_port() -> int:
 WORKER_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
 
 
+def ray_token_path(home: Path | None = None) -> Path:
+    """Where `up` keeps this stack's Ray token (unless the user gives RAY_AUTH_TOKEN)."""
+    return (Path(home) if home else settings.home()) / "ray_auth_token"
+
+
+def ray_client_env(home: Path | None = None) -> dict[str, str]:
+    """The environment a Ray client of this stack's head needs: RAY_AUTH_MODE and where the
+    token is ({} when no head is recorded)."""
+    head = _load_state(Path(home) if home else settings.home()).get("ray")
+    if head is None:
+        return {}
+    if head.extra.get("auth") != "token":
+        return {"RAY_AUTH_MODE": "disabled"}
+    if head.extra.get("token") == "RAY_AUTH_TOKEN":  # the user's own token: their environment has it
+        return {"RAY_AUTH_MODE": "token"}
+    return {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(ray_token_path(home))}
+
+
+def use_ray_auth(home: Path | None = None) -> None:
+    """Make this process a client of this stack's Ray head: its auth mode and token in
+    os.environ (so child processes inherit them) and in Ray's own cached config."""
+    env = ray_client_env(home)
+    stale = ("RAY_AUTH_TOKEN" in os.environ) if "RAY_AUTH_TOKEN_PATH" in env else False
+    if not env or (all(os.environ.get(k) == v for k, v in env.items()) and not stale):
+        return
+    os.environ.update(env)
+    if "RAY_AUTH_TOKEN_PATH" in env:
+        os.environ.pop("RAY_AUTH_TOKEN", None)  # it would win over the head's token file
+    if env["RAY_AUTH_MODE"] == "disabled":
+        os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    try:  # Ray caches the mode and the token per process; refresh both (ray._private's own way)
+        from ray._raylet import AuthenticationTokenLoader, Config
+
+        Config.initialize("")
+        AuthenticationTokenLoader.instance().reset_cache()
+    except ImportError:
+        pass
+
+
 def head_gcs_address(home: Path | None = None) -> str | None:
     """The 127.0.0.1 GCS address of this stack's Ray head when it runs, else None (drivers
     connect through jobs.runtime.connect)."""
@@ -324,7 +381,8 @@ def _start_mlflow(home: Path, port: int) -> _Record:
     return rec
 
 
-def _ray_env(home: Path, mlflow_uri: str, *, shared_storage: bool = False) -> dict:
+def _ray_env(home: Path, mlflow_uri: str, *, shared_storage: bool = False, auth: bool = True,
+             user_token: bool | None = None) -> dict:
     """Environment of the Ray processes the stack starts (and so of its jobs and workers)."""
     env = dict(os.environ)
     env.update(MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI", mlflow_uri),
@@ -335,11 +393,15 @@ def _ray_env(home: Path, mlflow_uri: str, *, shared_storage: bool = False) -> di
     # a resubmit of unchanged code then skips the upload and its Ray Train workers fail to
     # fetch a deleted package (ray-project/ray#46625, seen here). Keep packages for a day.
     env.setdefault("RAY_RUNTIME_ENV_TEMPORARY_REFERENCE_EXPIRATION_S", "86400")
-    # Ray >= 2.59 may switch a new local head to token auth on its own (e.g. when an earlier
-    # `ray.init()` left ~/.ray/auth_token), while clients without RAY_AUTH_MODE=token send
-    # no token: every job submission then fails with 401. Say it explicitly; a user who
-    # wants token auth sets RAY_AUTH_MODE=token (and the token) for the stack and clients.
-    env.setdefault("RAY_AUTH_MODE", "disabled")
+    # Token auth on every node (and so on every job and worker, which inherit it); said
+    # explicitly either way: Ray >= 2.59 picks a mode of its own when RAY_AUTH_MODE is unset.
+    env["RAY_AUTH_MODE"] = "token" if auth else "disabled"
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
+    if user_token is None:  # a new head: the user's RAY_AUTH_TOKEN, else this stack's token file
+        user_token = bool(env.get("RAY_AUTH_TOKEN", "").strip())
+    if auth and not user_token:
+        env.pop("RAY_AUTH_TOKEN", None)
+        env["RAY_AUTH_TOKEN_PATH"] = str(_ensure_token(home))
     env.update(WORKER_ENV)
     if shared_storage:  # nodes of one machine share its disk: run checkpoints may stay in the home
         env.setdefault("LISA_HUB_STORAGE", str(home / "train"))
@@ -347,8 +409,8 @@ def _ray_env(home: Path, mlflow_uri: str, *, shared_storage: bool = False) -> di
 
 
 def _start_ray(home: Path, ports: Ports, mlflow_uri: str, *, num_cpus: int | None = None,
-               shared_storage: bool = False) -> _Record:
-    env = _ray_env(home, mlflow_uri, shared_storage=shared_storage)
+               shared_storage: bool = False, auth: bool = True) -> _Record:
+    env = _ray_env(home, mlflow_uri, shared_storage=shared_storage, auth=auth)
     argv = [_bin("ray"), "start", "--head", "--block",
             "--node-ip-address", "127.0.0.1",
             "--port", str(ports.gcs),
@@ -362,8 +424,42 @@ def _start_ray(home: Path, ports: Ports, mlflow_uri: str, *, num_cpus: int | Non
             "--disable-usage-stats"] + (["--num-cpus", str(num_cpus)] if num_cpus else [])
     rec = _spawn(home, "ray", argv, env)
     rec.port = ports.dashboard
-    rec.extra = {"gcs_port": ports.gcs, "gcs_address": f"127.0.0.1:{ports.gcs}"}
+    rec.extra = {"gcs_port": ports.gcs, "gcs_address": f"127.0.0.1:{ports.gcs}",
+                 "auth": "token" if auth else "disabled",
+                 "token": "RAY_AUTH_TOKEN" if "RAY_AUTH_TOKEN_PATH" not in env else "file"}
     return rec
+
+
+def _ensure_token(home: Path) -> Path:
+    """This stack's Ray token file (0600), created once with a random token."""
+    import secrets
+
+    path = ray_token_path(home)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secrets.token_hex(32))
+    os.chmod(path, 0o600)
+    return path
+
+
+def _token_source(home: Path) -> str:
+    head = _load_state(home).get("ray")
+    return "RAY_AUTH_TOKEN" if head and head.extra.get("token") == "RAY_AUTH_TOKEN" else str(ray_token_path(home))
+
+
+def _ray_headers(home: Path) -> dict[str, str]:
+    """The Authorization header of this stack's Ray token ({} without auth)."""
+    env = ray_client_env(home)
+    if env.get("RAY_AUTH_MODE") != "token":
+        return settings.ray_auth_headers()
+    if "RAY_AUTH_TOKEN_PATH" in env:
+        path = Path(env["RAY_AUTH_TOKEN_PATH"])
+        token = path.read_text().strip() if path.is_file() else ""
+    else:
+        token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -525,6 +621,8 @@ def add_commands(sub) -> None:
     p.add_argument("--mlflow-port", type=int, default=settings.MLFLOW_PORT)
     p.add_argument("--nodes", type=int, default=1,
                    help="Ray nodes (the head + NODES-1 joined raylets, CPUs split between them)")
+    p.add_argument("--no-auth", action="store_true",
+                   help="start Ray without token authentication (anyone who reaches this machine can run code)")
     p.set_defaults(func=_cmd_up)
     p = sub.add_parser("status", help="health of the local services")
     p.set_defaults(func=_cmd_status)
@@ -536,11 +634,20 @@ def _cmd_up(args) -> int:
     print(f"[lisa-hub] starting the local stack in {settings.home()} (first start takes ~30 s) ...", flush=True)
     if args.nodes < 1:
         raise ValueError("--nodes: at least 1")
-    report = up(ray=not args.no_ray, mlflow=not args.no_mlflow, nodes=args.nodes,
+    if not args.no_auth and os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        args.no_auth = True  # the user's explicit RAY_AUTH_MODE=disabled means the same
+    if args.no_auth:
+        print("[lisa-hub] WARNING: --no-auth: Ray starts without token authentication; Ray binds some of its "
+              "ports on every interface, so anyone who reaches this machine can submit a job (run code)",
+              file=sys.stderr, flush=True)
+    report = up(ray=not args.no_ray, mlflow=not args.no_mlflow, nodes=args.nodes, auth=not args.no_auth,
                 ports=Ports(dashboard=args.dashboard_port, gcs=args.ray_port, mlflow=args.mlflow_port))
     for s in report:
         print(s.line())
     print(f"Ray dashboard: {dashboard_url()}    MLflow UI: {mlflow_url()}")
+    if not args.no_ray and ray_client_env().get("RAY_AUTH_MODE") == "token":
+        print(f"Ray token auth on: the dashboard asks for the token in {_token_source(settings.home())}; "
+              f"lisa-hub commands use it themselves")
     return 0
 
 

@@ -276,7 +276,9 @@ def prepare_adapter(lm, kind, name: str, profile: dict, *, init_from: str | None
         kind.add(lm, name, options)
     kind.activate(lm, name)
     only_trainable(lm, kind, name)
-    if kind.name == "lisa" and profile.get("lisa_tensors") == "aligner":
+    from adapters_hub.kinds.lisa import DEFAULT_LISA_TENSORS
+
+    if kind.name == "lisa" and (profile.get("lisa_tensors") or DEFAULT_LISA_TENSORS) == "aligner":
         for key, t in lm.named_parameters():
             if ".lisa_qk." in key:
                 t.requires_grad_(False)  # the low-rank Q/K stay as the general adapter left them
@@ -309,6 +311,7 @@ def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows, *, init_d
         lisa = get_kind("lisa")
         lisa.load(lm, init_dir, "init")
         lisa.activate(lm, "init")
+        lm.base_adapter = "init"  # what a lora adapter trained on this backbone runs its LiSA layers on
         metrics.update({f"init.{k}": v for k, v in evaluate_task(lm, tok, task, rows, profile=profile).items()})
     kind.load(lm, adapter_dir, "trained")
     kind.activate(lm, "trained")

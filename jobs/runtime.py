@@ -57,11 +57,14 @@ def ray_address() -> str:
     from adapters_hub import stack
 
     address = check_ray_address(os.environ.get("RAY_ADDRESS"))
-    if address is not None:
-        return address
     gcs = stack.head_gcs_address()
+    if address is not None:
+        host, _, port = address.rpartition(":")
+        if gcs is not None and host in ("127.0.0.1", "localhost") and port == gcs.rpartition(":")[2]:
+            stack.use_ray_auth()  # RAY_ADDRESS names this stack's head: its token
+        return address
     if gcs is not None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # as the stack's head runs
+        stack.use_ray_auth()  # the head's auth mode and token, before ray.init reads them
         return gcs
     return "local"
 

@@ -130,6 +130,8 @@ def add_commands(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--plan-path", default=None, help="backbone folder or plan.json instead of the registered one")
+    p.add_argument("--backbone", default="lisa", choices=("lisa", "dense"),
+                   help="the base's LiSA backbone, or the unmodified base with its lora adapters (<task>-lora-dense)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--max-resident", type=int, default=4, help="adapters kept loaded (LRU; pinned ones on top)")
     p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens")
@@ -297,7 +299,8 @@ def _serve(args) -> int:
         tracking_uri=args.tracking_uri, max_resident=args.max_resident,
         adapters=[a for a in split(args.adapters) if a not in pin], pin=pin, allow_local_folders=args.allow_local_folders,
         max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_batch_size=args.max_batch_size,
-        max_queue=args.max_queue, timeout_s=args.timeout_s, num_cpus=args.num_cpus, api_key=args.api_key)
+        max_queue=args.max_queue, timeout_s=args.timeout_s, num_cpus=args.num_cpus, api_key=args.api_key,
+        backbone=args.backbone)
     return 0
 
 

@@ -411,13 +411,16 @@ def resolve_address(address: str | None = None, *, start: bool = True) -> str:
     explicit = address or os.environ.get("RAY_ADDRESS")
     if explicit:
         url = explicit if explicit.startswith("http") else f"http://{explicit.split(':')[0]}:{settings.RAY_DASHBOARD_PORT}"
+        if url.rstrip("/") == stack.dashboard_url():
+            stack.use_ray_auth()  # the local head named explicitly: its token
     else:
         url = stack.dashboard_url()
+        stack.use_ray_auth()  # the local head's token (none recorded: nothing changes)
     if _answers(url):
         return url
     if not explicit and start:
         print("[lisa-hub] local stack is down; starting it (lisa-hub up) ...", flush=True)
-        stack.up()
+        stack.up()  # and uses its token
         return stack.dashboard_url()
     raise ClusterUnavailableError(
         f"the Ray job API at {url} does not answer; start the local stack with `lisa-hub up` "

@@ -94,6 +94,11 @@ class Engine:
 
     # ------------------------------------------------------------------ public (event loop)
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued and not yet admitted into the batch."""
+        return len(self._pending)
+
     def start(self) -> None:
         """Start the worker thread (idempotent)."""
         if self._worker is None or not self._worker.is_alive():

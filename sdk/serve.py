@@ -28,9 +28,13 @@ lisa_hub_adapter_resident (tag adapter), lisa_hub_queue_depth. `run` (the CLI) d
 app on Ctrl-C and on SIGTERM.
 """
 
-from __future__ import annotations
-
 import time
+
+# No `from __future__ import annotations` here: the routes' `request: Request` must be the
+# class itself when Ray Serve pickles the ingress by value (a string annotation would
+# lose `Request` from the pickled methods' globals and FastAPI would read it as a query
+# parameter).
+from starlette.requests import Request
 
 APP_NAME = "lisa-hub"
 ROUTE = "/"
@@ -76,13 +80,14 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
               max_resident: int = 4, num_cpus: float = 0.5, adapters: list[str] | tuple[str, ...] = (),
               pin: list[str] | tuple[str, ...] = (), allow_local_folders: bool = False, max_tokens: int = 512,
               max_prompt_tokens: int = 2048, max_batch_size: int = 16, max_queue: int = 64,
-              timeout_s: float = 60.0, api_key: str | None = None):
+              timeout_s: float = 60.0, api_key: str | None = None, backbone: str = "lisa"):
     """The Serve application (bound deployment), ready for `serve.run(app, route_prefix="/")`.
 
     With `api_key`, every route but GET /health needs `Authorization: Bearer <api_key>`
     (what the openai client sends as its api_key), else 401 with an OpenAI error body.
 
-    `adapters` are preloaded and `pin` ones preloaded and never evicted; the caps
+    `backbone="dense"` serves the unmodified base and its `lora` adapters (the multi-LoRA
+    baseline server). `adapters` are preloaded and `pin` ones preloaded and never evicted; the caps
     (max_tokens, max_prompt_tokens, max_batch_size, max_queue, timeout_s) are checked
     before any work for a request.
 
@@ -97,15 +102,18 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
                     max_queue=max_queue, timeout_s=timeout_s, default_max_tokens=min(64, max_tokens))
     adapters, pin = list(adapters), list(pin)
 
+    app = _ingress(api_key)
+
     @serve.deployment(name="Generator", num_replicas=1, ray_actor_options={"num_cpus": num_cpus},
                       max_ongoing_requests=limits.max_queue + limits.max_batch_size + 8)
+    @serve.ingress(app)
     class Generator:
         def __init__(self):
             from sdk.engine import Engine
             from sdk.hotswap import Backbone
 
             bb = Backbone.load(base_model=base_model, plan_path=plan_path, max_resident=max_resident,
-                               tracking_uri=tracking_uri)
+                               tracking_uri=tracking_uri, backbone=backbone)
             bb.allow_local_folders = allow_local_folders
             self.metrics = _Metrics()
             bb.on_event = self.metrics.adapter_event
@@ -117,34 +125,29 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
             self.engine = Engine(backbone=bb, limits=limits, metrics=self.metrics)
             self.started = int(time.time())
 
-        async def __call__(self, request):
-            from starlette.responses import JSONResponse
+        @app.get("/health")
+        async def health(self):
+            return {"status": "ok"}
 
-            from sdk.openai_api import ApiError
+        @app.get("/v1/models")
+        async def models(self):
+            return await self._models()
 
-            path = request.url.path.rstrip("/")
-            try:
-                if request.method == "GET" and path.endswith("/health"):
-                    return JSONResponse({"status": "ok"})
-                if api_key is not None:
-                    from sdk.openai_api import check_api_key
+        @app.get("/stats")
+        async def stats(self):
+            return self._stats()
 
-                    check_api_key(request.headers.get("authorization"), api_key)
-                if request.method == "GET" and path.endswith("/v1/models"):
-                    return JSONResponse(await self._models())
-                if request.method == "GET" and path.endswith("/stats"):
-                    return JSONResponse(self._stats())
-                if request.method == "POST" and path.endswith("/v1/chat/completions"):
-                    return await self._generate(request, chat=True)
-                if request.method == "POST" and path.endswith("/v1/completions"):
-                    return await self._generate(request, chat=False)
-                if request.method == "POST" and path.endswith("/generate"):
-                    return await self._legacy(request)
-                raise ApiError(404, f"no route {request.method} {request.url.path}; routes: POST /v1/completions, "
-                               "POST /v1/chat/completions, GET /v1/models, GET /stats, POST /generate, GET /health",
-                               code="unknown_route")
-            except ApiError as err:
-                return JSONResponse(err.body(), status_code=err.status)
+        @app.post("/v1/completions")
+        async def completions(self, request: Request):
+            return await self._generate(request, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(self, request: Request):
+            return await self._generate(request, chat=True)
+
+        @app.post("/generate")
+        async def generate(self, request: Request):
+            return await self._legacy(request)
 
         # ---------------------------------------------------------------- routes
 
@@ -229,6 +232,11 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
             except Exception as err:
                 raise ApiError(503, f"the adapter registry does not answer ({type(err).__name__}); retry later",
                                type="server_error", code="registry_unavailable") from None
+            from adapters_hub.registry.refs import adapter_model_name
+
+            def bare_name(task):
+                return adapter_model_name(task, "lisa" if backbone == "lisa" else "lora", backbone)
+
             base = self.engine.base_model
             entries, seen = [(base, "lisa-hub", self.started)], {base}
             for r in records:
@@ -237,8 +245,8 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
                 created = int(r.created.timestamp()) if r.created else self.started
                 task = r.tags.get("task")
                 names = [r.ref, *(f"{r.name}@{a}" for a in r.aliases)]
-                if task and "champion" in r.aliases and r.name == f"{task}-lisa":
-                    names.insert(0, task)  # the bare task name serves <task>-lisa@champion
+                if task and "champion" in r.aliases and r.name == bare_name(task):
+                    names.insert(0, task)  # the bare task name serves <task>-lisa@champion (-lora-dense)
                 for name in names:
                     if name not in seen:
                         seen.add(name)
@@ -247,10 +255,53 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
 
         def _stats(self):
             bb = self.engine.bb
-            return {**self.engine.stats, "waiting": len(self.engine._pending), "resident": bb.resident,
+            return {**self.engine.stats, "waiting": self.engine.waiting, "resident": bb.resident,
                     "pinned": sorted(bb.pinned), "limits": self.engine.limits.__dict__}
 
     return Generator.bind()
+
+
+ROUTES = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /stats, POST /generate, GET /health"
+
+
+def _ingress(api_key: str | None):
+    """The FastAPI app of the Serve ingress (Ray Serve's `@serve.ingress`): OpenAI error
+    bodies for our errors and for unknown routes; with `api_key`, every route but
+    GET /health needs `Authorization: Bearer <api_key>`."""
+    from fastapi import FastAPI
+    from fastapi.exceptions import RequestValidationError
+    from starlette.exceptions import HTTPException
+    from starlette.responses import JSONResponse
+
+    from sdk.openai_api import ApiError, check_api_key
+
+    app = FastAPI(title="lisa-hub", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(request, err: ApiError):
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request, err: HTTPException):  # unknown route or method
+        code = "unknown_route" if err.status_code in (404, 405) else "http_error"
+        message = (f"no route {request.method} {request.url.path}; routes: {ROUTES}" if code == "unknown_route"
+                   else str(err.detail))
+        return JSONResponse(ApiError(err.status_code, message, code=code).body(), status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request, err):
+        return JSONResponse(ApiError(400, str(err), code="invalid_request").body(), status_code=400)
+
+    if api_key is not None:
+        @app.middleware("http")
+        async def require_key(request, call_next):
+            if not (request.method == "GET" and request.url.path.rstrip("/").endswith("/health")):
+                try:
+                    check_api_key(request.headers.get("authorization"), api_key)
+                except ApiError as err:
+                    return JSONResponse(err.body(), status_code=err.status)
+            return await call_next(request)
+    return app
 
 
 def api_models(entries):

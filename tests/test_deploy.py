@@ -80,7 +80,7 @@ def test_every_ray_pod_mounts_the_shared_storage_its_env_points_at():
     cluster = next(doc for _, doc in _docs() if doc["kind"] == "RayCluster")
     claims = {doc["metadata"]["name"]: doc for _, doc in _docs() if doc["kind"] == "PersistentVolumeClaim"}
     for pod, container in _containers(cluster):
-        env = {e["name"]: e["value"] for e in container["env"]}
+        env = {e["name"]: e.get("value") for e in container["env"]}
         volumes = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]}
         mounts = {m["mountPath"]: volumes[m["name"]] for m in container["volumeMounts"]}
         storage_mount = next(m for m in mounts if env["LISA_HUB_STORAGE"].startswith(m + "/"))
@@ -96,3 +96,14 @@ def test_the_rayjob_entrypoint_is_a_valid_job_command():
     assert argv[:3] == ["python", "-m", "jobs.adapt"]
     spec = adapt.parse_args(argv[3:])
     assert job["spec"]["metadata"]["app"] == "lisa-hub" and job["spec"]["metadata"]["task"] == spec.task
+
+
+def test_every_ray_pod_runs_token_auth_with_the_token_from_a_secret():
+    pods = [(name, c) for name, doc in _docs() if doc["kind"] == "RayCluster" for _, c in _containers(doc)]
+    assert pods
+    for name, container in pods:
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert env["RAY_AUTH_MODE"]["value"] == "token", (name, container["name"])
+        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "lisa-hub-ray-token", "key": "auth_token"}, (name, container["name"])
+        assert "value" not in env["RAY_AUTH_TOKEN"]  # never a token written into the manifest

@@ -257,3 +257,36 @@ def test_an_adapter_of_a_kind_that_cannot_batch_is_refused_before_it_loads(setup
     assert after == before
     with pytest.raises(ValueError, match="mixed batches take lisa, lora adapters only"):
         engine.bb.generate(["x", "y"], adapter=[a, str(folder)])
+
+
+def test_the_dense_backbone_serves_several_lora_adapters_in_one_batch(tiny, tmp_path):
+    """`Backbone.load(backbone="dense")`: the multi-LoRA baseline server. Two LoRA adapters
+    of the unmodified base decode in one batch and each row equals its adapter alone."""
+    import torch
+
+    from adapters_hub.backbone import dense_plan
+    from adapters_hub.kinds import get_kind
+
+    lm, _ = load_lisa_model("tiny-llama", dense_plan("tiny-llama"))
+    lora, folders = get_kind("lora"), []
+    for i, name in enumerate(("x", "y")):
+        lora.add(lm, name, {"target_modules": ["q_proj", "v_proj", "down_proj"]})
+        with torch.no_grad():
+            for n, p in lm.named_parameters():
+                if f"lora_B.{name}." in n:
+                    p.normal_(0, 0.5, generator=torch.Generator().manual_seed(i))
+        folders.append(str(lora.save(lm, name, tmp_path / name)))
+    bb = Backbone.load(base_model="tiny-llama", backbone="dense")
+    engine = Engine(backbone=bb, limits=api.Limits(batch_wait_s=0.02))
+    models = [folders[0], folders[1], "tiny-llama", folders[0]]
+
+    async def main():
+        alone = [await _text(engine, m, p) for m, p in zip(models, PROMPTS)]
+        together = await asyncio.gather(*(_text(engine, m, p) for m, p in zip(models, PROMPTS)))
+        return alone, together, await _text(engine, "tiny-llama", PROMPTS[0])
+    alone, together, bare = asyncio.run(main())
+    assert together == alone and engine.stats["largest_batch"] == 4
+    assert alone[0] != bare  # the LoRA update really applies to its rows
+    assert engine.bb.generate(PROMPTS[:2], adapter=folders[:2], max_new_tokens=8) == [alone[0][0], alone[1][0]]
+    with pytest.raises(ValueError, match="plan_path"):
+        Backbone.load(base_model="tiny-llama", backbone="dense", plan_path="plan.json")

@@ -50,6 +50,26 @@ def test_up_status_down_through_the_cli(tmp_path):
 
         healthy = _cli("status", env=env)
         assert healthy.returncode == 0 and healthy.stdout.count("healthy") == 2
+        assert "token auth on" in healthy.stdout
+
+        # Token auth by default: the token file is the user's alone, the job API refuses a
+        # caller without it (401) or with another (403) and answers with it.
+        token_file = stack.ray_token_path(tmp_path)
+        assert token_file.stat().st_mode & 0o777 == 0o600
+        token = token_file.read_text().strip()
+        assert requests.get(f"{dash}/api/jobs/", timeout=5).status_code == 401
+        assert requests.get(f"{dash}/api/jobs/", timeout=5, headers={"Authorization": "Bearer x" * 8}).status_code == 403
+        assert requests.get(f"{dash}/api/jobs/", timeout=5, headers={"Authorization": f"Bearer {token}"}).ok
+        # ... and so does the GCS: a driver with another token cannot connect, one with it can
+        gcs = state["ray"].extra["gcs_address"]
+        probe = "import ray; ray.init(address='%s'); print('nodes', len(ray.nodes()))" % gcs
+        clean = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+        wrong = subprocess.run([sys.executable, "-c", probe], env={**clean, "RAY_AUTH_MODE": "token",
+                               "RAY_AUTH_TOKEN": "0" * 64}, capture_output=True, text=True, timeout=120)
+        assert wrong.returncode != 0 and "nodes" not in wrong.stdout
+        right = subprocess.run([sys.executable, "-c", probe], env={**clean, **stack.ray_client_env(tmp_path)},
+                               capture_output=True, text=True, timeout=120)
+        assert right.returncode == 0 and "nodes 1" in right.stdout, right.stderr[-2000:]
     finally:
         pids = [rec.pid for rec in stack._load_state(tmp_path).values()]
         members = [p for p in psutil.process_iter() if stack._pgid(p.pid) in pids]

@@ -73,8 +73,8 @@ def only_trainable(lm, kind: "AdapterKind", adapter_name: str) -> None:
     """requires_grad on exactly the tensors of `adapter_name` of `kind`."""
     for name, p in lm.named_parameters():
         parts = name.split(".")
-        p.requires_grad_(bool(kind.prefix) and adapter_name in parts
-                         and any(part.startswith(kind.prefix) for part in parts))
+        p.requires_grad_(bool(kind.prefix) and any(part.startswith(kind.prefix) and parts[i + 1] == adapter_name
+                                                   for i, part in enumerate(parts[:-1])))
 
 
 def read_config(directory: str | Path) -> dict:

@@ -12,6 +12,7 @@ from adapters_hub.multi_lora import LoraParts
 # combination that won on GSM8K within the trainable size of a LiSA-only adapter
 # (benchmarks/gsm8k_adapters.py, README).
 DEFAULT_PARTS = LoraParts(r=4, targets=("o_proj", "v_proj", "mlp"))
+DEFAULT_LISA_TENSORS = "all"  # which LiSA tensors train beside them: all | aligner (low-rank Q/K kept)
 
 
 class LisaKind:

@@ -75,7 +75,11 @@ class LoraKind:
             missing, extra = sorted(own - set(state)), sorted(set(state) - own)
             raise AdapterError(f"{directory}: tensors do not fit this backbone: missing {missing[:2]}, "
                                f"unexpected {extra[:2]}")
-        lm.get_base_model().load_state_dict(state, strict=False)
+        try:
+            lm.get_base_model().load_state_dict(state, strict=False)
+        except RuntimeError as err:  # shapes that do not fit: leave nothing half-loaded
+            self.delete(lm, adapter_name)
+            raise AdapterError(f"{directory}: tensors do not fit this backbone ({str(err)[:300]})") from None
         multi_lora.changed(lm.get_base_model())
         for p in lm.get_base_model().parameters():
             p.requires_grad_(False)

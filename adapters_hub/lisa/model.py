@@ -228,7 +228,9 @@ class LisaModel(nn.Module):
 
     def _add_parts(self, adapter_name: str, parts: "multi_lora.LoraParts") -> int:
         layers = None if parts.layers == "all" else list(self.plan.layers)
-        return multi_lora.add(self.model, adapter_name, parts, prefix="lisa_lora_", layers=layers)
+        # W_q / W_k of a substituted layer never run while an adapter is active: no parts there
+        skip = {(i, proj) for i in self.plan.layers for proj in ("q_proj", "k_proj")}
+        return multi_lora.add(self.model, adapter_name, parts, prefix="lisa_lora_", layers=layers, skip=skip)
 
     def set_adapter(self, adapter_name: str) -> None:
         """Activate one adapter; only its tensors require grad."""

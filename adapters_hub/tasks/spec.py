@@ -236,7 +236,8 @@ class Profile(_Strict):
     lora_rank: int | None = Field(default=None, ge=0)  # None: the kind's default; 0: a lisa adapter without parts
     lora_targets: list[Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "mlp"]] \
         | None = Field(default=None, min_length=1)     # None: the kind's default
-    lisa_tensors: Literal["all", "aligner"] = "all"    # a lisa adapter's LiSA tensors that train (aligner: Q/K kept)
+    lisa_tensors: Literal["all", "aligner"] | None = None  # a lisa adapter's LiSA tensors that train (aligner:
+                                                           # its low-rank Q/K stay); None: the kind's default
     save_steps: int = Field(ge=0)      # 0 = no intermediate checkpoints
     max_new_tokens: int | None = Field(default=None, gt=0)  # overrides generation.max_new_tokens
     seed: int = 0
