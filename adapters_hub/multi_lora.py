@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PREFIXES = ("lora_", "lisa_lora_")  # kinds: lora, lisa (its LoRA parts)
@@ -100,6 +101,7 @@ class LoraRouter:
     def __init__(self) -> None:
         self.active: dict[str, str | None] = {}
         self.rows: list[str] | None = None
+        self.unique: frozenset[str] = frozenset()  # set(rows), computed once per batch, not per linear
         self.route = "gather"
         self.linears: list["_Site"] = []
 
@@ -137,13 +139,13 @@ class _Site:
         names = router.rows
         if names is None:
             for name in {n for n in router.active.values() if n in self.adapters}:
-                out = out + self._delta(name, x)
+                out = self._add_delta(out, name, x)
             return out
-        present = {n for n in names if n in self.adapters}
-        if not present:
+        unique = router.unique
+        if not any(n in self.adapters for n in unique):
             return out
-        if len(present) == 1 and len(set(names)) == 1:
-            return out + self._delta(names[0], x)
+        if len(unique) == 1:
+            return self._add_delta(out, names[0], x)
         if router.route == "loop" or x.dim() != 3 or torch.is_grad_enabled():  # the stack holds no graph
             return self._per_row_loop(names, x, out)
         a_t, b_t = self._gathered(names, x)
@@ -152,7 +154,14 @@ class _Site:
 
     def _delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         a, b, scale = self.factors(name)
-        return b(a(x.to(a.weight.dtype))) * scale
+        return F.linear(F.linear(x.to(a.weight.dtype), a.weight), b.weight) * scale
+
+    def _add_delta(self, out: torch.Tensor, name: str, x: torch.Tensor) -> torch.Tensor:
+        """out + scale B (A x): in place at inference (few ops: this runs on every target linear)."""
+        if torch.is_grad_enabled():
+            return out + self._delta(name, x)
+        a, b, scale = self.factors(name)
+        return out.add_(F.linear(F.linear(x.to(a.weight.dtype), a.weight), b.weight), alpha=scale)
 
     def _per_row_loop(self, names, x, out):
         rows = []

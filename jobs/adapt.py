@@ -276,9 +276,9 @@ def prepare_adapter(lm, kind, name: str, profile: dict, *, init_from: str | None
         kind.add(lm, name, options)
     kind.activate(lm, name)
     only_trainable(lm, kind, name)
-    from adapters_hub.kinds.lisa import DEFAULT_LISA_TENSORS
+    from adapters_hub.kinds.lisa import default_lisa_tensors
 
-    if kind.name == "lisa" and (profile.get("lisa_tensors") or DEFAULT_LISA_TENSORS) == "aligner":
+    if kind.name == "lisa" and (profile.get("lisa_tensors") or default_lisa_tensors(bool(init_from))) == "aligner":
         for key, t in lm.named_parameters():
             if ".lisa_qk." in key:
                 t.requires_grad_(False)  # the low-rank Q/K stay as the general adapter left them

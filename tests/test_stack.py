@@ -31,9 +31,10 @@ def test_up_status_down_through_the_cli(tmp_path):
         dash, mlflow = f"http://127.0.0.1:{ports[0]}", f"http://127.0.0.1:{ports[2]}"
         assert dash in started.stdout and mlflow in started.stdout
 
-        # Ray dashboard API: a live cluster with one alive node.
-        assert requests.get(f"{dash}/api/version", timeout=5).json()["ray_version"]
-        assert requests.get(dash, timeout=5).status_code == 200  # the dashboard page itself
+        # Ray dashboard API (token auth: lisa-hub's token): a live cluster.
+        auth = {"Authorization": f"Bearer {stack.ray_token_path(tmp_path).read_text().strip()}"}
+        assert requests.get(f"{dash}/api/version", timeout=5, headers=auth).json()["ray_version"]
+        assert requests.get(dash, timeout=5).status_code == 200  # the dashboard page (it asks for the token)
 
         # MLflow REST API: create and read back a registered model in the SQLite registry.
         api = f"{mlflow}/api/2.0/mlflow/registered-models"
@@ -57,6 +58,7 @@ def test_up_status_down_through_the_cli(tmp_path):
         token_file = stack.ray_token_path(tmp_path)
         assert token_file.stat().st_mode & 0o777 == 0o600
         token = token_file.read_text().strip()
+        assert requests.get(f"{dash}/api/version", timeout=5).status_code == 401
         assert requests.get(f"{dash}/api/jobs/", timeout=5).status_code == 401
         assert requests.get(f"{dash}/api/jobs/", timeout=5, headers={"Authorization": "Bearer x" * 8}).status_code == 403
         assert requests.get(f"{dash}/api/jobs/", timeout=5, headers={"Authorization": f"Bearer {token}"}).ok

@@ -289,12 +289,12 @@ class LisaModel(nn.Module):
             raise KeyError(f"adapter_names: {unknown} not loaded (loaded: {', '.join(self.peft_config)})")
         bus, router = self._patch.bus, self._router
         lisa_names = [n if n in self.peft_config else self.base_adapter for n in names]
-        previous = bus.row_adapters, router.rows
-        bus.row_adapters, router.rows = lisa_names, names
+        previous = bus.row_adapters, router.rows, router.unique
+        bus.row_adapters, router.rows, router.unique = lisa_names, names, frozenset(names)
         try:
             yield
         finally:
-            bus.row_adapters, router.rows = previous
+            bus.row_adapters, router.rows, router.unique = previous
 
     # ---- state --------------------------------------------------------------------
     def adapter_state_dict(self, adapter_name: str | None = None) -> dict[str, torch.Tensor]:
