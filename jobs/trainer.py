@@ -72,7 +72,9 @@ class AdapterSFTTrainer(SFTTrainer):
         from safetensors.torch import load_file
 
         tensors = load_file(str(Path(resume_from_checkpoint) / "adapter_model.safetensors"))
-        own = {k: v for k, v in self.model.named_parameters() if v.requires_grad}
+        # every tensor of this adapter, trained or kept frozen (a lisa adapter's Q/K with
+        # lisa_tensors=aligner): the checkpoint holds them all
+        own = {k: v for k, v in self.model.named_parameters() if f".{self.adapter_name}." in k}
         loaded = 0
         for key, value in tensors.items():  # saved names lack the adapter name; match by suffix
             for full, param in own.items():

@@ -132,8 +132,8 @@ def test_two_task_adapters_mixed_batch_and_serve(first, cluster):
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         serve.run(build_app(base_model="tiny-llama", tracking_uri=uri, num_cpus=0), name="lisa-hub-test",
-                  route_prefix="/generate")
-        url = f"http://127.0.0.1:{port}/generate"
+                  route_prefix="/e2e")
+        url = f"http://127.0.0.1:{port}/e2e/generate"
         for ref in ("gsm8k-lisa/1", wiki.ref):
             body = requests.post(url, json={"prompt": prompts[0], "adapter": ref, "max_new_tokens": 6}, timeout=120).json()
             assert body["text"] == per_adapter[ref][0], body

@@ -37,7 +37,8 @@ def own_mlflow(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def registered(own_mlflow, tiny, tmp_path_factory):
-    """tracking URI with backbone-tiny-llama and adapters alpha-lisa/1, beta-lisa/1 (champions)."""
+    """tracking URI with backbone-tiny-llama and adapters alpha-lisa/1, beta-lisa/1, gamma-lisa/1
+    (with LoRA parts) and delta-lora/1 (the lora kind), all champions."""
     import mlflow
 
     from adapters_hub import registry
@@ -59,7 +60,39 @@ def registered(own_mlflow, tiny, tmp_path_factory):
             tracking_uri=uri, run_id=client.create_run(experiment).info.run_id, adapter_dir=folder, task=task,
             kind="lisa", base="tiny-llama", base_fingerprint=lm.base_fingerprint, plan_hash=plan.hash,
             metrics={"accuracy": 0.5}, main_metric="accuracy", higher_is_better=True, trainable_params=1)
+    for task, kind, folder in (("gamma", "lisa", _with_parts(lm, tmp)), ("delta", "lora", _lora(lm, tmp))):
+        registry.register_adapter(
+            tracking_uri=uri, run_id=client.create_run(experiment).info.run_id, adapter_dir=folder, task=task,
+            kind=kind, base="tiny-llama", base_fingerprint=lm.base_fingerprint, plan_hash=plan.hash,
+            metrics={"accuracy": 0.5}, main_metric="accuracy", higher_is_better=True, trainable_params=1)
     return uri
+
+
+def _randomized(lm, name, seed):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in lm.named_parameters():
+            if name in n.split("."):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def _with_parts(lm, tmp):
+    from adapters_hub.kinds import get_kind
+    from adapters_hub.multi_lora import LoraParts
+
+    get_kind("lisa").add(lm, "gamma", {"lora_parts": LoraParts(r=2)})
+    _randomized(lm, "gamma", 7)
+    return lm.save_adapter(tmp / "gamma", "gamma")
+
+
+def _lora(lm, tmp):
+    from adapters_hub.kinds import get_kind
+
+    get_kind("lora").add(lm, "delta", {"target_modules": ["v_proj", "o_proj", "down_proj"]})
+    _randomized(lm, "delta", 8)
+    return get_kind("lora").save(lm, "delta", tmp / "delta")
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +104,7 @@ def reference(registered):
     bb = sdk.Backbone.load(base_model="tiny-llama", tracking_uri=registered)
     chat = render_chat(bb.tokenizer, [{"role": "user", "content": "Hello there"}])
     out = {"tiny-llama": bb.generate(PROMPTS + [chat], max_new_tokens=8)}
-    for model in ("alpha", "beta-lisa@champion", "alpha-lisa/1"):
+    for model in ("alpha", "beta-lisa@champion", "alpha-lisa/1", "gamma", "delta-lora@champion"):
         out[model] = bb.generate(PROMPTS + [chat], adapter=[model] * 5, max_new_tokens=8)
     out["tokens"] = {p: len(bb.tokenizer(p).input_ids) for p in PROMPTS + [chat]}
     return out
@@ -169,9 +202,8 @@ def test_streamed_completion_joins_to_the_non_streamed_text(app, reference):
     assert raw.text.rstrip().endswith("data: [DONE]")
 
 
-def test_concurrent_requests_for_two_adapters_equal_each_alone(app, reference):
-    client = _client(app[0])
-    jobs = [("alpha" if i % 2 else "beta-lisa@champion", i % 4) for i in range(8)]
+def _concurrently(client, jobs: list[tuple[str, int]]) -> list[str]:
+    """Greedy 8-token completions of (model, prompt index) jobs, all sent at once."""
     out = [None] * len(jobs)
 
     def send(k):
@@ -180,9 +212,27 @@ def test_concurrent_requests_for_two_adapters_equal_each_alone(app, reference):
     threads = [threading.Thread(target=send, args=(k,)) for k in range(len(jobs))]
     [t.start() for t in threads]
     [t.join() for t in threads]
+    return out
+
+
+def test_concurrent_requests_for_two_adapters_equal_each_alone(app, reference):
+    client = _client(app[0])
+    jobs = [("alpha" if i % 2 else "beta-lisa@champion", i % 4) for i in range(8)]
+    out = _concurrently(client, jobs)
     assert out == [reference[m][p] for m, p in jobs]
     stats = requests.get(f"{app[0]}/t/stats", timeout=30).json()
     assert stats["largest_batch"] > 1  # decoded together, not one at a time
+
+
+def test_a_mixed_batch_of_adapter_kinds_through_the_openai_client_equals_each_alone(app, reference):
+    """lisa-only, lisa with LoRA parts and lora-kind adapters decode in one batch; every
+    answer is what that adapter gives alone (and the LoRA ones differ from the bare backbone)."""
+    client = _client(app[0])
+    models = ["alpha", "gamma", "delta-lora@champion", "tiny-llama"]
+    jobs = [(models[i % 4], i % 4) for i in range(8)]
+    out = _concurrently(client, jobs)
+    assert out == [reference[m][p] for m, p in jobs]
+    assert reference["gamma"] != reference["tiny-llama"] and reference["delta-lora@champion"] != reference["tiny-llama"]
 
 
 @pytest.mark.parametrize("change, status, param", [
