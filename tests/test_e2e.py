@@ -142,7 +142,7 @@ def test_two_task_adapters_mixed_batch_and_serve(first, cluster):
         assert by_header["text"] == per_adapter[wiki.ref][1]
         missing = requests.post(url, json={"prompt": "x", "adapter": "nope-lisa@champion"}, timeout=120)
         assert missing.status_code == 404 and "nope-lisa" in missing.json()["error"]["message"]
-        completion = requests.post(f"http://127.0.0.1:{port}/generate/v1/completions", timeout=120,
+        completion = requests.post(f"http://127.0.0.1:{port}/e2e/v1/completions", timeout=120,
                                    json={"model": wiki.ref, "prompt": prompts[1], "max_tokens": 6, "temperature": 0})
         assert completion.json()["choices"][0]["text"] == per_adapter[wiki.ref][1]  # the same batching path
     finally:
