@@ -25,7 +25,7 @@ zero slot, so any mix of adapters decodes in one batch.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +51,6 @@ class LoraParts:
     alpha: float | None = None          # None = 2 r (scale 2, as our LoRA default r=8, alpha=16)
     targets: tuple[str, ...] = ("o_proj", "v_proj", "mlp")
     layers: str = "all"
-    extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:
@@ -79,7 +78,6 @@ class LoraParts:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["targets"] = list(self.targets)
-        data.pop("extra")
         return data
 
     @classmethod
