@@ -24,6 +24,12 @@ the first `up`), or the user's RAY_AUTH_TOKEN. Drivers of this stack get it from
 `use_ray_auth` (the SDK, the CLI, jobs.runtime, the test fixtures); jobs and workers from
 the raylet's environment; a browser asks for it once. `up(auth=False)` (`--no-auth`)
 turns it off, with a warning: Ray binds some of its ports on every interface.
+
+MLflow answers anyone on loopback unless `up(mlflow_auth=True)` (`--mlflow-auth`) runs its
+basic-auth app: every request but /health then needs this stack's user (made once, kept in
+LISA_HUB_HOME/mlflow_credentials, mode 0600, or the user's MLFLOW_TRACKING_USERNAME/
+PASSWORD); this process, Ray's nodes and so every job and replica send it
+(settings.use_mlflow_credentials).
 """
 
 from __future__ import annotations
@@ -80,12 +86,16 @@ class _Record:  # one started service, as kept in stack.json
 
 
 def up(*, home: Path | None = None, ray: bool = True, mlflow: bool = True,
-       ports: Ports | None = None, nodes: int = 1, timeout: float = 180.0, auth: bool = True) -> list[ServiceStatus]:
+       ports: Ports | None = None, nodes: int = 1, timeout: float = 180.0, auth: bool = True,
+       mlflow_auth: bool = False) -> list[ServiceStatus]:
     """Start the services that are not running yet and wait until they answer.
 
     `nodes` > 1 adds nodes-1 Ray nodes to the head (`add_nodes`): separate raylets, as on a
     cluster, the machine's CPUs split between them. `auth` (default) starts Ray with token
-    authentication; this process then uses the token (`use_ray_auth`).
+    authentication; this process then uses the token (`use_ray_auth`). `mlflow_auth` runs
+    MLflow with its basic-auth app: every request but /health needs the stack's user
+    (LISA_HUB_HOME/mlflow_credentials, or the user's MLFLOW_TRACKING_USERNAME/PASSWORD),
+    which this process, Ray's nodes and so every job and replica then send.
 
     >>> for s in up(): print(s.line())   # doctest: +SKIP
     ray     healthy  http://127.0.0.1:8265 pid 1234
@@ -98,8 +108,10 @@ def up(*, home: Path | None = None, ray: bool = True, mlflow: bool = True,
     cpus_per_node = max(1, (os.cpu_count() or 1) // nodes)  # with nodes > 1, the machine's CPUs split
     if mlflow and not _alive(state.get("mlflow")):
         _require_free(ports.mlflow, "MLflow", "--mlflow-port")
-        state["mlflow"] = _start_mlflow(home, ports.mlflow)
+        state["mlflow"] = _start_mlflow(home, ports.mlflow, auth=mlflow_auth)
         started.append("mlflow")
+    elif mlflow and mlflow_auth and state["mlflow"].extra.get("auth") != "basic":
+        raise StackError("the running MLflow server has no auth; `lisa-hub down` first to start it with --mlflow-auth")
     if ray and not _alive(state.get("ray")):
         _require_free(ports.dashboard, "the Ray dashboard", "--dashboard-port")
         _require_free(ports.gcs, "the Ray GCS", "--ray-port")
@@ -115,6 +127,8 @@ def up(*, home: Path | None = None, ray: bool = True, mlflow: bool = True,
     _save_state(home, state)
     if ray:
         use_ray_auth(home)
+    if mlflow_auth:
+        settings.use_mlflow_credentials(home)
 
     deadline = time.monotonic() + timeout
     while True:
@@ -235,7 +249,9 @@ def status(*, home: Path | None = None) -> list[ServiceStatus]:
                       else "token auth OFF (--no-auth): anyone who reaches this machine can run code") + (
                           f"; {detail}" if detail else "")
         elif name == "mlflow":
-            detail = "no auth: loopback only" + (f"; {detail}" if detail else "")
+            detail = (f"basic auth on (user: {_mlflow_user_source(home)})" if rec.extra.get("auth") == "basic"
+                      else "no auth: loopback only (--mlflow-auth asks every caller for a user)") + (
+                          f"; {detail}" if detail else "")
         out.append(ServiceStatus(name, url, ok, pid, detail))
     return out
 
@@ -368,7 +384,7 @@ def _spawn(home: Path, name: str, argv: list[str], env: dict) -> _Record:
     return _Record(pid=proc.pid, create_time=psutil.Process(proc.pid).create_time(), port=0)
 
 
-def _start_mlflow(home: Path, port: int) -> _Record:
+def _start_mlflow(home: Path, port: int, *, auth: bool = False) -> _Record:
     (home / "mlartifacts").mkdir(parents=True, exist_ok=True)
     argv = [_bin("mlflow"), "server",
             "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
@@ -376,15 +392,61 @@ def _start_mlflow(home: Path, port: int) -> _Record:
             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
     # MLflow's own job runner (7 huey workers) serves features lisa-hub does not use.
     env = dict(os.environ, MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
+    if auth:  # MLflow's basic-auth app: its users in mlflow_auth.db, this stack's admin its first user
+        creds = _ensure_mlflow_credentials(home)
+        config = home / "mlflow_auth.ini"
+        config.write_text("[mlflow]\ndefault_permission = READ\n"
+                          f"database_uri = sqlite:///{home / 'mlflow_auth.db'}\n"
+                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        argv += ["--app-name", "basic-auth"]
+        env.update(MLFLOW_AUTH_CONFIG_PATH=str(config), MLFLOW_AUTH_ADMIN_USERNAME=creds["username"],
+                   MLFLOW_AUTH_ADMIN_PASSWORD=creds["password"], MLFLOW_FLASK_SERVER_SECRET_KEY=creds["secret_key"])
     rec = _spawn(home, "mlflow", argv, env)
     rec.port = port
+    rec.extra = {"auth": "basic" if auth else "none"}
     return rec
+
+
+def _ensure_mlflow_credentials(home: Path) -> dict[str, str]:
+    """This stack's MLflow user (file mode 0600): the user's MLFLOW_TRACKING_USERNAME/PASSWORD
+    when set, else `lisa-hub` with a random password; kept, because MLflow creates its
+    admin user once, on the first start."""
+    import json
+    import secrets
+
+    path = settings.mlflow_credentials_path(home)
+    creds = settings.mlflow_credentials(home) or {}
+    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
+    if user and password:
+        if creds and (creds["username"], creds["password"]) != (user, password) and (home / "mlflow_auth.db").exists():
+            raise StackError(f"MLFLOW_TRACKING_USERNAME/PASSWORD differ from the MLflow user this stack made "
+                             f"first ({path}); MLflow keeps its first admin: unset them, or remove "
+                             f"{home / 'mlflow_auth.db'} and {path} to start over")
+        creds.update(username=user, password=password, source="MLFLOW_TRACKING_USERNAME")
+    elif not creds:
+        creds = {"username": "lisa-hub", "password": secrets.token_urlsafe(24), "source": "file"}
+    creds.setdefault("secret_key", secrets.token_hex(32))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(creds, fh)
+    os.chmod(path, 0o600)
+    return creds
+
+
+def _mlflow_user_source(home: Path) -> str:
+    creds = settings.mlflow_credentials(home) or {}
+    where = "MLFLOW_TRACKING_USERNAME" if creds.get("source") == "MLFLOW_TRACKING_USERNAME" else str(
+        settings.mlflow_credentials_path(home))
+    return f"{creds.get('username', '?')} from {where}"
 
 
 def _ray_env(home: Path, mlflow_uri: str, *, shared_storage: bool = False, auth: bool = True,
              user_token: bool | None = None) -> dict:
     """Environment of the Ray processes the stack starts (and so of its jobs and workers)."""
     env = dict(os.environ)
+    creds = settings.mlflow_credentials(home)
+    if creds and "MLFLOW_TRACKING_USERNAME" not in env:  # --mlflow-auth: jobs and replicas send the user
+        env.update(MLFLOW_TRACKING_USERNAME=creds["username"], MLFLOW_TRACKING_PASSWORD=creds["password"])
     env.update(MLFLOW_TRACKING_URI=os.environ.get("MLFLOW_TRACKING_URI", mlflow_uri),
                LISA_HUB_HOME=str(home), RAY_USAGE_STATS_ENABLED="0")
     # Jobs run `python -m jobs.adapt` with the Python of the node: this environment's.
@@ -623,6 +685,9 @@ def add_commands(sub) -> None:
                    help="Ray nodes (the head + NODES-1 joined raylets, CPUs split between them)")
     p.add_argument("--no-auth", action="store_true",
                    help="start Ray without token authentication (anyone who reaches this machine can run code)")
+    p.add_argument("--mlflow-auth", action="store_true",
+                   help="run MLflow with its basic-auth app: every caller needs the stack's user "
+                        "(LISA_HUB_HOME/mlflow_credentials, or MLFLOW_TRACKING_USERNAME/PASSWORD)")
     p.set_defaults(func=_cmd_up)
     p = sub.add_parser("status", help="health of the local services")
     p.set_defaults(func=_cmd_status)
@@ -641,6 +706,7 @@ def _cmd_up(args) -> int:
               "ports on every interface, so anyone who reaches this machine can submit a job (run code)",
               file=sys.stderr, flush=True)
     report = up(ray=not args.no_ray, mlflow=not args.no_mlflow, nodes=args.nodes, auth=not args.no_auth,
+                mlflow_auth=args.mlflow_auth,
                 ports=Ports(dashboard=args.dashboard_port, gcs=args.ray_port, mlflow=args.mlflow_port))
     for s in report:
         print(s.line())
@@ -648,6 +714,9 @@ def _cmd_up(args) -> int:
     if not args.no_ray and ray_client_env().get("RAY_AUTH_MODE") == "token":
         print(f"Ray token auth on: the dashboard asks for the token in {_token_source(settings.home())}; "
               f"lisa-hub commands use it themselves")
+    if args.mlflow_auth:
+        print(f"MLflow basic auth on: user {_mlflow_user_source(settings.home())}; lisa-hub commands and jobs "
+              "send it themselves, a browser asks for it")
     return 0
 
 

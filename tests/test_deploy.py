@@ -107,3 +107,30 @@ def test_every_ray_pod_runs_token_auth_with_the_token_from_a_secret():
         ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": "lisa-hub-ray-token", "key": "auth_token"}, (name, container["name"])
         assert "value" not in env["RAY_AUTH_TOKEN"]  # never a token written into the manifest
+
+
+def _secret(env: dict, name: str) -> dict:
+    assert "value" not in env[name], name  # never a secret written into a manifest
+    return env[name]["valueFrom"]["secretKeyRef"]
+
+
+def test_mlflow_runs_basic_auth_and_every_ray_pod_sends_its_user_and_the_serve_key():
+    mlflow = next(doc for _, doc in _docs() if doc["kind"] == "Deployment" and "mlflow" in doc["metadata"]["name"])
+    (pod, server), = _containers(mlflow)
+    assert server["command"][:2] == ["mlflow", "server"]
+    assert server["command"][server["command"].index("--app-name") + 1] == "basic-auth"
+    env = {e["name"]: e for e in server["env"]}
+    for name, key in (("MLFLOW_AUTH_ADMIN_USERNAME", "username"), ("MLFLOW_AUTH_ADMIN_PASSWORD", "password"),
+                      ("MLFLOW_FLASK_SERVER_SECRET_KEY", "secret_key")):
+        assert _secret(env, name) == {"name": "lisa-hub-mlflow-auth", "key": key}
+    config = next(doc for _, doc in _docs() if doc["kind"] == "ConfigMap")
+    ini = config["data"]["basic_auth.ini"]
+    mount = next(m for m in server["volumeMounts"] if m["name"] == "auth")["mountPath"]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == f"{mount}/basic_auth.ini"
+    assert "database_uri = sqlite:////mlflow/" in ini  # the user database on the persistent volume
+    pods = [(name, c) for name, doc in _docs() if doc["kind"] == "RayCluster" for _, c in _containers(doc)]
+    for name, container in pods:
+        env = {e["name"]: e for e in container.get("env", [])}
+        assert _secret(env, "MLFLOW_TRACKING_USERNAME") == {"name": "lisa-hub-mlflow-auth", "key": "username"}
+        assert _secret(env, "MLFLOW_TRACKING_PASSWORD") == {"name": "lisa-hub-mlflow-auth", "key": "password"}
+        assert _secret(env, "LISA_HUB_API_KEY") == {"name": "lisa-hub-api-key", "key": "api_key"}

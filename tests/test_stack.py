@@ -72,6 +72,23 @@ def test_up_status_down_through_the_cli(tmp_path):
         right = subprocess.run([sys.executable, "-c", probe], env={**clean, **stack.ray_client_env(tmp_path)},
                                capture_output=True, text=True, timeout=120)
         assert right.returncode == 0 and "nodes 1" in right.stdout, right.stderr[-2000:]
+        # Every port reachable from other hosts refuses a caller without the token: an HTTP
+        # port answers 401 (except the read-only Prometheus metrics that Ray's autoscaler,
+        # dashboard and agents serve on all interfaces); the GCS and the raylet refuse an RPC.
+        outside = [addr for _, _, addr in stack.listening(home=tmp_path) if not stack.is_loopback(addr)]
+        refusing_rpc = 0
+        for addr in outside:
+            host, port = addr.rsplit(":", 1)
+            host = host.removeprefix("::ffff:")
+            host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+            try:
+                r = requests.get(f"http://{host}:{port}/", timeout=5)
+            except requests.RequestException:  # not HTTP: a gRPC server
+                refusing_rpc += _grpc_refuses_without_token(host, int(port), token)
+                continue
+            metrics = r.ok and r.headers.get("content-type", "").startswith("text/plain") and r.text.startswith("# HELP")
+            assert r.status_code == 401 or metrics, (addr, r.status_code, r.text[:200])
+        assert refusing_rpc >= 2, outside  # the GCS and the raylet's node manager at least
     finally:
         pids = [rec.pid for rec in stack._load_state(tmp_path).values()]
         members = [p for p in psutil.process_iter() if stack._pgid(p.pid) in pids]
@@ -83,6 +100,66 @@ def test_up_status_down_through_the_cli(tmp_path):
             requests.get(f"http://127.0.0.1:{port}", timeout=2)
     after = _cli("status", env=env)
     assert after.returncode == 1 and after.stdout.count("DOWN") == 2
+
+
+def test_mlflow_auth_refuses_anonymous_writes_and_lisa_hub_sends_its_user(tmp_path, monkeypatch):
+    from adapters_hub import registry, settings
+
+    monkeypatch.setenv("LISA_HUB_HOME", str(tmp_path))
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.delenv(name, raising=False)
+    port = stack.free_port()
+    try:
+        stack.up(home=tmp_path, ray=False, mlflow_auth=True, ports=stack.Ports(mlflow=port))
+        url = f"http://127.0.0.1:{port}"
+        creds_file = settings.mlflow_credentials_path(tmp_path)
+        assert creds_file.stat().st_mode & 0o777 == 0o600
+        creds = settings.mlflow_credentials(tmp_path)
+        api = f"{url}/api/2.0/mlflow/registered-models/create"
+        assert requests.get(f"{url}/health", timeout=5).ok  # the health check stays open
+        assert requests.post(api, json={"name": "anonymous"}, timeout=10).status_code == 401
+        assert requests.post(api, json={"name": "wrong"}, timeout=10,
+                             auth=(creds["username"], "not-the-password")).status_code == 401
+        # lisa-hub's own client sends the stack's user: it can write
+        reg = registry.Registry(tracking_uri=url)
+        reg.client().create_registered_model("by-lisa-hub")
+        assert reg.client().get_registered_model("by-lisa-hub").name == "by-lisa-hub"
+        assert "basic auth on" in stack.status(home=tmp_path)[1].detail
+        # ... and so do the Ray nodes it would start (their jobs and Serve replicas inherit it)
+        monkeypatch.delenv("MLFLOW_TRACKING_USERNAME")
+        env = stack._ray_env(tmp_path, url, auth=False)
+        assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == (
+            creds["username"], creds["password"])
+        with pytest.raises(stack.StackError, match="no auth"):  # never silently without: refused
+            stack.down(home=tmp_path)
+            stack.up(home=tmp_path, ray=False, ports=stack.Ports(mlflow=port))
+            stack.up(home=tmp_path, ray=False, mlflow_auth=True, ports=stack.Ports(mlflow=port))
+    finally:
+        stack.down(home=tmp_path)
+
+
+_RAY_RPCS = ("/ray.rpc.NodeInfoGcsService/GetAllNodeInfo", "/ray.rpc.NodeManagerService/GetNodeStats",
+             "/ray.rpc.CoreWorkerService/NumPendingTasks")  # GCS, raylet, a worker: an empty request is valid
+
+
+def _grpc_refuses_without_token(host: str, port: int, token: str) -> bool:
+    """A Ray gRPC server there answers one of its RPCs with the token and refuses it without."""
+    import grpc
+
+    for method in _RAY_RPCS:
+        codes = []
+        for metadata in (None, [("authorization", f"Bearer {token}")]):
+            with grpc.insecure_channel(f"{host}:{port}") as channel:
+                call = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
+                try:
+                    call(b"", timeout=5, metadata=metadata)
+                    codes.append(grpc.StatusCode.OK)
+                except grpc.RpcError as err:
+                    codes.append(err.code())
+        if codes[0] == grpc.StatusCode.UNAUTHENTICATED and codes[1] not in (
+                grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.UNAVAILABLE):
+            return True
+    return False
 
 
 def test_port_taken_by_someone_else_is_a_clear_error(tmp_path):

@@ -103,6 +103,7 @@ class Registry:
         """An MlflowClient on tracking_uri, after a quick health probe (once per Registry)."""
         if self._client_obj is None:
             self._probe()
+            settings.use_mlflow_credentials()  # the stack's MLflow user, under --mlflow-auth
             # MLflow otherwise retries a dead server for minutes (7 retries, backoff 2, 120 s
             # timeout); fail within seconds instead. Only defaults: a user's setting wins.
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
