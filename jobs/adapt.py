@@ -70,6 +70,7 @@ def main(spec: AdaptSpec) -> dict:
 
     from adapters_hub import registry, settings
     from adapters_hub.backbone import backbone_plan, dense_plan
+    from adapters_hub.kinds import read_config
     from adapters_hub.task_eval import sft_examples
     from adapters_hub.tasks import load_rows, load_task, spec_digest
 
@@ -126,11 +127,12 @@ def main(spec: AdaptSpec) -> dict:
                             healing=healing)
         mlflow.log_metrics(metrics)
         _log_curve(history)
-        (adapter_dir / "README.md").write_text(_model_card(task, spec.kind, base, plan, profile, metrics, trainable))
+        (adapter_dir / "README.md").write_text(_model_card(task, spec.kind, base, plan, profile, metrics, trainable,
+                                                             spec.backbone))
         registered = registry.register_adapter(
             run_id=run.info.run_id, adapter_dir=adapter_dir, task=task.name, kind=spec.kind, base=base,
             backbone=spec.backbone,
-            base_fingerprint=json.loads((adapter_dir / "adapter_config.json").read_text())["base_fingerprint"],
+            base_fingerprint=read_config(adapter_dir)["base_fingerprint"],
             plan_hash=plan.hash, metrics=metrics, main_metric=f"adapter.{task.main_metric.value}",
             higher_is_better=task.higher_is_better, trainable_params=trainable, tracking_uri=uri,
             tie_breaker=(f"adapter.{task.tie_breaker.value}", task.tie_breaker.higher_is_better)
@@ -363,14 +365,26 @@ def _log_curve(history: list[dict]) -> None:
     plt.close(fig)
 
 
-def _model_card(task, kind, base, plan, profile, metrics, trainable) -> str:
+def _model_card(task, kind, base, plan, profile, metrics, trainable, backbone="lisa") -> str:
+    from adapters_hub.registry import adapter_model_name
+
+    name = adapter_model_name(task.name, kind, backbone)
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
-    return (f"# {task.name}-{kind} adapter\n\n{task.description}\n\n"
-            f"- base model: `{base}`\n- sharing plan: `{plan.hash}` ({len(plan.layers)} shared layers: {list(plan.layers)})\n"
-            f"- kind: `{kind}`, trainable parameters: {trainable:,}\n- profile: `{profile.name}` "
+    dense_arg = ', backbone="dense"' if backbone == "dense" else ""
+    peft = ("\n3. PEFT (the folder is a PEFT LoRA adapter; its `artifacts/adapter` in the version):\n"
+            "   `PeftModel.from_pretrained(base_model, folder)`; vLLM: `--lora-modules name=folder`\n"
+            if kind == "lora" and backbone == "dense" else
+            "\n3. The OpenAI API: `lisa-hub serve --pin " + name + "@champion`, then `model=\"" + task.name + "\"`\n")
+    return (f"# {name} adapter\n\n{task.description}\n\n"
+            f"- base model: `{base}` (referenced by name: its weights are not in the registry)\n"
+            f"- sharing plan: `{plan.hash}` ({len(plan.layers)} shared layers: {list(plan.layers)})\n"
+            f"- kind: `{kind}`, backbone: `{backbone}`, trainable parameters: {trainable:,}\n- profile: `{profile.name}` "
             f"(steps {profile.max_steps}, batch {profile.batch_size}x{profile.grad_accum}, lr {profile.lr})\n\n"
-            f"| metric | value |\n|---|---|\n{rows}\n\n"
-            f"Use it: `sdk.Backbone.load(base_model=\"{base}\").use(\"{task.name}-{kind}@champion\")`\n")
+            f"| metric | value |\n|---|---|\n{rows}\n\n## Load it\n\n"
+            f"1. lisa-hub: `sdk.Backbone.load(base_model=\"{base}\"{dense_arg})"
+            f".use(\"{name}@champion\")`\n"
+            f"2. MLflow: `mlflow.pyfunc.load_model(\"models:/{name}@champion\").predict([\"Question: ...\"])`, or "
+            f"`mlflow models serve -m models:/{name}@champion --env-manager local`\n{peft}")
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -114,7 +114,7 @@ def test_resolve_returns_a_verified_copy_and_heals_the_cache(reg, tmp_path, task
     source = tmp_path / "weights-v1"
     for rel in ("adapter_config.json", "adapter_model.safetensors", "sub/notes.txt"):
         assert (path / rel).read_bytes() == (source / rel).read_bytes()
-    assert (path / MANIFEST).is_file()
+    assert (path.parents[1] / MANIFEST).is_file() and (path.parents[1] / "MLmodel").is_file()  # an MLflow model
     assert reg.resolve(f"{done.name}/1") == path == reg.resolve(done.name)
 
     # a cache hit does not download
@@ -138,12 +138,12 @@ def test_corrupted_download_is_an_error(reg, tmp_path, task, monkeypatch):
 
     def corrupting(run_id, path, dst_path=None):
         local = real(run_id, path, dst_path=dst_path)
-        with open(f"{local}/adapter_model.safetensors", "ab") as fh:
+        with open(f"{local}/artifacts/adapter/adapter_model.safetensors", "ab") as fh:
             fh.write(b"tampered")
         return local
 
     monkeypatch.setattr(client, "download_artifacts", corrupting)
-    with pytest.raises(ChecksumError, match=r"fail verification.*changed: \['adapter_model.safetensors'\]"):
+    with pytest.raises(ChecksumError, match=r"fail verification.*changed: \['artifacts/adapter/adapter_model.safetensors'\]"):
         reg.resolve(done.name)
     assert not any((tmp_path / "home" / "cache" / "adapters" / done.name).glob("1*"))  # nothing cached
 

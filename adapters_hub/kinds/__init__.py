@@ -15,8 +15,10 @@ Third-party kinds register through the entry-point group `lisa_hub.adapter_kinds
 object with the attributes and methods of `AdapterKind`); built-ins are found without it.
 Everything that accepts kinds (the adaptation job, the SDK, the CLI) asks this module:
 `trainable_kinds()` are the kinds a job can train. Every adapter folder holds
-`adapter_config.json` with at least `kind`, `base_fingerprint`; kinds that depend on the
-plan also hold `plan_hash`, and loading checks both. Per-model state of a kind lives on
+`adapter_config.json`; lisa-hub's metadata (at least `kind`, `base_fingerprint`, and
+`plan_hash` for kinds that depend on the plan; loading checks both) is that file, or, for
+a `lora` adapter, the side file `lisa_hub.json` beside PEFT's own `adapter_config.json`
+(PEFT ignores it). `read_config` reads either, and a plain PEFT LoRA folder as well. Per-model state of a kind lives on
 the model, under the kind's name (`kind_state(lm, kind)`), and goes with it.
 """
 
@@ -31,6 +33,7 @@ if TYPE_CHECKING:
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
+METADATA_NAME = "lisa_hub.json"  # lisa-hub's metadata beside a PEFT-format adapter_config.json
 ENTRY_POINT_GROUP = "lisa_hub.adapter_kinds"
 
 
@@ -78,14 +81,26 @@ def only_trainable(lm, kind: "AdapterKind", adapter_name: str) -> None:
 
 
 def read_config(directory: str | Path) -> dict:
-    """adapter_config.json of an adapter folder, with clear errors for a broken folder."""
-    path = Path(directory) / CONFIG_NAME
+    """lisa-hub's config of an adapter folder: `lisa_hub.json` when the folder has one (a
+    PEFT-format `lora` adapter of ours), else `adapter_config.json`; a plain PEFT LoRA
+    folder (`peft_type: LORA`, no lisa-hub metadata) reads as a `lora` config without a
+    base fingerprint (`"format": "peft"`). Clear errors for a broken folder."""
+    directory = Path(directory)
+    path = directory / METADATA_NAME
+    if not path.is_file():
+        path = directory / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{directory}: not an adapter folder (no {CONFIG_NAME})")
     try:
         config = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise AdapterError(f"{path}: corrupted adapter config ({err})") from None
+    if not isinstance(config, dict):
+        raise AdapterError(f"{path}: an adapter config is a JSON object")
+    if "kind" not in config and path.name == CONFIG_NAME and config.get("peft_type") == "LORA":
+        from adapters_hub.kinds.lora import config_from_peft
+
+        return config_from_peft(config, path)
     if "kind" not in config:
         raise AdapterError(f"{path}: field 'kind' is missing")
     return config

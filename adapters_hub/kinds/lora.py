@@ -1,8 +1,13 @@
 """The `lora` kind: LoRA on chosen linears of the backbone, one per adapter name, any mix per row.
 
 The updates live in `adapters_hub.multi_lora` (per-row routing, so serving batches LoRA
-adapters with every other kind); the tensors keep PEFT's key names
-(`...q_proj.lora_A.weight`). The LiSA layers of a `lora` row run on the backbone's own
+adapters with every other kind). A saved adapter is a PEFT LoRA folder, as
+`PeftModel.save_pretrained` writes it: `adapter_config.json` (`peft_type: LORA`, r,
+lora_alpha, target_modules, base_model_name_or_path) and `adapter_model.safetensors` with
+PEFT's key names (`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), so
+`PeftModel.from_pretrained` and vLLM's `--lora-modules` open it; lisa-hub's metadata (kind,
+base fingerprint, plan hash) is the side file `lisa_hub.json`. Plain PEFT LoRA folders load
+too (on the dense backbone only: they name no plan), and so do older lisa-hub folders. The LiSA layers of a `lora` row run on the backbone's own
 adapter (`LisaModel.base_adapter`: the general adapter of a converted backbone, else the
 fresh one), so a LoRA adapter is comparable to a LiSA one trained on the same backbone;
 on the dense backbone it is plain LoRA on the base.
@@ -14,8 +19,13 @@ import json
 from pathlib import Path
 
 from adapters_hub import multi_lora
-from adapters_hub.kinds import (CONFIG_NAME, WEIGHTS_NAME, AdapterError, check_compatible, kind_state, only_trainable,
-                                read_config)
+from adapters_hub.kinds import (METADATA_NAME, WEIGHTS_NAME, AdapterError, AdapterMismatchError, check_compatible,
+                                kind_state, only_trainable, read_config)
+
+PEFT_PREFIX = "base_model.model."  # PEFT's saved keys: this + the base model's own parameter name
+# PEFT LoraConfig fields whose non-default values this kind cannot run (field -> default)
+_PEFT_UNSUPPORTED = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
+                     "layers_to_transform": None, "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None}
 
 
 class LoraKind:
@@ -43,29 +53,42 @@ class LoraKind:
         return {"r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets or self.defaults["target_modules"])}
 
     def save(self, lm, adapter_name, directory):
+        from peft import LoraConfig
         from safetensors.torch import save_file
+
+        from adapters_hub.models import hub_id
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        tensors = {_drop_name(k, adapter_name): v.detach().cpu().contiguous()
+        options = kind_state(lm, self.name)[adapter_name]
+        tensors = {PEFT_PREFIX + _drop_name(k, adapter_name): v.detach().cpu().contiguous()
                    for k, v in lm.get_base_model().state_dict().items() if _is_ours(k, adapter_name)}
-        save_file(tensors, str(directory / WEIGHTS_NAME))
-        config = {"kind": self.name, "base_model": lm.base_name, "base_fingerprint": lm.base_fingerprint,
-                  "plan_hash": lm.plan.hash, "lora": kind_state(lm, self.name)[adapter_name]}
-        (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2))
+        save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+        projections = multi_lora.LoraParts(r=int(options["r"]), targets=tuple(options["target_modules"])).projections
+        LoraConfig(r=int(options["r"]), lora_alpha=options["lora_alpha"], target_modules=sorted(projections),
+                   lora_dropout=0.0, bias="none", task_type="CAUSAL_LM",
+                   base_model_name_or_path=hub_id(lm.base_name)).save_pretrained(str(directory))
+        metadata = {"kind": self.name, "format": "peft", "base_model": lm.base_name,
+                    "base_fingerprint": lm.base_fingerprint, "plan_hash": lm.plan.hash, "lora": options}
+        (directory / METADATA_NAME).write_text(json.dumps(metadata, indent=2))
         return directory
 
     def load(self, lm, directory, adapter_name):
         from safetensors.torch import load_file
 
         config = read_config(directory)
-        check_compatible(config, lm, str(directory), needs_plan=True)
+        if "base_fingerprint" in config:
+            check_compatible(config, lm, str(directory), needs_plan=True)
+        elif lm.lisa_layers:  # a plain PEFT adapter: trained on the dense base, it names no plan
+            raise AdapterMismatchError(
+                f"{directory}: a PEFT LoRA adapter without lisa-hub metadata fits only the dense backbone "
+                f"(backbone='dense'); this backbone shares {len(lm.lisa_layers)} layers")
         try:
             tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
         except Exception as err:
             raise AdapterError(f"{directory}: corrupted {WEIGHTS_NAME} ({err})") from None
         self.add(lm, adapter_name, config["lora"])
-        state = {_insert_name(k, adapter_name): v for k, v in tensors.items()}
+        state = {_insert_name(k.removeprefix(PEFT_PREFIX), adapter_name): v for k, v in tensors.items()}
         if lm.pruned:  # LoRA on a pruned W_q/W_k of a substituted layer never ran: nothing to load there
             pruned = tuple(f"layers.{i}.self_attn.{proj}." for i in lm.lisa_layers for proj in ("q_proj", "k_proj"))
             state = {k: v for k, v in state.items() if not any(p in k for p in pruned)}
@@ -111,3 +134,21 @@ def _insert_name(key: str, adapter_name: str) -> str:
     # "...q_proj.lora_A.weight" -> "...q_proj.lora_A.<name>.weight"
     head, _, leaf = key.rpartition(".")
     return f"{head}.{adapter_name}.{leaf}"
+
+
+def config_from_peft(peft: dict, path: Path) -> dict:
+    """lisa-hub's config for a plain PEFT LoRA folder's adapter_config.json (no fingerprint:
+    `load` accepts it on the dense backbone only). Refuses what this kind cannot run; the
+    dropout only matters in training and is dropped."""
+    for field, default in _PEFT_UNSUPPORTED.items():
+        if peft.get(field) not in (None, default):
+            raise AdapterError(f"{path}: {field}: {peft[field]!r} is not supported (only {default!r})")
+    targets = peft.get("target_modules")
+    if isinstance(targets, str) or not targets or any(t not in multi_lora.PROJECTIONS for t in targets):
+        raise AdapterError(f"{path}: target_modules: {targets!r}; supported: a list of "
+                           f"{', '.join(multi_lora.PROJECTIONS)}")
+    if not isinstance(peft.get("r"), int) or peft["r"] < 1:
+        raise AdapterError(f"{path}: r: must be a positive integer, got {peft.get('r')!r}")
+    return {"kind": "lora", "format": "peft", "base_model": peft.get("base_model_name_or_path"),
+            "lora": {"r": peft["r"], "lora_alpha": peft.get("lora_alpha", 8), "target_modules": sorted(targets),
+                     "lora_dropout": 0.0}}

@@ -56,7 +56,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-ADAPTER_ARTIFACT = "adapter"          # artifact path of an adapter folder inside its run
+ADAPTER_ARTIFACT = "adapter"          # artifact path of an adapter version (an MLflow model) inside its run
+MODEL_ADAPTER = "artifacts/adapter"   # the adapter folder inside that MLflow model (registry/mlflow_model.py)
 BACKBONE_ARTIFACT = "backbone_plan"
 BACKBONE_EXPERIMENT = "lisa-hub-backbones"
 TYPE_TAG = "lisa_hub.type"            # registered-model tag: "adapter" | "backbone"
@@ -164,16 +165,26 @@ class Registry:
             **(extra_tags or {}),
         }
         better = "higher" if higher_is_better else "lower"
-        return self._register(
-            name, Path(adapter_dir), run_id=run_id, artifact_path=artifact_path, tags=tags, type_="adapter",
-            model_description=(f"lisa-hub {kind} adapters for task {task}, one version per adaptation run. "
-                               f"Aliases: candidate = latest, champion = best {main_metric} ({better} is better)"
-                               + (f", ties broken by {tie_breaker[0]}." if tie_breaker else ".")),
-            version_description=f"{kind} adapter for {task} on {base}: {main_metric} = {float(metrics[main_metric]):.6g}",
-            ranking=ranking)
+        adapter_dir = Path(adapter_dir)
+        if not adapter_dir.is_dir() or not any(p.is_file() for p in adapter_dir.rglob("*")):
+            raise FileNotFoundError(f"artifact folder {adapter_dir} does not exist or holds no files")
+        summary = f"{kind} adapter for {task} on {base}: {main_metric} = {float(metrics[main_metric]):.6g}"
+        card = adapter_dir / "README.md"  # the model card, shown on the model version page
+        from adapters_hub.registry import mlflow_model
+
+        with tempfile.TemporaryDirectory() as tmp:  # the version is an MLflow model holding the adapter
+            model_dir = mlflow_model.save(adapter_dir, Path(tmp) / "model")
+            return self._register(
+                name, model_dir, run_id=run_id, artifact_path=artifact_path, tags=tags, type_="adapter",
+                model_description=(f"lisa-hub {kind} adapters for task {task}, one version per adaptation run. "
+                                   f"Aliases: candidate = latest, champion = best {main_metric} ({better} is better)"
+                                   + (f", ties broken by {tie_breaker[0]}." if tie_breaker else ".")),
+                version_description=f"{summary}\n\n{card.read_text()}" if card.is_file() else summary,
+                ranking=ranking)
 
     def resolve(self, ref: str) -> Path:
-        """A verified local copy of the version's artifact folder, from the cache or downloaded.
+        """A verified local copy of the version's adapter (or plan) folder, from the cache or
+        downloaded (an adapter version is an MLflow model: its adapter folder is returned).
 
         A cached copy that fails verification is downloaded again, once; a fresh download
         that fails raises ChecksumError (the stored artifact itself is bad).
@@ -186,7 +197,7 @@ class Registry:
         if dest.exists():
             try:
                 verify_folder(dest, digest)
-                return dest
+                return adapter_folder(dest)
             except ChecksumError as err:
                 log.warning("cached copy of %s/%s is corrupt (%s); downloading again", mv.name, mv.version, err)
                 shutil.rmtree(dest)
@@ -200,7 +211,7 @@ class Registry:
                                     f"downloaded artifacts fail verification: {err}") from None
             shutil.rmtree(dest, ignore_errors=True)  # a concurrent resolve may have won; ours is verified too
             os.replace(local, dest)  # atomic: a half-downloaded folder is never in the cache
-        return dest
+        return adapter_folder(dest)
 
     def get_adapter(self, ref: str) -> AdapterRecord:
         mv = self._version(ref)
@@ -473,6 +484,13 @@ class Registry:
         created = datetime.fromtimestamp((mv.creation_timestamp or 0) / 1000, tz=timezone.utc)
         return AdapterRecord(mv.name, int(mv.version), mine, dict(mv.tags), metrics_of(mv.tags), mv.run_id, created,
                              mv.source or "")
+
+
+def adapter_folder(version_dir: str | Path) -> Path:
+    """The adapter folder of a downloaded adapter version: artifacts/adapter of its MLflow
+    model, else the folder itself (versions registered before they were MLflow models; plans)."""
+    version_dir = Path(version_dir)
+    return version_dir / MODEL_ADAPTER if (version_dir / "MLmodel").is_file() else version_dir
 
 
 def _not_found(err) -> bool:
