@@ -12,6 +12,7 @@ libraries only when they run. This module's own:
   lisa-hub generate --adapter A "prompt"      one completion on the backbone with adapter A
   lisa-hub serve [--adapters a,b] [--pin a]   Ray Serve app: OpenAI-compatible API, adapters batched
   lisa-hub eval-ppl [--backbone DIR | --adapter REF] [--text FILE]   perplexity, loaded as serving loads it
+  lisa-hub eval --tasks T[,T2] [--adapter REF] [--backbone dense]    lm-evaluation-harness (sdk/evaluate.py)
   lisa-hub demo                               the whole tour on SmolLM2 (README's main command)
 """
 
@@ -85,6 +86,21 @@ def add_commands(sub) -> None:
     p.add_argument("--block-len", type=int, default=1024)
     p.add_argument("--dtype", default="float32")
     p.set_defaults(func=_eval_ppl)
+
+    p = sub.add_parser("eval", help="lm-evaluation-harness tasks on a base, a backbone or an adapter")
+    p.add_argument("--tasks", required=True, help="comma-separated: lm-eval task names, lisa_gsm8k, lisa_gsm8k_mc "
+                                                  "(local GSM8K files), or tasks under --include-path")
+    p.add_argument("--adapter", default=None, metavar="REF", help="task, registry ref or folder; none = the backbone")
+    p.add_argument("--base", default="smollm2-135m", help="base model")
+    p.add_argument("--backbone", default="lisa", choices=("lisa", "dense"),
+                   help="the base's registered LiSA backbone, or the unmodified base (dense)")
+    p.add_argument("--plan-path", default=None, metavar="DIR", help="a backbone folder instead of the registered one")
+    p.add_argument("--include-path", default=None, metavar="DIR", help="a folder of lm-eval task YAML files")
+    p.add_argument("--limit", type=int, default=None, help="the first N documents of each task")
+    p.add_argument("--num-fewshot", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--no-log", action="store_true", help="do not log the results to the adapter's MLflow run")
+    p.set_defaults(func=_eval)
 
     p = sub.add_parser("adapt", help="run an adaptation job in this process (Ray Train inside)")
     add_arguments(p)
@@ -227,6 +243,20 @@ def _eval_ppl(args) -> int:
     ppl = perplexity(model, blocks, progress=sys.stderr.isatty())
     print(json.dumps({**what, "data": data, "blocks": args.blocks, "block_len": args.block_len,
                       "seconds": round(time.perf_counter() - start, 1), "perplexity": round(ppl, 4)}))
+    return 0
+
+
+def _eval(args) -> int:
+    """One JSON line: the model, each task's metrics, the run they were logged to."""
+    import json
+
+    from sdk.evaluate import evaluate_harness
+
+    r = evaluate_harness(tasks=args.tasks.split(","), base_model=args.base, adapter=args.adapter,
+                         backbone=args.backbone, plan_path=args.plan_path, include_path=args.include_path,
+                         limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                         log_to_run=not args.no_log)
+    print(json.dumps({**r.model, "results": r.results, "run_id": r.run_id, "seconds": r.seconds}))
     return 0
 
 

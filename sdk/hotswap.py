@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import re
 import time
+from contextlib import contextmanager
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,26 @@ class Backbone:
         self.active = ActiveAdapter(adapter, key, kind, name, time.perf_counter() - start)
         self._evict()  # the previous active adapter may go now
         return self.active
+
+    @contextmanager
+    def bare(self):
+        """The bare backbone (its own adapter, no task adapter) inside the block; the active
+        adapter is active again after it.
+
+        >>> with bb.bare(): base_text = bb.generate("Question: ...")  # doctest: +SKIP
+        """
+        from adapters_hub.kinds import get_kind
+
+        active = self.active
+        if active is not None:
+            get_kind(active.kind).deactivate(self.lm, active.name)
+        if self.base_adapter is not None and getattr(self.lm, "active_adapter", None) != self.base_adapter:
+            self.lm.set_adapter(self.base_adapter)
+        try:
+            yield self
+        finally:
+            if active is not None:
+                get_kind(active.kind).activate(self.lm, active.name)
 
     def generate(self, prompts: str | list[str], *, adapter: str | list[str] | None = None,
                  max_new_tokens: int = 64) -> list[str]:
