@@ -13,6 +13,12 @@ padding no row needs is cut), so the others cost only their own compute.
 path) gives for the same prompts and adapters, whenever they join; sampled rows use their
 own seeded `torch.Generator`.
 
+A row with `logprobs` (k) records each generated token's log-probability and the k most
+likely tokens at its position (log-softmax of the model's logits, before temperature); with
+`echo`, the prompt's tokens too, from the prefill's logits at every position (the first
+prompt token has none). `max_new_tokens` 0 (with echo) scores the prompt and generates
+nothing, what evaluation clients ask for.
+
 Text is re-decoded from the row's tokens at every step; a streamed delta never includes
 text that could still change (a possible start of a stop string, an incomplete UTF-8
 character, trailing white space that a later token may merge with), so the deltas of a
@@ -43,8 +49,14 @@ class Row:
     deadline: float = float("inf")        # time.monotonic() after which the row stops (finish "timeout")
     cancelled: Callable[[], bool] = lambda: False
     on_delta: Callable[["Row", str], None] | None = None   # streamed text pieces (join to .text)
+    logprobs: int | None = None           # record log-probabilities and the top-k per token
+    echo: bool = False                    # ... of the prompt's tokens as well (needs logprobs)
     # filled by the loop
     tokens: list[int] = field(default_factory=list)
+    token_logprobs: list[float] = field(default_factory=list)           # per generated token
+    top_logprobs: list[dict[int, float]] = field(default_factory=list)  # token id -> log p, k per position
+    prompt_logprobs: list[float | None] = field(default_factory=list)   # echo: per prompt token (first None)
+    prompt_top: list[dict[int, float] | None] = field(default_factory=list)
     text: str = ""
     emitted: int = 0                      # characters of text already passed to on_delta
     finish_reason: str | None = None
@@ -165,7 +177,14 @@ class Decoder:
             mask[b, width - len(r.prompt_ids):] = 1
         positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)       # (B, T), as HF generate
         cache = DynamicCache()
-        finished = self._advance(rows, gens, self._forward(ids, mask, positions, cache, rows))
+        echo = any(r.echo for r in rows)
+        logits = self._forward(ids, mask, positions, cache, rows, every_position=echo)  # (B, V) | (B, T, V)
+        if echo:
+            for b, r in enumerate(rows):
+                if r.echo:
+                    _record_prompt(r, logits[b, width - len(r.prompt_ids):])
+            logits = logits[:, -1]
+        finished = self._advance(rows, gens, logits)
         keep = [k for k, r in enumerate(rows) if not r.done]
         if keep:
             index = torch.tensor(keep, dtype=torch.long)
@@ -207,26 +226,36 @@ class Decoder:
 
     # ------------------------------------------------------------------ internals
 
-    def _forward(self, ids, mask, positions, cache, rows):
-        """Logits (B, V) float32 of the last position; the cache grows by ids' length."""
+    def _forward(self, ids, mask, positions, cache, rows, every_position: bool = False):
+        """Logits (B, V) float32 of the last position, or (B, T, V) of every position; the
+        cache grows by ids' length."""
         import torch
 
         with torch.no_grad():
             out = self.lm(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
-                          use_cache=True, logits_to_keep=1, adapter_names=[r.adapter_name for r in rows])
-        return out.logits[:, -1, :].float()
+                          use_cache=True, logits_to_keep=0 if every_position else 1,
+                          adapter_names=[r.adapter_name for r in rows])
+        return out.logits.float() if every_position else out.logits[:, -1, :].float()
 
     def _advance(self, rows: list[Row], gens: list, logits) -> list[Row]:
+        import torch
+
         picked = _pick(logits, rows, gens)
+        logp = torch.log_softmax(logits, dim=-1) if any(r.logprobs is not None for r in rows) else None  # (B, V)
         now, finished = time.monotonic(), []
-        for row, token in zip(rows, picked):
+        for b, (row, token) in enumerate(zip(rows, picked)):
             if row.cancelled():
                 row.finish_reason = FINISH_CANCELLED
+            elif row.max_new_tokens <= 0:  # echo only: the prompt is scored, nothing generated
+                row.finish_reason = FINISH_LENGTH
             else:
                 if token in self.eos and not row.ignore_eos:
                     row.finish_reason = FINISH_STOP
                 else:
                     row.tokens.append(token)
+                    if row.logprobs is not None:
+                        row.token_logprobs.append(float(logp[b, token]))
+                        row.top_logprobs.append(_top(logp[b], row.logprobs))
                     if len(row.tokens) >= row.max_new_tokens:
                         row.finish_reason = FINISH_LENGTH
                 if now > row.deadline and not row.done:
@@ -261,6 +290,25 @@ class Decoder:
             self._mask = self._mask[:, start:]
             for layer in self._cache.layers:
                 layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+
+
+def _top(logp, k: int) -> dict[int, float]:
+    """The k most likely tokens of one position: {token id: log p}. logp (V,)."""
+    if k <= 0:
+        return {}
+    values, ids = logp.topk(k)
+    return dict(zip(ids.tolist(), values.tolist()))
+
+
+def _record_prompt(row: Row, logits) -> None:
+    """An echo row's prompt log-probabilities from the prefill. logits (L, V) of its L prompt
+    positions (its padding cut off): position t - 1 predicts prompt token t."""
+    import torch
+
+    logp = torch.log_softmax(logits[:-1], dim=-1)  # (L - 1, V)
+    targets = torch.tensor(row.prompt_ids[1:], dtype=torch.long)
+    row.prompt_logprobs = [None] + logp.gather(1, targets[:, None])[:, 0].tolist()
+    row.prompt_top = [None] + [_top(logp[t], row.logprobs or 0) for t in range(logp.shape[0])]
 
 
 def decode_rows(lm, tokenizer, rows: list[Row], *, pad_token_id: int | None = None,

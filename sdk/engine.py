@@ -140,13 +140,24 @@ class Engine:
         self.start()
         texts = prompts if prompts is not None else params.prompts
         param = "messages" if params.messages is not None else "prompt"
-        if len(texts) * params.n > self.limits.max_batch_size:
-            raise ApiError(400, f"n: {len(texts) * params.n} rows exceed the batch size "
+        rows = max(len(texts), len(params.prompt_ids or ())) * params.n
+        if rows > self.limits.max_batch_size:
+            raise ApiError(400, f"n: {rows} rows exceed the batch size "
                            f"{self.limits.max_batch_size}", param="n", code="invalid_value")
         if len(self._pending) >= self.limits.max_queue:  # refuse before touching the registry
             raise overloaded(len(self._pending))
         served = await self.resolve(params.model)
-        ids = [self.tokenize(t, params.max_tokens, param) for t in texts]
+        if params.prompt_ids is not None:  # token ids: each must be a token of this tokenizer
+            vocab = len(self.bb.tokenizer)
+            for p in params.prompt_ids:
+                bad = next((t for t in p if not 0 <= t < vocab), None)
+                if bad is not None:
+                    raise ApiError(400, f"prompt: token id {bad} is not in this model's vocabulary (0..{vocab - 1})",
+                                   param="prompt", code="invalid_value")
+                check_prompt_tokens(len(p), params.max_tokens, self.limits, self.context, param)
+            ids = [list(p) for p in params.prompt_ids]
+        else:
+            ids = [self.tokenize(t, params.max_tokens, param) for t in texts]
         if len(self._pending) >= self.limits.max_queue:
             raise overloaded(len(self._pending))
         job = Job(served=served, params=params, prompt_ids=ids, deadline=time.monotonic() + self.limits.timeout_s,
@@ -263,7 +274,8 @@ class Engine:
                 row = Row(prompt_ids=ids, adapter_name=name, max_new_tokens=p.max_tokens, temperature=p.temperature,
                           top_p=p.top_p, stop=p.stop, seed=None if p.seed is None else p.seed + index,
                           ignore_eos=p.ignore_eos, deadline=job.deadline, cancelled=lambda job=job: job.cancelled,
-                          on_delta=self._delta_sender(job, index) if p.stream else None)
+                          on_delta=self._delta_sender(job, index) if p.stream else None,
+                          logprobs=p.logprobs, echo=p.echo and p.logprobs is not None)
                 row.job, row.index = job, index
                 rows.append(row)
         return rows

@@ -100,6 +100,9 @@ def timed_out(seconds: float) -> ApiError:
                     type="timeout_error", code="timeout")
 
 
+MAX_LOGPROBS = 20  # top-k per token a completions request may ask for (vLLM's default cap)
+
+
 @dataclass
 class GenParams:
     """A validated generation request (completion or chat)."""
@@ -116,10 +119,13 @@ class GenParams:
     include_usage: bool = False
     seed: int | None = None
     ignore_eos: bool = False     # vLLM's extension (extra_body={"ignore_eos": true}): exactly max_tokens
+    logprobs: int | None = None  # completions: log-probabilities of each token and the top-k (0..MAX_LOGPROBS)
+    echo: bool = False           # completions: the prompt (text and log-probabilities) comes back first
+    prompt_ids: list[list[int]] | None = None  # completions: prompts given as token ids
 
     @property
     def rows(self) -> int:
-        return max(1, len(self.prompts)) * self.n
+        return max(1, len(self.prompts), len(self.prompt_ids or ())) * self.n
 
 
 # ----------------------------------------------------------------------------- validation
@@ -159,16 +165,23 @@ def _common(body: Any, limits: Limits, *, chat: bool) -> GenParams:
     if not isinstance(model, str) or not model.strip():
         raise _bad("model", "required, a non-empty string naming an adapter or the base model (GET /v1/models)",
                    "invalid_type" if model is not None else "missing")
-    for key, ok in (("logprobs", lambda v: v in (None, False)), ("top_logprobs", lambda v: v in (None, 0)),
-                    ("echo", lambda v: v in (None, False)), ("best_of", lambda v: v in (None, 1)),
+    unsupported = (("logprobs", lambda v: v in (None, False)), ("top_logprobs", lambda v: v in (None, 0)),
+                   ("echo", lambda v: v in (None, False))) if chat else ()
+    for key, ok in (*unsupported, ("best_of", lambda v: v in (None, 1)),
                     ("suffix", lambda v: v is None), ("logit_bias", lambda v: not v),
                     ("presence_penalty", lambda v: v in (None, 0)), ("frequency_penalty", lambda v: v in (None, 0)),
                     ("tools", lambda v: not v), ("functions", lambda v: not v)):
         if not ok(body.get(key)):
             raise _bad(key, "not supported by this server", "unsupported_parameter")
     hint = " (server cap)"
+    echo = False if chat else body.get("echo", False)
+    if echo is None:
+        echo = False
+    if not isinstance(echo, bool):
+        raise _bad("echo", "must be true or false", "invalid_type")
+    logprobs = None if chat else _int(body, "logprobs", None, 0, MAX_LOGPROBS)
     key = "max_completion_tokens" if chat and body.get("max_completion_tokens") is not None else "max_tokens"
-    max_tokens = _int(body, key, limits.default_max_tokens, 1, limits.max_tokens, hint)
+    max_tokens = _int(body, key, limits.default_max_tokens, 0 if echo else 1, limits.max_tokens, hint)
     stop = body.get("stop")
     if stop is None:
         stop = ()
@@ -185,6 +198,8 @@ def _common(body: Any, limits: Limits, *, chat: bool) -> GenParams:
         stream = False
     if not isinstance(stream, bool):
         raise _bad("stream", "must be true or false", "invalid_type")
+    if stream and (echo or logprobs is not None):
+        raise _bad("logprobs" if logprobs is not None else "echo", "not supported with stream", "unsupported_parameter")
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise _bad("stream_options", "must be an object", "invalid_type")
@@ -198,7 +213,8 @@ def _common(body: Any, limits: Limits, *, chat: bool) -> GenParams:
                      temperature=_float(body, "temperature", 1.0, 0.0, 2.0),
                      top_p=_float(body, "top_p", 1.0, 0.0, 1.0, lo_open=True), stop=stop,
                      n=_int(body, "n", 1, 1, limits.max_batch_size), stream=stream,
-                     include_usage=bool(options.get("include_usage", False)), seed=seed, ignore_eos=ignore_eos)
+                     include_usage=bool(options.get("include_usage", False)), seed=seed, ignore_eos=ignore_eos,
+                     logprobs=logprobs, echo=echo)
 
 
 def parse_completion(body: Any, limits: Limits) -> GenParams:
@@ -213,17 +229,23 @@ def parse_completion(body: Any, limits: Limits) -> GenParams:
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
         prompts = list(prompt)
-    elif isinstance(prompt, list) and prompt and all(isinstance(p, int) or isinstance(p, list) for p in prompt):
-        raise _bad("prompt", "token-id prompts are not supported; send text", "unsupported_parameter")
+    elif isinstance(prompt, list) and prompt and all(_is_ids(p) for p in (prompt if isinstance(prompt[0], list)
+                                                                         else [prompt])):
+        params.prompt_ids = [list(p) for p in (prompt if isinstance(prompt[0], list) else [prompt])]
+        prompts = []
     else:
-        raise _bad("prompt", "required, a non-empty string or a non-empty list of strings",
-                   "missing" if prompt is None else "invalid_type")
-    if any(not p for p in prompts):
+        raise _bad("prompt", "required: a non-empty string, a list of strings, a list of token ids or a list of "
+                   "lists of token ids", "missing" if prompt is None else "invalid_type")
+    if any(not p for p in prompts) or any(not p for p in params.prompt_ids or ()):
         raise _bad("prompt", "must not be empty")
     params.prompts = prompts
     if params.rows > limits.max_batch_size:
         raise _bad("n", f"prompts x n = {params.rows} exceeds this server's batch size {limits.max_batch_size}")
     return params
+
+
+def _is_ids(value) -> bool:
+    return isinstance(value, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 def parse_chat(body: Any, limits: Limits) -> GenParams:
@@ -300,12 +322,29 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 
 def completion_response(*, id: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int,
-                        completion_tokens: int, created: int | None = None) -> dict[str, Any]:
-    """choices: (text, finish_reason) in choice order."""
+                        completion_tokens: int, created: int | None = None,
+                        logprobs: list[dict | None] | None = None) -> dict[str, Any]:
+    """choices: (text, finish_reason) in choice order; logprobs: each choice's block or None."""
+    blocks = logprobs or [None] * len(choices)
     return {"id": id, "object": "text_completion", "created": created or int(time.time()), "model": model,
-            "choices": [{"index": i, "text": text, "logprobs": None, "finish_reason": reason}
-                        for i, (text, reason) in enumerate(choices)],
+            "choices": [{"index": i, "text": text, "logprobs": block, "finish_reason": reason}
+                        for i, ((text, reason), block) in enumerate(zip(choices, blocks))],
             "usage": usage(prompt_tokens, completion_tokens)}
+
+
+def logprobs_block(tokenizer, *, ids: list[int], logprobs: list[float | None],
+                   top: list[dict[int, float] | None]) -> dict[str, Any]:
+    """The legacy completions `logprobs` object (what vLLM and OpenAI return): each token's
+    text, its log-probability, the top-k as {token text: log p}, and its character offset in
+    the choice's text."""
+    tokens = [tokenizer.decode([i]) for i in ids]
+    offsets, at = [], 0
+    for piece in tokens:
+        offsets.append(at)
+        at += len(piece)
+    return {"tokens": tokens, "token_logprobs": logprobs,
+            "top_logprobs": [None if t is None else {tokenizer.decode([i]): lp for i, lp in t.items()} for t in top],
+            "text_offset": offsets}
 
 
 def chat_response(*, id: str, model: str, choices: list[tuple[str, str]], prompt_tokens: int,

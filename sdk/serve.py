@@ -173,9 +173,22 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
                 return StreamingResponse(self._stream(job, rid, created, chat), media_type="text/event-stream")
             await self.engine.result(job)
             choices = [(r.text, api.FINISH_REASONS.get(r.finish_reason, "stop")) for r in job.rows]
-            shape = api.chat_response if chat else api.completion_response
-            return JSONResponse(shape(id=rid, model=params.model, choices=choices, created=created,
-                                      prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens))
+            if chat:
+                return JSONResponse(api.chat_response(id=rid, model=params.model, choices=choices, created=created,
+                                                      prompt_tokens=job.prompt_tokens,
+                                                      completion_tokens=job.completion_tokens))
+            tok, blocks = self.engine.bb.tokenizer, None
+            if params.echo:  # the prompt's text first (decoded from its tokens)
+                choices = [(tok.decode(r.prompt_ids, skip_special_tokens=True) + text, reason)
+                           for r, (text, reason) in zip(job.rows, choices)]
+            if params.logprobs is not None:
+                blocks = [api.logprobs_block(tok, ids=(r.prompt_ids if params.echo else []) + r.tokens,
+                                             logprobs=(r.prompt_logprobs if params.echo else []) + r.token_logprobs,
+                                             top=(r.prompt_top if params.echo else []) + r.top_logprobs)
+                          for r in job.rows]
+            return JSONResponse(api.completion_response(id=rid, model=params.model, choices=choices, created=created,
+                                                        prompt_tokens=job.prompt_tokens,
+                                                        completion_tokens=job.completion_tokens, logprobs=blocks))
 
         async def _stream(self, job, rid: str, created: int, chat: bool):
             from sdk import openai_api as api

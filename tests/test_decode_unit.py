@@ -117,3 +117,26 @@ def test_rows_joining_between_steps_get_what_they_get_in_one_static_batch(served
         dec.step()
     assert [len(r.tokens) for r in rows] == budgets
     assert [r.tokens for r in rows] == [s.tokens[:m] for s, m in zip(static, budgets)]
+
+
+def test_logprobs_and_echo_equal_a_plain_forward_of_prompt_and_completion(served):
+    import torch
+
+    bb, a, b, names = served
+    refs = [a, b, a]
+    rows = decode_rows(bb.lm, bb.tokenizer, _rows(bb, PROMPTS[:3], [names[r] for r in refs], [4, 0, 3],
+                                                  logprobs=3, echo=True))
+    assert rows[1].tokens == [] and rows[1].finish_reason == "length"  # max_tokens 0: the prompt only
+    for row, ref in zip(rows, refs):
+        ids = row.prompt_ids + row.tokens
+        with torch.no_grad(), bb.lm.adapter_per_row([names[ref]]):
+            logp = torch.log_softmax(bb.lm(input_ids=torch.tensor([ids])).logits[0].float(), -1)  # (T, V)
+        plain = [float(logp[t - 1, ids[t]]) for t in range(1, len(ids))]
+        ours = row.prompt_logprobs + row.token_logprobs
+        assert ours[0] is None and len(ours) == len(ids)
+        assert ours[1:] == pytest.approx(plain, abs=1e-4)
+        for t, top in enumerate((row.prompt_top + row.top_logprobs)[1:], start=1):
+            best = logp[t - 1].topk(3)
+            assert list(top) == best.indices.tolist() and list(top.values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+        if row.tokens:  # greedy: each generated token is its position's most likely one
+            assert all(tok == next(iter(top)) for tok, top in zip(row.tokens, row.top_logprobs))

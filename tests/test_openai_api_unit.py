@@ -18,15 +18,17 @@ OK = {"model": "gsm8k", "prompt": "2+3="}
 
 @pytest.mark.parametrize("change, param", [
     ({"prompt": 5}, "prompt"), ({"prompt": None}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": []}, "prompt"),
-    ({"prompt": [1, 2, 3]}, "prompt"), ({"prompt": ["a", ""]}, "prompt"),
+    ({"prompt": [1, "a"]}, "prompt"), ({"prompt": [[1], []]}, "prompt"), ({"prompt": [True]}, "prompt"),
+    ({"prompt": ["a", ""]}, "prompt"),
     ({"max_tokens": -5}, "max_tokens"), ({"max_tokens": 0}, "max_tokens"), ({"max_tokens": "abc"}, "max_tokens"),
     ({"max_tokens": 10**9}, "max_tokens"), ({"max_tokens": 101}, "max_tokens"), ({"max_tokens": True}, "max_tokens"),
     ({"max_tokens": 2.5}, "max_tokens"),
     ({"temperature": -1}, "temperature"), ({"temperature": "hot"}, "temperature"), ({"top_p": 0}, "top_p"),
     ({"top_p": 1.5}, "top_p"), ({"n": 0}, "n"), ({"n": 5}, "n"), ({"stop": 3}, "stop"), ({"stop": [""]}, "stop"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"stream": "yes"}, "stream"), ({"model": ""}, "model"),
-    ({"model": None}, "model"), ({"model": ["gsm8k"]}, "model"), ({"logprobs": 3}, "logprobs"),
-    ({"echo": True}, "echo"), ({"best_of": 3}, "best_of"), ({"seed": "x"}, "seed"),
+    ({"model": None}, "model"), ({"model": ["gsm8k"]}, "model"), ({"logprobs": 21}, "logprobs"),
+    ({"logprobs": -1}, "logprobs"), ({"logprobs": "2"}, "logprobs"), ({"logprobs": 2, "stream": True}, "logprobs"),
+    ({"echo": "yes"}, "echo"), ({"echo": True, "stream": True}, "echo"), ({"best_of": 3}, "best_of"), ({"seed": "x"}, "seed"),
     ({"prompt": ["a", "b", "c"], "n": 2}, "n"), ({"ignore_eos": "yes"}, "ignore_eos"),
 ])
 def test_each_bad_completion_field_is_a_400_naming_the_field(change, param):

@@ -270,6 +270,71 @@ def test_errors_through_the_openai_client_and_no_folder_by_path(app, registered,
     assert bad_json.status_code == 400 and bad_json.json()["error"]["code"] == "invalid_json"
 
 
+@pytest.fixture(scope="module")
+def served_backbone(registered):
+    """The backbone as the replica loads it, in this process: the in-process reference."""
+    import sdk
+
+    return sdk.Backbone.load(base_model="tiny-llama", tracking_uri=registered)
+
+
+def test_logprobs_and_echo_equal_the_in_process_log_probabilities(app, served_backbone):
+    import torch
+
+    url, _ = app
+    bb = served_backbone
+    ids = bb.tokenizer(PROMPTS[0]).input_ids
+    bb.use("alpha")
+    with torch.no_grad():
+        logp = torch.log_softmax(bb.lm(input_ids=torch.tensor([ids])).logits[0].float(), -1)  # (T, V)
+    client = _client(url)
+    # the prompt as token ids, echoed and scored, nothing generated (what lm-eval sends, max_tokens 0)
+    scored = client.completions.create(model="alpha", prompt=ids, max_tokens=0, echo=True, logprobs=2, temperature=0)
+    block = scored.choices[0].logprobs
+    assert scored.choices[0].text == PROMPTS[0] and block.token_logprobs[0] is None
+    assert block.token_logprobs[1:] == pytest.approx([float(logp[t - 1, ids[t]]) for t in range(1, len(ids))],
+                                                     abs=1e-4)
+    assert "".join(block.tokens) == PROMPTS[0] and block.text_offset[:2] == [0, len(block.tokens[0])]
+    assert all(1 <= len(top) <= 2 for top in block.top_logprobs[1:])  # keyed by text: byte pieces may coincide
+    assert all(lp <= max(top.values()) + 1e-6 for lp, top in zip(block.token_logprobs[1:], block.top_logprobs[1:]))
+    # generated tokens: their log-probabilities, greedy = each one its position's best
+    out = client.completions.create(model="alpha", prompt=PROMPTS[0], max_tokens=4, logprobs=1, temperature=0)
+    gen = out.choices[0].logprobs
+    assert len(gen.tokens) == len(gen.token_logprobs) == 4 and "".join(gen.tokens) == out.choices[0].text
+    assert all(lp == pytest.approx(max(top.values())) for lp, top in zip(gen.token_logprobs, gen.top_logprobs))
+    assert gen.token_logprobs[0] == pytest.approx(float(logp[-1].max()), abs=1e-4)
+    for change, param in (({"logprobs": 21}, "logprobs"), ({"logprobs": 1, "stream": True}, "logprobs"),
+                          ({"prompt": [10**7]}, "prompt")):
+        r = requests.post(f"{url}/t/v1/completions", json={"model": "alpha", "prompt": "Hi", **change}, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_lm_eval_over_http_scores_as_in_process(app, served_backbone, tmp_path):
+    """lm-evaluation-harness's own `local-completions` client against the server gives the
+    in-process harness's accuracy on the same multiple-choice task file."""
+    import json as _json
+
+    from lm_eval import simple_evaluate
+    from lm_eval.tasks import TaskManager
+
+    from adapters_hub import harness
+
+    url, _ = app
+    rows = [{"question": f"What is {a} plus {b}?", "answer": f"#### {a + b}"} for a, b in ((2, 3), (7, 1), (4, 4), (9, 6))]
+    (tmp_path / "g.jsonl").write_text("".join(_json.dumps(r) + "\n" for r in rows))
+    tasks = harness.write_gsm8k_tasks(tmp_path / "tasks", tmp_path / "g.jsonl")
+    bb = served_backbone
+    bb.use("alpha")
+    local = harness.evaluate(harness.HarnessLM(bb.lm, bb.tokenizer), tasks=["lisa_gsm8k_mc"], include_path=tasks)
+    bb.tokenizer.save_pretrained(tmp_path / "tokenizer")
+    remote = simple_evaluate(
+        model="local-completions", tasks=["lisa_gsm8k_mc"], bootstrap_iters=0,
+        task_manager=TaskManager(include_path=str(tasks), include_defaults=False),
+        model_args={"base_url": f"{url}/t/v1/completions", "model": "alpha", "tokenizer": str(tmp_path / "tokenizer"),
+                    "tokenizer_backend": "huggingface", "num_concurrent": 1, "max_retries": 1})
+    assert remote["results"]["lisa_gsm8k_mc"]["acc,none"] == local["lisa_gsm8k_mc"]["acc,none"]
+
+
 def test_generate_route_goes_through_the_same_batching(app, reference):
     url = f"{app[0]}/t/generate"
     body = requests.post(url, json={"prompt": PROMPTS[2], "adapter": "alpha", "max_new_tokens": 8}, timeout=60).json()
