@@ -13,6 +13,7 @@ Imports are light: torch, Ray and MLflow load when a call needs them.
 from sdk.client import (AdaptationJob, AdaptationResult, ClusterUnavailableError, ConversionJob, ConversionResult,
                         JobFailedError, JobStatus, JobSummary, get_job, list_jobs, submit_adaptation,
                         submit_conversion)
+from sdk.batch import BatchResult, batch_generate
 from sdk.evaluate import HarnessResult, evaluate_harness
 from sdk.hotswap import ActiveAdapter, Backbone
 
@@ -45,4 +46,5 @@ def promote(*, name: str, version: str | int, alias: str = "champion", tracking_
 
 __all__ = ["submit_adaptation", "submit_conversion", "ConversionJob", "ConversionResult", "get_job", "list_jobs", "AdaptationJob", "AdaptationResult", "JobStatus",
            "JobSummary", "JobFailedError", "ClusterUnavailableError", "Backbone", "ActiveAdapter",
-           "list_adapters", "get_adapter", "promote", "evaluate_harness", "HarnessResult"]
+           "list_adapters", "get_adapter", "promote", "evaluate_harness", "HarnessResult",
+           "batch_generate", "BatchResult"]

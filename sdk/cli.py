@@ -13,6 +13,7 @@ libraries only when they run. This module's own:
   lisa-hub serve [--adapters a,b] [--pin a]   Ray Serve app: OpenAI-compatible API, adapters batched
   lisa-hub eval-ppl [--backbone DIR | --adapter REF] [--text FILE]   perplexity, loaded as serving loads it
   lisa-hub eval --tasks T[,T2] [--adapter REF] [--backbone dense]    lm-evaluation-harness (sdk/evaluate.py)
+  lisa-hub batch --input in.jsonl --output out.jsonl [--adapter A | --adapter-column C]   Ray Data (sdk/batch.py)
   lisa-hub demo                               the whole tour on SmolLM2 (README's main command)
 """
 
@@ -101,6 +102,21 @@ def add_commands(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--no-log", action="store_true", help="do not log the results to the adapter's MLflow run")
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser("batch", help="batch inference of a JSONL file of prompts on Ray Data, adapters mixed per row")
+    p.add_argument("--input", required=True, help="JSONL, one {\"prompt\": ...} per line")
+    p.add_argument("--output", required=True, help="JSONL written in input order, an `error` field per line")
+    p.add_argument("--adapter", default=None, help="the adapter of every line (default: the bare backbone)")
+    p.add_argument("--adapter-column", default=None, help="a field naming each line's adapter (else --adapter)")
+    p.add_argument("--prompt-column", default="prompt")
+    p.add_argument("--base", default="smollm2-135m")
+    p.add_argument("--backbone", default="lisa", choices=("lisa", "dense"))
+    p.add_argument("--plan-path", default=None, metavar="DIR", help="a backbone folder instead of the registered one")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=16, help="rows decoded together per actor call")
+    p.add_argument("--actors", type=int, default=1, help="actors, one backbone each")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
+    p.set_defaults(func=_batch)
 
     p = sub.add_parser("adapt", help="run an adaptation job in this process (Ray Train inside)")
     add_arguments(p)
@@ -258,6 +274,18 @@ def _eval(args) -> int:
                          log_to_run=not args.no_log)
     print(json.dumps({**r.model, "results": r.results, "run_id": r.run_id, "seconds": r.seconds}))
     return 0
+
+
+def _batch(args) -> int:
+    from sdk.batch import batch_generate
+
+    r = batch_generate(input=args.input, output=args.output, base_model=args.base, backbone=args.backbone,
+                       plan_path=args.plan_path, adapter=args.adapter, adapter_column=args.adapter_column,
+                       prompt_column=args.prompt_column, max_new_tokens=args.max_new_tokens,
+                       batch_size=args.batch_size, actors=args.actors, num_cpus=args.num_cpus)
+    print(f"wrote {r.rows} lines to {r.output} ({r.failed} failed) in {r.seconds:.1f} s, "
+          f"{r.tokens_per_s:.1f} generated tokens/s")
+    return 1 if r.failed == r.rows else 0
 
 
 def _adapt(args) -> int:
