@@ -27,9 +27,12 @@ def _lora_folder(path, seed):
     return kind.save(lm, "a", path)
 
 
-def test_batch_output_is_in_input_order_with_each_rows_adapter_and_bad_rows_fail_alone(ray_stack, tmp_path):
+def test_batch_output_is_in_input_order_with_each_rows_adapter_and_bad_rows_fail_alone(ray_stack, tmp_path,
+                                                                                        monkeypatch):
     import sdk
 
+    monkeypatch.setenv("LISA_HUB_HOME", str(ray_stack[0]))  # the session's head, found as a user's would be
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
     a, b = str(_lora_folder(tmp_path / "a", 1)), str(_lora_folder(tmp_path / "b", 2))
     prompts = ["Question: 2+3?\nAnswer:", "The cat sat on the", "Hi", "Once upon a time", "x", "Tell me"]
     lines = []

@@ -82,8 +82,8 @@ def test_up_status_down_through_the_cli(tmp_path):
             host = host.removeprefix("::ffff:")
             host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
             try:
-                r = requests.get(f"http://{host}:{port}/", timeout=5)
-            except requests.RequestException:  # not HTTP: a gRPC server
+                r = requests.get(f"http://{host}:{port}/", timeout=1)
+            except requests.RequestException:  # not HTTP (a gRPC server waits for its HTTP/2 preface)
                 refusing_rpc += _grpc_refuses_without_token(host, int(port), token)
                 continue
             metrics = r.ok and r.headers.get("content-type", "").startswith("text/plain") and r.text.startswith("# HELP")
@@ -130,10 +130,6 @@ def test_mlflow_auth_refuses_anonymous_writes_and_lisa_hub_sends_its_user(tmp_pa
         env = stack._ray_env(tmp_path, url, auth=False)
         assert (env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"]) == (
             creds["username"], creds["password"])
-        with pytest.raises(stack.StackError, match="no auth"):  # never silently without: refused
-            stack.down(home=tmp_path)
-            stack.up(home=tmp_path, ray=False, ports=stack.Ports(mlflow=port))
-            stack.up(home=tmp_path, ray=False, mlflow_auth=True, ports=stack.Ports(mlflow=port))
     finally:
         stack.down(home=tmp_path)
 
@@ -152,7 +148,7 @@ def _grpc_refuses_without_token(host: str, port: int, token: str) -> bool:
             with grpc.insecure_channel(f"{host}:{port}") as channel:
                 call = channel.unary_unary(method, request_serializer=bytes, response_deserializer=bytes)
                 try:
-                    call(b"", timeout=5, metadata=metadata)
+                    call(b"", timeout=3, metadata=metadata)
                     codes.append(grpc.StatusCode.OK)
                 except grpc.RpcError as err:
                     codes.append(err.code())
