@@ -99,3 +99,24 @@ def test_mlflow_models_serve_answers_invocations(registered, mlflow_server):
             server.wait(timeout=20)
         except subprocess.TimeoutExpired:
             server.kill()
+
+
+def test_lisa_hub_eval_scores_a_registered_adapter_and_logs_to_its_run(registered, mlflow_server, tmp_path, capsys):
+    import json
+
+    from adapters_hub import harness
+    from sdk.cli import main
+
+    ref, _, reg, done = registered
+    rows = [{"question": f"What is {a} plus {b}?", "answer": f"#### {a + b}"} for a, b in ((2, 3), (7, 1), (4, 4))]
+    (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tasks = harness.write_gsm8k_tasks(tmp_path / "tasks", tmp_path / "g.jsonl")
+    code = main(["eval", "--base", "tiny-llama", "--backbone", "dense", "--adapter", f"{done.name}/{done.version}",
+                 "--tasks", "lisa_gsm8k_mc", "--include-path", str(tasks)])
+    assert code == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    acc = line["results"]["lisa_gsm8k_mc"]["acc,none"]
+    mv = reg.client().get_model_version(done.name, str(done.version))
+    assert line["adapter"] == f"{done.name}/{done.version}" and line["run_id"] == mv.run_id
+    assert reg.client().get_run(mv.run_id).data.metrics["lm_eval.lisa_gsm8k_mc.acc"] == acc
+    assert main(["eval", "--base", "tiny-llama", "--backbone", "dense", "--tasks", " "]) == 2  # one clear line
