@@ -114,8 +114,10 @@ def load_lisa_model(base: str, plan, *, dtype=None, general_adapter: str | Path 
     from adapters_hub.lisa import healing as heal
     from adapters_hub.lisa.config import LisaConfig
     from adapters_hub.lisa.model import LisaModel
-    from adapters_hub.models import fingerprint, load_base
+    from adapters_hub import architectures
+    from adapters_hub.models import base_config, fingerprint, load_base
 
+    architectures.check(base_config(base))  # before the weights load: one line, the supported list
     model, tok = load_base(base, dtype=dtype)
     fp = None
     if healing is not None:

@@ -51,6 +51,9 @@ class SharingPatch:
 
     def __init__(self, model: nn.Module, plan: SharingPlan, bus: ScoreBus | None = None,
                  score_all: bool = False) -> None:
+        from adapters_hub import architectures
+
+        architectures.check(model.config)  # an unsupported family fails here, before any module is touched
         plan.check_model(model)
         impl = getattr(model.config, "_attn_implementation", None)
         if impl not in SUPPORTED_ATTN:  # flash / flex masks are not 4-D tensors we can add to scores

@@ -102,8 +102,9 @@ class SharingPlan:
     def for_config(cls, cfg, layers: Iterable[int], **kwargs) -> "SharingPlan":
         """`explicit` with the shape read from a HF config."""
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        meta = {"model_type": getattr(cfg, "model_type", None), **(kwargs.pop("meta", None) or {})}
         return cls.explicit(num_layers=cfg.num_hidden_layers, num_heads=cfg.num_attention_heads,
-                            head_dim=head_dim, layers=layers, **kwargs)
+                            head_dim=head_dim, layers=layers, meta=meta, **kwargs)
 
     @classmethod
     def from_report(
@@ -178,6 +179,16 @@ class SharingPlan:
         for name, value in got.items():
             if getattr(self, name) != value:
                 raise PlanError(f"{name}: plan has {getattr(self, name)}, the model has {value}")
+        types = getattr(cfg, "layer_types", None)  # per-layer attention kinds (sliding windows)
+        if types is not None and getattr(cfg, "sliding_window", None):
+            for shared in self.shared:
+                if types[shared.layer] != types[shared.donor]:
+                    raise PlanError(f"shared: layer {shared.layer} ({types[shared.layer]}) cannot take the scores of "
+                                    f"layer {shared.donor} ({types[shared.donor]}): their KV caches span different "
+                                    "tokens; share within one attention kind")
+        made_for = self.meta.get("model_type")
+        if made_for and getattr(cfg, "model_type", None) and made_for != cfg.model_type:
+            raise PlanError(f"model_type: the plan was made for a {made_for} model, this one is {cfg.model_type}")
 
     # ---- queries ------------------------------------------------------------------
     @property

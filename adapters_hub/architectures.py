@@ -1,0 +1,65 @@
+"""The model families LiSA runs on, as data: one entry per Hugging Face `model_type`.
+
+    arch = architectures.check(model.config)     # UnsupportedArchitectureError, in microseconds
+    arch.name, arch.qk_norm, arch.sliding_window
+
+What a LiSA layer relies on, and where each family stands:
+
+  llama    q/k/v/o projections on `self_attn`, RoPE from the decoder (position_embeddings),
+           one causal mask for every layer                                    supported
+  mistral  the same, with an optional sliding window: HF builds that layer's mask, and a
+           LiSA consumer applies its own layer's mask to its donor's pre-mask scores   supported
+  qwen2    biases on q/k/v (a substituted layer's low-rank Q/K have none: they are new
+           projections, the donor's biased scores come in through the bus); per-layer
+           sliding windows (`layer_types`) masked as mistral's                 supported
+  qwen3    RMS-normalises queries and keys per head (q_norm, k_norm) before RoPE: the
+           low-rank Q/K would need their own norm                            not yet
+  gemma3   q/k norms, sliding/global layers with two RoPE bases, its own query scale  not yet
+
+Everything else is refused before any work, with the supported list. Tested families:
+tests/test_architectures.py runs the fast path against the reference path, the dense
+donors against the base, and a save/load round trip on a tiny random model of each.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Architecture:
+    name: str                  # HF model_type
+    qk_bias: bool = False      # q/k/v projections carry biases
+    sliding_window: bool = False  # some layers may attend within a window (HF builds their mask)
+    qk_norm: bool = False      # queries/keys normalised before RoPE (not supported by LiSA layers yet)
+
+
+SUPPORTED: dict[str, Architecture] = {
+    "llama": Architecture("llama"),
+    "mistral": Architecture("mistral", sliding_window=True),
+    "qwen2": Architecture("qwen2", qk_bias=True, sliding_window=True),
+}
+
+NOT_YET: dict[str, str] = {
+    "qwen3": "normalises queries and keys (q_norm/k_norm) before RoPE",
+    "gemma3_text": "normalises queries and keys, alternates sliding and global layers with two RoPE bases",
+    "gemma3": "normalises queries and keys, alternates sliding and global layers with two RoPE bases",
+}
+
+
+class UnsupportedArchitectureError(TypeError):
+    """A base model whose family LiSA does not run on (yet); the message lists the supported ones."""
+
+
+def check(config) -> Architecture:
+    """The family entry of a HF config, or UnsupportedArchitectureError naming the model type
+    and the supported list."""
+    model_type = getattr(config, "model_type", None)
+    text = getattr(config, "text_config", None)  # multimodal wrappers: their text model decides
+    if model_type not in SUPPORTED and text is not None and getattr(text, "model_type", None) in SUPPORTED:
+        model_type = text.model_type
+    if model_type in SUPPORTED:
+        return SUPPORTED[model_type]
+    why = f" ({NOT_YET[model_type]})" if model_type in NOT_YET else ""
+    raise UnsupportedArchitectureError(
+        f"model type {model_type!r}{why} is not supported by LiSA; supported: {', '.join(SUPPORTED)}")

@@ -1,0 +1,101 @@
+"""LiSA on every supported model family (tiny random models built from transformers configs):
+the fast path equals the reference path, the dense donors are the base, adapters round-trip;
+unsupported families are refused at once with the supported list."""
+
+from __future__ import annotations
+
+import copy
+import time
+
+import pytest
+import torch
+
+from adapters_hub import architectures
+from adapters_hub.lisa import LisaConfig, LisaModel, SharingPlan
+from adapters_hub.lisa.plan import PlanError
+from tests.test_lisa_fast import both_paths, prefill_and_decode
+from tests.test_lisa_model import padded_batch, randomize
+
+COMMON = dict(vocab_size=259, hidden_size=64, intermediate_size=128, num_hidden_layers=6, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=1024, initializer_range=0.1,
+              bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+FAMILIES = {  # model_type -> (config class, model class, what differs from LLaMA)
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 6}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 6,
+                                                  "max_window_layers": 3}),  # q/k/v biases; layers 3-5 windowed
+}
+
+
+def tiny(family: str):
+    import transformers
+
+    config_cls, model_cls, extra = FAMILIES[family]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **extra)).eval()
+
+
+def lisa(base, layers=(2, 4, 5)):  # qwen2's window starts at layer 3: no donor across the boundary
+    model = copy.deepcopy(base)
+    lm = LisaModel(model, LisaConfig(plan=SharingPlan.for_model(model, list(layers))))
+    lm.eval()
+    randomize(lm)
+    return lm
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_path_equals_reference_with_left_padding_cache_and_windows(family):
+    lm = lisa(tiny(family))
+    _, ids, mask = padded_batch([14, 9, 4])  # longer than the windows
+    steps = torch.randint(3, 259, (3, 4), generator=torch.Generator().manual_seed(1))
+    (fast, m), (ref, _) = both_paths(lm, lambda: prefill_and_decode(lm, ids, mask, steps))
+    assert (fast - ref)[m.bool()].abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_dense_donors_are_the_base_and_an_adapter_round_trips(family, tmp_path):
+    base = tiny(family)
+    lm = lisa(base)
+    ids = torch.randint(3, 259, (2, 13), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        with lm.disable_adapter():
+            fast, ref = both_paths(lm, lambda: lm(input_ids=ids).logits)
+        plain = base(input_ids=ids).logits
+        shared = lm(input_ids=ids).logits
+    assert (fast - plain).abs().max() < 1e-4 and (ref - plain).abs().max() < 1e-4
+    assert (shared - plain).abs().max() > 1e-3  # the shared layers really changed something
+    lm.save_adapter(tmp_path / "a", lm.active_adapter)
+    again = LisaModel(copy.deepcopy(base), LisaConfig(plan=lm.plan))
+    again.load_adapter(tmp_path / "a", "a")
+    again.set_adapter("a")
+    again.eval()
+    with torch.no_grad():
+        assert torch.allclose(again(input_ids=ids).logits, shared, atol=1e-5)
+
+
+def test_a_plan_made_for_one_family_is_refused_by_another_and_no_donor_crosses_a_window_boundary():
+    plan = SharingPlan.for_model(tiny("mistral"), [2])
+    with pytest.raises(PlanError, match="model_type: the plan was made for a mistral model, this one is qwen2"):
+        LisaModel(tiny("qwen2"), LisaConfig(plan=plan))
+    model = tiny("qwen2")
+    with pytest.raises(PlanError, match=r"layer 3 \(sliding_attention\) cannot take the scores of layer 2"):
+        LisaModel(model, LisaConfig(plan=SharingPlan.for_model(model, [3])))
+
+
+@pytest.mark.parametrize("config_cls, model_type", [("Qwen3Config", "qwen3"), ("Gemma3TextConfig", "gemma3_text"),
+                                                    ("GPT2Config", "gpt2")])
+def test_unsupported_families_are_refused_at_once_with_the_supported_list(config_cls, model_type):
+    import transformers
+
+    config = getattr(transformers, config_cls)()
+    start = time.perf_counter()
+    with pytest.raises(architectures.UnsupportedArchitectureError,
+                       match=f"model type '{model_type}'.*supported: llama, mistral, qwen2"):
+        architectures.check(config)
+    assert time.perf_counter() - start < 1.0
+    model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**COMMON)) if model_type == "qwen3" else None
+    if model is not None:  # the model wrapper refuses before touching a module
+        with pytest.raises(architectures.UnsupportedArchitectureError, match="q_norm"):
+            LisaModel(model, LisaConfig(plan=SharingPlan.for_model(model, [2])))
+        assert type(model.model.layers[2].self_attn).__name__ == "Qwen3Attention"
