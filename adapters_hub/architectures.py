@@ -13,7 +13,8 @@ What a LiSA layer relies on, and where each family stands:
            projections, the donor's biased scores come in through the bus); per-layer
            sliding windows (`layer_types`) masked as mistral's                 supported
   qwen3    RMS-normalises queries and keys per head (q_norm, k_norm) before RoPE: the
-           low-rank Q/K would need their own norm                            not yet
+           dense attention of donors applies them; a substituted layer's low-rank Q/K are
+           new projections learned without a norm (a fresh one is zero)        supported
   gemma3   q/k norms, sliding/global layers with two RoPE bases, its own query scale  not yet
 
 Everything else is refused before any work, with the supported list. Tested families:
@@ -31,17 +32,17 @@ class Architecture:
     name: str                  # HF model_type
     qk_bias: bool = False      # q/k/v projections carry biases
     sliding_window: bool = False  # some layers may attend within a window (HF builds their mask)
-    qk_norm: bool = False      # queries/keys normalised before RoPE (not supported by LiSA layers yet)
+    qk_norm: bool = False      # queries/keys RMS-normalised per head before RoPE (dense attention only)
 
 
 SUPPORTED: dict[str, Architecture] = {
     "llama": Architecture("llama"),
     "mistral": Architecture("mistral", sliding_window=True),
     "qwen2": Architecture("qwen2", qk_bias=True, sliding_window=True),
+    "qwen3": Architecture("qwen3", sliding_window=True, qk_norm=True),
 }
 
 NOT_YET: dict[str, str] = {
-    "qwen3": "normalises queries and keys (q_norm/k_norm) before RoPE",
     "gemma3_text": "normalises queries and keys, alternates sliding and global layers with two RoPE bases",
     "gemma3": "normalises queries and keys, alternates sliding and global layers with two RoPE bases",
 }

@@ -312,8 +312,6 @@ class _AttentionBase(nn.Module):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj", "config", "layer_idx"):
             if not hasattr(base_attn, name):
                 raise TypeError(f"{type(base_attn).__name__} has no {name}: not a LLaMA-family attention module")
-        if hasattr(base_attn, "q_norm") or hasattr(base_attn, "k_norm"):
-            raise TypeError(f"{type(base_attn).__name__} uses q/k norms; LiSA supports LLaMA/Mistral/Qwen2 attention")
         cfg = base_attn.config
         self.config = cfg
         # `layer` is the decoder layer's index, the key of its scores on the bus (what consumers
@@ -328,11 +326,22 @@ class _AttentionBase(nn.Module):
         self.is_causal = True
         self.q_proj, self.k_proj = base_attn.q_proj, base_attn.k_proj
         self.v_proj, self.o_proj = base_attn.v_proj, base_attn.o_proj
+        # Qwen3 RMS-normalises each query and key head before RoPE (same names: same state-dict
+        # keys). Only the dense attention uses them; a substituted layer's low-rank Q/K are new
+        # projections, learned without a norm.
+        self.q_norm, self.k_norm = getattr(base_attn, "q_norm", None), getattr(base_attn, "k_norm", None)
         self._bus = bus
 
     def _heads(self, proj: nn.Module, x: torch.Tensor, width: int) -> torch.Tensor:
         b, t, _ = x.shape
         return proj(x).view(b, t, -1, width).transpose(1, 2)  # (B, h, T, width)
+
+    def _normed_heads(self, proj: nn.Module, norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+        """(B, h, T, d) heads of a dense projection, each RMS-normalised first where the family does."""
+        if norm is None:
+            return self._heads(proj, x, self.head_dim)
+        b, t, _ = x.shape
+        return norm(proj(x).view(b, t, -1, self.head_dim)).transpose(1, 2)
 
     def dense_scores(self, x, cos, sin, past_key_values):
         """Full-rank eager scores Z (B, H, Tq, Tk), the values (B, KVH, Tk, d); caches K, V."""
@@ -345,8 +354,8 @@ class _AttentionBase(nn.Module):
         if self.q_proj is None or self.k_proj is None:
             raise RuntimeError(f"layer {self.layer_idx}: W_q/W_k were pruned (prune_qk); the dense attention "
                                "of this layer is not available any more")
-        q = apply_rope(self._heads(self.q_proj, x, self.head_dim), cos, sin)
-        k = apply_rope(self._heads(self.k_proj, x, self.head_dim), cos, sin)
+        q = apply_rope(self._normed_heads(self.q_proj, self.q_norm, x), cos, sin)
+        k = apply_rope(self._normed_heads(self.k_proj, self.k_norm, x), cos, sin)
         v = self._heads(self.v_proj, x, self.head_dim)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, self.layer_idx)
