@@ -99,3 +99,33 @@ def test_unsupported_families_are_refused_at_once_with_the_supported_list(config
         with pytest.raises(architectures.UnsupportedArchitectureError, match="normalises queries and keys"):
             LisaModel(model, LisaConfig(plan=SharingPlan.for_model(model, [2])))
         assert type(model.model.layers[2].self_attn).__name__ == "Gemma3Attention"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_every_trainable_kind_mixes_per_row_on_every_family(family):
+    from adapters_hub import multi_lora
+    from adapters_hub.kinds import get_kind
+    from adapters_hub.multi_lora import LoraParts
+
+    lm = lisa(tiny(family))
+    get_kind("lisa").add(lm, "parts", {"lora_parts": LoraParts(r=2)})
+    get_kind("lora").add(lm, "lora", {"r": 2, "target_modules": ["q_proj", "v_proj", "mlp"]})
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in lm.named_parameters():
+            if any(part in ("parts", "lora") for part in name.split(".")):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    multi_lora.changed(lm.get_base_model())
+    lm.eval()
+    _, ids, mask = padded_batch([9, 5, 7])
+    names = ["parts", "lora", lm.active_adapter]
+    with torch.no_grad():
+        (fast, ref) = both_paths(lm, lambda: lm(input_ids=ids, attention_mask=mask, adapter_names=names).logits)
+        assert (fast - ref)[mask.bool()].abs().max() < 1e-4
+        for i, name in enumerate(names):
+            alone = lm(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1], adapter_names=[name]).logits
+            assert (fast[i][mask[i].bool()] - alone[0][mask[i].bool()]).abs().max() < 1e-4, name
+            if name != lm.active_adapter:  # the row's adapter really acts: the bare backbone differs
+                bare = lm(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1],
+                          adapter_names=[lm.active_adapter]).logits
+                assert (alone - bare).abs().max() > 1e-3, name
