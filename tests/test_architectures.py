@@ -25,6 +25,8 @@ FAMILIES = {  # model_type -> (config class, model class, what differs from LLaM
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {"use_sliding_window": True, "sliding_window": 6,
                                                   "max_window_layers": 3}),  # q/k/v biases; layers 3-5 windowed
     "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),  # q_norm / k_norm before RoPE
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM",  # q/k norms, local + global RoPE, 1 KV head
+                    {"num_key_value_heads": 1, "sliding_window": 6, "query_pre_attn_scalar": 16}),
 }
 
 
@@ -34,11 +36,14 @@ def tiny(family: str):
     config_cls, model_cls, extra = FAMILIES[family]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**COMMON, **extra)).eval()
+        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**COMMON, **extra})).eval()
 
 
-def lisa(base, layers=(2, 4, 5)):  # qwen2's window starts at layer 3: no donor across the boundary
+def lisa(base, layers=None):
+    """A LiSA model of `base`, three layers shared (each with the donor below of its own kind)."""
     model = copy.deepcopy(base)
+    types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
+    layers = layers or [i for i in range(1, len(types)) if types[i] == types[i - 1]][:3]
     lm = LisaModel(model, LisaConfig(plan=SharingPlan.for_model(model, list(layers))))
     lm.eval()
     randomize(lm)
@@ -84,21 +89,22 @@ def test_a_plan_made_for_one_family_is_refused_by_another_and_no_donor_crosses_a
         LisaModel(model, LisaConfig(plan=SharingPlan.for_model(model, [3])))
 
 
-@pytest.mark.parametrize("config_cls, model_type", [("Gemma3TextConfig", "gemma3_text"), ("GPT2Config", "gpt2")])
+@pytest.mark.parametrize("config_cls, model_type", [("Phi3Config", "phi3"), ("GPT2Config", "gpt2"),
+                                                    ("FalconConfig", "falcon")])
 def test_unsupported_families_are_refused_at_once_with_the_supported_list(config_cls, model_type):
     import transformers
 
     config = getattr(transformers, config_cls)()
     start = time.perf_counter()
     with pytest.raises(architectures.UnsupportedArchitectureError,
-                       match=f"model type '{model_type}'.*supported: llama, mistral, qwen2, qwen3"):
+                       match=f"model type '{model_type}'.*supported: llama, mistral, qwen2, qwen3, gemma3_text"):
         architectures.check(config)
     assert time.perf_counter() - start < 1.0
-    if model_type == "gemma3_text":  # the model wrapper refuses before touching a module
-        model = transformers.Gemma3ForCausalLM(transformers.Gemma3TextConfig(**{**COMMON, "num_key_value_heads": 1}))
-        with pytest.raises(architectures.UnsupportedArchitectureError, match="normalises queries and keys"):
+    if model_type == "phi3":  # the model wrapper refuses before touching a module
+        model = transformers.Phi3ForCausalLM(transformers.Phi3Config(**COMMON))
+        with pytest.raises(architectures.UnsupportedArchitectureError, match="qkv_proj"):
             LisaModel(model, LisaConfig(plan=SharingPlan.for_model(model, [2])))
-        assert type(model.model.layers[2].self_attn).__name__ == "Gemma3Attention"
+        assert type(model.model.layers[2].self_attn).__name__ == "Phi3Attention"
 
 
 @pytest.mark.parametrize("family", FAMILIES)
