@@ -107,7 +107,8 @@ def test_mlflow_auth_refuses_anonymous_writes_and_lisa_hub_sends_its_user(tmp_pa
 
     monkeypatch.setenv("LISA_HUB_HOME", str(tmp_path))
     for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
-        monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(name, "")  # recorded, so that what the test exports is undone after it
+        monkeypatch.delenv(name)
     port = stack.free_port()
     try:
         stack.up(home=tmp_path, ray=False, mlflow_auth=True, ports=stack.Ports(mlflow=port))
