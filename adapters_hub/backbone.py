@@ -65,6 +65,25 @@ def backbone_folder(base: str, *, tracking_uri: str | None = None) -> Path | Non
     return Path(folder) if folder is not None else None
 
 
+def registered_backbone_folder(base: str, *, tracking_uri: str | None = None) -> Path:
+    """`backbone_folder`, or LookupError saying how to make one."""
+    folder = backbone_folder(base, tracking_uri=tracking_uri)
+    if folder is None:
+        raise LookupError(f"no backbone registered for base {base!r}; run `lisa-hub convert --base {base} "
+                          f"--register` (or `lisa-hub analyze --base {base} --register`)")
+    return folder
+
+
+def load_backbone(base: str, folder: Path, *, dtype=None, prune: bool = False):
+    """(LisaModel, tokenizer) of a backbone folder (plan.json [, healing/, adapter/]): the
+    healing merged, the general adapter active. `load_lisa_model` for the pieces."""
+    from adapters_hub.lisa.plan import SharingPlan
+
+    folder = Path(folder)
+    return load_lisa_model(base, SharingPlan.load(folder / "plan.json"), dtype=dtype,
+                           general_adapter=general_adapter_of(folder), healing=healing_of(folder), prune=prune)
+
+
 def general_adapter_of(folder: Path | None) -> Path | None:
     """The general adapter inside a backbone folder, when it is a converted backbone."""
     if folder is None or not (Path(folder) / "adapter" / "adapter_config.json").is_file():

@@ -1,7 +1,7 @@
 """lm-evaluation-harness on lisa-hub models: a base, a LiSA backbone or an adapter on it.
 
     from adapters_hub import harness
-    lm = harness.HarnessLM(model, tok, reference=bb.without_adapter)   # lm_eval.api.model.LM
+    lm = harness.HarnessLM(bb.lm, bb.tokenizer, reference=bb.bare)      # lm_eval.api.model.LM
     results = harness.evaluate(lm, tasks=["lisa_gsm8k_mc"], include_path=folder, limit=64)
     results["lisa_gsm8k_mc"]["acc,none"]
 
@@ -89,7 +89,6 @@ class HarnessLM(LM):
         from adapters_hub.task_eval import generate
 
         self._check_adapter([self.tok(r.args[0])["input_ids"][-self.max_length:] for r in requests[:4]])
-        out: list[str] = []
         groups: dict[str, list[int]] = {}  # requests with the same settings decode together
         for i, req in enumerate(requests):
             groups.setdefault(json.dumps(req.args[1], sort_keys=True, default=str), []).append(i)
@@ -105,8 +104,7 @@ class HarnessLM(LM):
                 for stop in until:  # the harness expects the text before the first stop string
                     text = text.split(stop)[0]
                 texts[i] = text
-        out = [texts[i] for i in range(len(requests))]
-        return out
+        return [texts[i] for i in range(len(requests))]
 
     # -------------------------------------------------------------- internals
 
@@ -177,7 +175,7 @@ def evaluate(lm: HarnessLM, *, tasks: list[str], include_path: str | Path | None
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"tasks: {unknown} are not lm-eval tasks"
-                         + (f" nor in {include_path}" if include_path else "") + " (lisa-hub eval --list-tasks)")
+                         + (f" nor in {include_path}" if include_path else ""))
     out = simple_evaluate(model=lm, tasks=list(tasks), task_manager=manager, limit=limit, num_fewshot=num_fewshot,
                           log_samples=False, bootstrap_iters=0)
     return {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "alias"}
@@ -192,6 +190,8 @@ def write_gsm8k_tasks(folder: str | Path, data: str | Path, *, n: int | None = N
     "#### N"): `lisa_gsm8k` (generate_until, exact match of N) and `lisa_gsm8k_mc` (the
     right N among three wrong ones, `choices` and `label` per row). `n`: the first n rows."""
     import random
+
+    import yaml
 
     from adapters_hub.tasks.scoring import extract_number_after_marker
 
@@ -224,25 +224,24 @@ def write_gsm8k_tasks(folder: str | Path, data: str | Path, *, n: int | None = N
                                  "label": options.index(_num(right))}) + "\n")
     gen = folder / "gsm8k.jsonl"
     gen.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    common = "dataset_path: json\ntest_split: test\n"
-    (folder / "lisa_gsm8k.yaml").write_text(
-        f"task: lisa_gsm8k\n{common}dataset_kwargs:\n  data_files: {{test: {json.dumps(str(gen))}}}\n"
-        "output_type: generate_until\n"
-        f"doc_to_text: {json.dumps(PROMPT)}\n"
-        "doc_to_target: \"{{number}}\"\n"
-        "generation_kwargs: {until: [\"\\n\\n\", \"\\nQuestion:\"], max_gen_toks: 256, do_sample: false}\n"
-        "filter_list:\n  - name: after-marker\n    filter:\n"
-        "      - {function: regex, regex_pattern: \"#### (\\\\-?[0-9\\\\.\\\\,]+)\"}\n"
-        "      - {function: take_first}\n"
-        "metric_list:\n  - {metric: exact_match, aggregation: mean, higher_is_better: true, ignore_case: true,"
-        " ignore_punctuation: false, regexes_to_ignore: [\",\", \"\\\\$\", \"\\\\.$\"]}\n")
-    (folder / "lisa_gsm8k_mc.yaml").write_text(
-        f"task: lisa_gsm8k_mc\n{common}dataset_kwargs:\n  data_files: {{test: {json.dumps(str(mc))}}}\n"
-        "output_type: multiple_choice\n"
-        f"doc_to_text: {json.dumps(PROMPT)}\n"
-        "doc_to_choice: \"{{choices}}\"\n"
-        "doc_to_target: label\n"
-        "metric_list:\n  - {metric: acc, aggregation: mean, higher_is_better: true}\n")
+    local = {"dataset_path": "json", "test_split": "test", "doc_to_text": PROMPT}
+    tasks = {
+        "lisa_gsm8k": {
+            **local, "dataset_kwargs": {"data_files": {"test": str(gen)}}, "output_type": "generate_until",
+            "doc_to_target": "{{number}}",
+            "generation_kwargs": {"until": ["\n\n", "\nQuestion:"], "max_gen_toks": 256, "do_sample": False},
+            "filter_list": [{"name": "after-marker", "filter": [
+                {"function": "regex", "regex_pattern": r"#### (\-?[0-9\.\,]+)"}, {"function": "take_first"}]}],
+            "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                             "ignore_case": True, "ignore_punctuation": False,
+                             "regexes_to_ignore": [",", r"\$", r"\.$"]}]},
+        "lisa_gsm8k_mc": {
+            **local, "dataset_kwargs": {"data_files": {"test": str(mc)}}, "output_type": "multiple_choice",
+            "doc_to_choice": "{{choices}}", "doc_to_target": "label",
+            "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True}]},
+    }
+    for name, task in tasks.items():
+        (folder / f"{name}.yaml").write_text(yaml.safe_dump({"task": name, **task}, sort_keys=False), encoding="utf-8")
     return folder
 
 

@@ -9,8 +9,8 @@
 
 Input: one JSON object per line with a `prompt` (`prompt_column`) and, with
 `adapter_column`, the adapter of that row (a task name, a registry reference or an adapter
-folder; empty or missing = `adapter`, else the bare backbone). Output: one line per input
-line, in input order: {"index", "prompt", "adapter", "completion", "finish_reason", "error"}
+folder; empty or missing = `adapter`, else the bare backbone). Output: one line per
+non-blank input line, in input order (`index`: its 0-based line number): {"index", "prompt", "adapter", "completion", "finish_reason", "error"}
 plus the input's other fields. A line that is not JSON, has no prompt, or names an adapter
 that does not resolve fails alone (its `error` says why); the others are unaffected.
 

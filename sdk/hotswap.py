@@ -67,8 +67,8 @@ class Backbone:
         >>> bb = Backbone.load(base_model="tiny-llama", plan_path="plan.json")  # doctest: +SKIP
         >>> bb.memory_report()["kv_bytes_per_token"]  # doctest: +SKIP
         """
-        from adapters_hub.backbone import (BACKBONES, backbone_folder, dense_plan, general_adapter_of, healing_of,
-                                           load_lisa_model)
+        from adapters_hub.backbone import (BACKBONES, dense_plan, load_backbone, load_lisa_model,
+                                           registered_backbone_folder)
         from adapters_hub.lisa.plan import SharingPlan
 
         if backbone not in BACKBONES:
@@ -81,18 +81,11 @@ class Backbone:
             tok.padding_side = "left"
             return cls(lm, tok, base_model=base_model, max_resident=max_resident, tracking_uri=tracking_uri,
                        backbone="dense")
-        if plan_path:
-            path = Path(plan_path)
-            folder = path if path.is_dir() else None
-            plan = SharingPlan.load(path / "plan.json" if folder else path)
-        else:
-            folder = backbone_folder(base_model, tracking_uri=tracking_uri)
-            if folder is None:
-                raise LookupError(f"no backbone registered for base {base_model!r}; run `lisa-hub convert --base "
-                                  f"{base_model} --register` (or `lisa-hub analyze --base {base_model} --register`)")
-            plan = SharingPlan.load(folder / "plan.json")
-        lm, tok = load_lisa_model(base_model, plan, dtype=dtype, general_adapter=general_adapter_of(folder),
-                                  healing=healing_of(folder), prune=prune)
+        path = Path(plan_path) if plan_path else registered_backbone_folder(base_model, tracking_uri=tracking_uri)
+        if path.is_dir():
+            lm, tok = load_backbone(base_model, path, dtype=dtype, prune=prune)
+        else:  # a plan.json alone: no healing, the fresh adapter
+            lm, tok = load_lisa_model(base_model, SharingPlan.load(path), dtype=dtype, prune=prune)
         lm.eval()
         tok.padding_side = "left"
         return cls(lm, tok, base_model=base_model, max_resident=max_resident, tracking_uri=tracking_uri)

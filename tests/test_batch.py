@@ -58,7 +58,9 @@ def test_batch_output_is_in_input_order_with_each_rows_adapter_and_bad_rows_fail
     expected = [bb.generate(r["prompt"], adapter=r["adapter"], max_new_tokens=6) if r["adapter"] else
                 _bare(bb, r["prompt"]) for r in good]
     assert [r["completion"] for r in good] == expected
-    assert len({r["completion"] for r in good[:3]}) == 3  # the adapters really differ
+    for folder in (a, b):  # each adapter really acts: on some of its rows the bare backbone says something else
+        mine = [r for r in good if r["adapter"] == folder]
+        assert any(r["completion"] != _bare(bb, r["prompt"]) for r in mine), folder
     assert result.tokens > 0 and result.tokens_per_s > 0
 
 

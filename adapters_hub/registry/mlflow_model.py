@@ -77,10 +77,8 @@ def load_adapter_model(folder: str | Path, *, tracking_uri: str | None = None):
     """(LisaModel with the adapter active, tokenizer) for an adapter folder: its base by
     name, on the dense backbone when its plan is the dense one, else on the base's
     registered backbone."""
-    from adapters_hub.backbone import (backbone_folder, dense_plan, general_adapter_of, healing_of,
-                                       load_lisa_model)
+    from adapters_hub.backbone import dense_plan, load_backbone, load_lisa_model, registered_backbone_folder
     from adapters_hub.kinds import get_kind, read_config
-    from adapters_hub.lisa.plan import SharingPlan
 
     folder = Path(folder)
     config = read_config(folder)
@@ -90,13 +88,8 @@ def load_adapter_model(folder: str | Path, *, tracking_uri: str | None = None):
     dense = dense_plan(base)
     if config.get("plan_hash") in (None, dense.hash):
         lm, tok = load_lisa_model(base, dense)
-    else:
-        backbone = backbone_folder(base, tracking_uri=tracking_uri)
-        if backbone is None:
-            raise LookupError(f"{folder}: a LiSA adapter of {base}, but no backbone-{base} is registered at the "
-                              "tracking server (set MLFLOW_TRACKING_URI)")
-        lm, tok = load_lisa_model(base, SharingPlan.load(backbone / "plan.json"),
-                                  general_adapter=general_adapter_of(backbone), healing=healing_of(backbone))
+    else:  # a LiSA adapter: the base's registered backbone, as serving loads it (unpruned)
+        lm, tok = load_backbone(base, registered_backbone_folder(base, tracking_uri=tracking_uri))
     kind = get_kind(config["kind"])
     kind.load(lm, folder, "adapter")  # checks the base fingerprint and the plan hash
     kind.activate(lm, "adapter")
