@@ -131,6 +131,38 @@ def test_resolve_returns_a_verified_copy_and_heals_the_cache(reg, tmp_path, task
 
 
 @pytest.mark.stack
+def test_racing_resolves_of_one_version_all_return_the_verified_copy(reg, tmp_path, task, monkeypatch):
+    """Two jobs on one node resolving the same backbone at once (CI saw ENOTEMPTY here)."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    done = _register(reg, tmp_path, task, 0.4, seed="weights-race")
+    monkeypatch.setenv("LISA_HUB_HOME", str(tmp_path / "race-home"))
+    barrier = threading.Barrier(3)
+    downloaded = threading.Barrier(3)
+
+    def one(_):
+        own = Registry(reg.tracking_uri)
+        client = own.client()
+        real = client.download_artifacts
+
+        def in_step(*a, **k):  # every thread downloads before any moves its copy into the cache
+            local = real(*a, **k)
+            downloaded.wait()
+            return local
+
+        client.download_artifacts = in_step
+        barrier.wait()
+        return own.resolve(done.name)
+
+    with ThreadPoolExecutor(3) as pool:
+        paths = list(pool.map(one, range(3)))
+    assert len(set(paths)) == 1
+    source = tmp_path / "weights-race"
+    assert (paths[0] / "adapter_model.safetensors").read_bytes() == (source / "adapter_model.safetensors").read_bytes()
+
+
+@pytest.mark.stack
 def test_corrupted_download_is_an_error(reg, tmp_path, task, monkeypatch):
     done = _register(reg, tmp_path, task, 0.4)
     client = reg.client()

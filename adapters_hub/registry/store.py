@@ -209,8 +209,14 @@ class Registry:
             except ChecksumError as err:
                 raise ChecksumError(f"{mv.name}/{mv.version} (run {mv.run_id}, {artifact_path}): "
                                     f"downloaded artifacts fail verification: {err}") from None
-            shutil.rmtree(dest, ignore_errors=True)  # a concurrent resolve may have won; ours is verified too
-            os.replace(local, dest)  # atomic: a half-downloaded folder is never in the cache
+            try:
+                os.replace(local, dest)  # atomic: a half-downloaded folder is never in the cache
+            except OSError:
+                # A concurrent resolve (another job on this node) put its copy there first:
+                # keep it if it verifies, never delete a folder another process may be reading.
+                if not dest.is_dir():
+                    raise
+                verify_folder(dest, digest)
         return adapter_folder(dest)
 
     def get_adapter(self, ref: str) -> AdapterRecord:
