@@ -461,7 +461,7 @@ def train_loop(cfg: dict) -> None:
         lm.delete_adapter("fresh")
         heal_cfg = spec.healing()
         if heal_cfg is not None:  # after the adapter: set_adapter resets requires_grad of non-LiSA tensors
-            healing.attach(lm.model, heal_cfg, shared_layers=lm.plan.layers)
+            healing.attach(lm.model, heal_cfg, shared_layers=lm.plan.layers + lm.plan.dropped)  # the changed layers
             if resume and (resume / "healing").is_dir():
                 healing.load_into(lm.model, resume / "healing")
         opt = distill_optimizer(lm, lr=spec.lr, heal_lr=spec.heal_lr)

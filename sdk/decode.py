@@ -275,6 +275,8 @@ class Decoder:
         width = max(self._mask.shape[1], mask.shape[1])
         pad_a, pad_b = width - self._mask.shape[1], width - mask.shape[1]
         for mine, theirs in zip(self._cache.layers, cache.layers):  # (B, KVH, T, e): pad T on the left
+            if mine.keys is None:  # the slot of a dropped attention layer: never written
+                continue
             mine.keys = torch.cat([F.pad(mine.keys, (0, 0, pad_a, 0)), F.pad(theirs.keys, (0, 0, pad_b, 0))], 0)
             mine.values = torch.cat([F.pad(mine.values, (0, 0, pad_a, 0)), F.pad(theirs.values, (0, 0, pad_b, 0))], 0)
         self._mask = torch.cat([F.pad(self._mask, (pad_a, 0)), F.pad(mask, (pad_b, 0))], 0)  # (B, T)
@@ -289,7 +291,8 @@ class Decoder:
         if start > 0:
             self._mask = self._mask[:, start:]
             for layer in self._cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
+                if layer.keys is not None:  # None: a dropped attention layer's slot
+                    layer.keys, layer.values = layer.keys[:, :, start:], layer.values[:, :, start:]
 
 
 def _top(logp, k: int) -> dict[int, float]:

@@ -20,9 +20,13 @@ from tests.test_hotswap_unit import _folders
 PROMPTS = ["Question: 2+3?\nAnswer:", "Hi", "The cat sat on the", "A much longer prompt, longer than the others", "x"]
 
 
-@pytest.fixture(scope="module")
-def served(tiny, tmp_path_factory):
-    plan = SharingPlan.for_model(tiny[0], [2, 3, 5])
+PLANS = {"shared": {"layers": [2, 3, 5]},
+         "hybrid": {"layers": [2, 4, 5], "dropped": [3]}}  # 4 shares 2's attention past dropped 3
+
+
+@pytest.fixture(scope="module", params=sorted(PLANS))
+def served(tiny, tmp_path_factory, request):
+    plan = SharingPlan.for_model(tiny[0], **PLANS[request.param])
     a, b = _folders(tmp_path_factory.mktemp("adapters"), plan)
     bb = Backbone(*load_lisa_model("tiny-llama", plan), base_model="tiny-llama", max_resident=4)
     bb.tokenizer.padding_side = "left"

@@ -71,7 +71,7 @@ def apply_drop(model: "nn.Module", plan: DropPlan) -> "nn.Module":
     # Kept attention layers -> consecutive cache slots (see the module docstring).
     slot = 0
     for i, layer in enumerate(layers):
-        if plan.skips_attention(i):
+        if plan.skips_attention(i) or getattr(layer.self_attn, "dropped", False):  # (or dropped by a LiSA plan)
             continue
         attn_module = layer.self_attn
         setattr(attn_module, _LAYER_IDX_ATTR, attn_module.layer_idx)

@@ -89,8 +89,8 @@ class LoraKind:
             raise AdapterError(f"{directory}: corrupted {WEIGHTS_NAME} ({err})") from None
         self.add(lm, adapter_name, config["lora"])
         state = {_insert_name(k.removeprefix(PEFT_PREFIX), adapter_name): v for k, v in tensors.items()}
-        if lm.pruned:  # LoRA on a pruned W_q/W_k of a substituted layer never ran: nothing to load there
-            pruned = tuple(f"layers.{i}.self_attn.{proj}." for i in lm.lisa_layers for proj in ("q_proj", "k_proj"))
+        if lm.pruned:  # LoRA on a pruned projection (lm.idle_projections) never ran: nothing to load there
+            pruned = tuple(f"layers.{i}.self_attn.{proj}." for i, proj in lm.idle_projections())
             state = {k: v for k, v in state.items() if not any(p in k for p in pruned)}
         own = {k for k in lm.get_base_model().state_dict() if _is_ours(k, adapter_name)}
         if set(state) != own:

@@ -158,13 +158,15 @@ def _sites(model: nn.Module, cfg: HealingConfig, shared_layers) -> Iterator[tupl
     for i, layer in enumerate(_layers(model)):
         if chosen is not None and i not in chosen:
             continue
-        for parent_name in ("self_attn", "mlp"):
+        # A dropped attention (DroppedAttention) never runs, nor does the norm before it: no site there.
+        dropped = getattr(getattr(layer, "self_attn", None), "dropped", False)
+        for parent_name in ("mlp",) if dropped else ("self_attn", "mlp"):
             parent = getattr(layer, parent_name, None)
             for attr in cfg.projections():
                 if parent is not None and isinstance(getattr(parent, attr, None), (nn.Linear, HealedLinear)):
                     yield f"{prefix}{i}.{parent_name}", parent, attr, "linear"
         if cfg.norms:
-            for attr in ("input_layernorm", "post_attention_layernorm"):
+            for attr in ("post_attention_layernorm",) if dropped else ("input_layernorm", "post_attention_layernorm"):
                 if hasattr(layer, attr):
                     yield f"{prefix}{i}", layer, attr, "norm"
 

@@ -1,4 +1,4 @@
-"""Attention modules of a LiSA backbone (HF LLaMA-family: LLaMA, Mistral, Qwen2).
+"""Attention modules of a LiSA backbone (the families of `adapters_hub.architectures`).
 
 Sharing scheme, for a plan substituting layers 3 and 4 (donors 2 and 3):
 
@@ -12,6 +12,9 @@ Sharing scheme, for a plan substituting layers 3 and 4 (donors 2 and 3):
     align(z) = W P z                  (linear, the default) or P z + W2 act(W1 P z) (ffn, the paper's), over
                                       the head axis at every (i, j); P = plan.perm; identity at init
     Z (B, H, Tq, Tk) is pre-softmax and pre-mask; it only lives for the current forward step.
+
+A plan may also drop a layer's attention (`DroppedAttention`: adds nothing, caches nothing);
+a shared layer above it takes the nearest kept-or-shared layer below as its donor.
 
 The `ScoreBus` is the side channel: a donor `put`s its Z, the consumer `take`s it. In eval
 mode a taken Z is freed once its last consumer read it; in training mode it is kept until
@@ -398,6 +401,25 @@ class ScoredAttention(_AttentionBase):
         if self._bus.observer is not None:
             self._bus.observer(self.layer, probs, mask)
         return self._output(probs, v, hidden_states), probs
+
+
+class DroppedAttention(ScoredAttention):
+    """A dropped layer's self-attention: while any adapter of the backbone is active it adds
+    nothing to the residual stream and never touches the KV cache (its slot stays empty);
+    with adapters disabled (the distillation teacher, analysis) it is the layer's original
+    dense attention again. The plan never makes it a donor. Its input norm still runs: the
+    decoder layer's forward is transformers' own, and one norm is what keeping it costs."""
+
+    dropped = True
+
+    def __init__(self, base_attn: nn.Module, bus: ScoreBus) -> None:
+        super().__init__(base_attn, bus)
+        self.active_adapter: str | None = None
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        if self._bus.row_adapters is None and self.active_adapter is None:
+            return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
+        return torch.zeros_like(hidden_states), None
 
 
 class MixAligner(nn.Module):

@@ -6,7 +6,8 @@
     lm.load_adapter("out/gsm8k", "gsm8k"); lm.set_adapter("gsm8k")
     with lm.adapter_per_row(["a", "b", "a"]): lm.generate(...)   # one adapter per row
     lm.add_lora_parts("gsm8k", LoraParts(r=4))            # + low-rank updates of o/v/MLP linears
-    lm.prune_qk()                                          # drop W_q/W_k of substituted layers
+    lm.prune_qk()                                          # free W_q/W_k of substituted layers
+                                                           # (and all of a dropped layer's attention)
 
 Like PEFT's tuners, every adapter tensor sits in a `lisa_*` ModuleDict keyed by adapter
 name inside the replaced attention modules (and, for an adapter's LoRA parts, inside the
@@ -29,7 +30,7 @@ from torch import nn
 from adapters_hub import multi_lora
 from adapters_hub.errors import AdapterMismatchError
 from adapters_hub.lisa.config import LisaConfig
-from adapters_hub.lisa.layer import LisaAttention, ScoreBus, ScoredAttention
+from adapters_hub.lisa.layer import DroppedAttention, LisaAttention, ScoreBus, ScoredAttention
 from adapters_hub.lisa.plan import SharingPlan
 
 PREFIX = "lisa_"
@@ -47,7 +48,8 @@ def decoder_of(model: nn.Module) -> nn.Module:
 
 class SharingPatch:
     """The structural part: swaps attention modules for a plan and back (no adapters).
-    Dense donors become `ScoredAttention`, substituted layers `LisaAttention`."""
+    Dense donors become `ScoredAttention`, substituted layers `LisaAttention`, dropped layers
+    `DroppedAttention`."""
 
     def __init__(self, model: nn.Module, plan: SharingPlan, bus: ScoreBus | None = None,
                  score_all: bool = False) -> None:
@@ -73,10 +75,12 @@ class SharingPatch:
             shared = plan.get(i)
             if isinstance(layer.self_attn, (LisaAttention, ScoredAttention)):
                 raise RuntimeError(f"layer {i} is already wrapped by LiSA; unload the other wrapper first")
-            if shared is None and not (score_all or i in consumers):
+            dropped = i in plan.dropped
+            if shared is None and not (dropped or score_all or i in consumers):
                 continue
             self.originals[i] = layer.self_attn
             layer.self_attn = (LisaAttention(layer.self_attn, shared, self.bus) if shared
+                               else DroppedAttention(layer.self_attn, self.bus) if dropped
                                else ScoredAttention(layer.self_attn, self.bus))
         # Reset the bus at the start of every decoder pass (not per layer: checkpoint recomputation
         # of a layer during backward must still find its donor's scores).
@@ -91,6 +95,10 @@ class SharingPatch:
 
     def lisa_layers(self) -> dict[int, LisaAttention]:
         return {i: l.self_attn for i, l in enumerate(self.layers) if isinstance(l.self_attn, LisaAttention)}
+
+    def gated_layers(self) -> list[LisaAttention | DroppedAttention]:
+        """The layers that act differently while an adapter is active (shared and dropped)."""
+        return [l.self_attn for l in self.layers if isinstance(l.self_attn, (LisaAttention, DroppedAttention))]
 
     def restore(self) -> nn.Module:
         for i, original in self.originals.items():
@@ -231,9 +239,15 @@ class LisaModel(nn.Module):
 
     def _add_parts(self, adapter_name: str, parts: "multi_lora.LoraParts") -> int:
         layers = None if parts.layers == "all" else list(self.plan.layers)
-        # W_q / W_k of a substituted layer never run while an adapter is active: no parts there
-        skip = {(i, proj) for i in self.plan.layers for proj in ("q_proj", "k_proj")}
-        return multi_lora.add(self.model, adapter_name, parts, prefix="lisa_lora_", layers=layers, skip=skip)
+        return multi_lora.add(self.model, adapter_name, parts, prefix="lisa_lora_", layers=layers,
+                              skip=self.idle_projections())
+
+    def idle_projections(self) -> set[tuple[int, str]]:
+        """(layer, projection) pairs that never run while an adapter is active: W_q / W_k of a
+        substituted layer, every projection of a dropped layer's attention (what `prune_qk`
+        frees; no LoRA update goes there)."""
+        idle = {(i, proj) for i in self.plan.layers for proj in ("q_proj", "k_proj")}
+        return idle | {(i, proj) for i in self.plan.dropped for proj in ("q_proj", "k_proj", "v_proj", "o_proj")}
 
     def set_adapter(self, adapter_name: str) -> None:
         """Activate one adapter; only its tensors require grad."""
@@ -241,7 +255,7 @@ class LisaModel(nn.Module):
             raise KeyError(f"adapter_name: {adapter_name!r} is not loaded (loaded: {', '.join(self.peft_config)})")
         self._active = adapter_name
         self._router.active["lisa"] = adapter_name
-        for layer in self.lisa_layers.values():
+        for layer in self._patch.gated_layers():
             layer.active_adapter = adapter_name
         self._refresh_grad()
 
@@ -254,6 +268,8 @@ class LisaModel(nn.Module):
         del self.peft_config[adapter_name]
         if self._active == adapter_name:
             self._active = None
+            for layer in self._patch.gated_layers():
+                layer.active_adapter = None
             if self.peft_config:
                 self.set_adapter(next(iter(self.peft_config)))
 
@@ -263,9 +279,9 @@ class LisaModel(nn.Module):
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
-        """Substituted layers run their original dense attention (needs W_q/W_k); no LoRA
-        update of any adapter applies."""
-        layers = self.lisa_layers.values()
+        """Substituted and dropped layers run their original dense attention (needs W_q/W_k);
+        no LoRA update of any adapter applies."""
+        layers = self._patch.gated_layers()
         active = dict(self._router.active)
         for layer in layers:
             layer.active_adapter = None
@@ -365,15 +381,20 @@ class LisaModel(nn.Module):
 
     # ---- backbone -----------------------------------------------------------------
     def prune_qk(self) -> int:
-        """Drop the full W_q and W_k of every substituted layer; returns the parameters freed."""
+        """Free the full W_q and W_k of every substituted layer, and every projection of a
+        dropped layer's attention (none of them runs while an adapter is active); returns
+        the parameters freed."""
         freed = 0
-        for i, layer in self.lisa_layers.items():
+        layers = {**self.lisa_layers, **{i: self._patch.layers[i].self_attn for i in self.plan.dropped}}
+        for i, layer in sorted(layers.items()):
             if layer.q_proj is None:
                 continue
-            freed += sum(p.numel() for m in (layer.q_proj, layer.k_proj) for p in m.parameters())
-            layer.q_proj = layer.k_proj = None
+            names = ("q_proj", "k_proj", "v_proj", "o_proj") if i in self.plan.dropped else ("q_proj", "k_proj")
+            freed += sum(p.numel() for n in names for p in getattr(layer, n).parameters())
             original = self._patch.originals[i]
-            original.q_proj = original.k_proj = None
+            for n in names:
+                setattr(layer, n, None)
+                setattr(original, n, None)
         self.pruned = True
         return freed
 

@@ -1,4 +1,5 @@
-"""The sharing plan of a backbone: which layers reuse which donor's attention scores.
+"""The sharing plan of a backbone: per layer, keep its dense attention, share a donor's
+attention scores (LiSA), or drop the attention branch (no attention, no KV cache).
 
 A plan is made once per base model (usually from an `AttentionReport`) and shared by every
 task adapter of that backbone; an adapter records the plan's hash and refuses a backbone
@@ -6,6 +7,11 @@ with another plan.
 
     plan = SharingPlan.from_report(report, fraction=0.6, protect_first=2)
     plan = SharingPlan.explicit(num_layers=30, num_heads=9, head_dim=64, layers=[5, 6, 7])
+    plan = SharingPlan.explicit(..., layers=[5, 7], dropped=[6])   # hybrid: 7 takes 5's scores
+
+A dropped layer is never a donor: a shared layer whose nearest layer below is dropped takes
+the nearest kept-or-shared layer as its donor. KV cache per token and KV head: a kept layer
+holds K and V (2 d), a shared layer its rank-r K and V (r + d), a dropped layer nothing.
     plan.save("plan.json"); SharingPlan.load("plan.json").hash == plan.hash
 """
 
@@ -55,12 +61,17 @@ class SharingPlan:
     head_dim: int
     shared: tuple[SharedLayer, ...] = ()
     meta: dict[str, Any] = field(default_factory=dict, compare=False)  # provenance; not hashed
+    dropped: tuple[int, ...] = ()  # layers whose attention branch is skipped (no attention, no KV)
 
     def __post_init__(self) -> None:
         for i, s in enumerate(self.shared):
             if not isinstance(s, SharedLayer):
                 raise PlanError(f"shared[{i}]: must be a SharedLayer, got {type(s).__name__}")
         object.__setattr__(self, "shared", tuple(sorted(self.shared, key=lambda s: s.layer)))
+        for i, layer in enumerate(self.dropped):
+            if isinstance(layer, bool) or not isinstance(layer, int):
+                raise PlanError(f"dropped[{i}]: must be a layer index, got {layer!r}")
+        object.__setattr__(self, "dropped", tuple(sorted(self.dropped)))
         self.validate()
 
     # ---- construction -------------------------------------------------------------
@@ -76,22 +87,25 @@ class SharingPlan:
         perms: dict[int, Iterable[int]] | None = None,
         rank: "int | dict[int, int] | None" = None,
         meta: dict[str, Any] | None = None,
+        dropped: Iterable[int] = (),
     ) -> "SharingPlan":
-        """A plan given by hand: donor defaults to layer - 1, perm to the identity; `rank` is
-        one rank for every layer or {layer: rank} (missing layers: default_rank)."""
+        """A plan given by hand: donor defaults to the nearest layer below that is not
+        dropped, perm to the identity; `rank` is one rank for every layer or {layer: rank}
+        (missing layers: default_rank); `dropped` lists layers whose attention is skipped."""
         donors, perms = donors or {}, perms or {}
+        dropped = tuple(int(l) for l in dropped)
         ranks = rank if isinstance(rank, dict) else {}
         r = default_rank(head_dim) if rank is None or isinstance(rank, dict) else rank
         shared = tuple(
             SharedLayer(
                 layer=int(l),
-                donor=int(donors.get(l, l - 1)),
+                donor=int(donors.get(l, nearest_donor(int(l), dropped))),
                 perm=tuple(int(p) for p in perms.get(l, range(num_heads))),
                 rank=int(ranks.get(l, r)),
             )
             for l in layers
         )
-        return cls(num_layers, num_heads, head_dim, shared, dict(meta or {}))
+        return cls(num_layers, num_heads, head_dim, shared, dict(meta or {}), dropped)
 
     @classmethod
     def for_model(cls, model, layers: Iterable[int], **kwargs) -> "SharingPlan":
@@ -141,11 +155,17 @@ class SharingPlan:
 
     @classmethod
     def from_layers(cls, report: "AttentionReport", layers: Iterable[int], *,
-                    rank: "int | dict[int, int] | None" = None, meta: dict[str, Any] | None = None) -> "SharingPlan":
-        """Substitute exactly `layers`, each sharing its predecessor's aligned attention."""
+                    rank: "int | dict[int, int] | None" = None, meta: dict[str, Any] | None = None,
+                    dropped: Iterable[int] = ()) -> "SharingPlan":
+        """Substitute exactly `layers`, each sharing its predecessor's aligned attention (the
+        report's head permutation is measured against layer - 1; a layer whose donor is
+        further down, past dropped layers, starts from the identity and its aligner learns
+        the mix), and skip the attention of `dropped`."""
         layers = sorted(int(l) for l in layers)
+        dropped = sorted(int(l) for l in dropped)
+        perms = {l: report.perm[l] for l in layers if nearest_donor(l, dropped) == l - 1}
         return cls.explicit(num_layers=report.num_layers, num_heads=report.num_heads, head_dim=report.head_dim,
-                            layers=layers, perms={l: report.perm[l] for l in layers}, rank=rank,
+                            layers=layers, perms=perms, rank=rank, dropped=dropped,
                             meta={"base": report.base, "report_fingerprint": report.fingerprint, **(meta or {})})
 
     # ---- checks -------------------------------------------------------------------
@@ -170,6 +190,22 @@ class SharingPlan:
                 raise PlanError(f"{where}.rank: {s.rank} must be >= 1 and < head_dim={self.head_dim}")
             if sorted(s.perm) != list(range(self.num_heads)):
                 raise PlanError(f"{where}.perm: {list(s.perm)} is not a permutation of 0..{self.num_heads - 1}")
+        for i, layer in enumerate(self.dropped):
+            where = f"dropped[{i}]"
+            if layer == 0:
+                raise PlanError(f"{where}: layer 0 cannot be dropped (transformers reads the sequence length "
+                                "from its KV-cache slot)")
+            if not 0 < layer < self.num_layers:
+                raise PlanError(f"{where}: {layer} is out of range 1..{self.num_layers - 1}")
+            if layer in seen:
+                raise PlanError(f"{where}: layer {layer} is both shared and dropped" if self.get(layer)
+                                else f"{where}: layer {layer} appears twice")
+            seen.add(layer)
+        for i, s in enumerate(self.shared):
+            if s.donor in self.dropped:
+                raise PlanError(f"shared[{i}].donor: layer {s.layer}'s donor {s.donor} is dropped; a donor must "
+                                f"keep its attention (nearest kept-or-shared layer below: "
+                                f"{nearest_donor(s.layer, self.dropped)})")
 
     def check_model(self, model) -> None:
         """Raise if this plan does not fit the shape of a HF model."""
@@ -180,6 +216,12 @@ class SharingPlan:
             if getattr(self, name) != value:
                 raise PlanError(f"{name}: plan has {getattr(self, name)}, the model has {value}")
         types = getattr(cfg, "layer_types", None)  # per-layer attention kinds (sliding windows)
+        if types is not None and self.dropped:
+            firsts = {types.index(kind): kind for kind in set(types)}
+            for layer in self.dropped:
+                if layer in firsts:
+                    raise PlanError(f"dropped: layer {layer} is the first {firsts[layer]} layer; transformers reads "
+                                    "that kind's mask sizes from its KV-cache slot, so it cannot be dropped")
         if types is not None and getattr(cfg, "sliding_window", None):
             for shared in self.shared:
                 if types[shared.layer] != types[shared.donor]:
@@ -202,14 +244,20 @@ class SharingPlan:
     def get(self, layer: int) -> SharedLayer | None:
         return next((s for s in self.shared if s.layer == layer), None)
 
+    def choice(self, layer: int) -> str:
+        """What the plan does with `layer`'s attention: "keep", "share" or "drop"."""
+        return "drop" if layer in self.dropped else "share" if self.get(layer) else "keep"
+
     @property
     def fraction(self) -> float:
-        return len(self.shared) / self.num_layers
+        """The share of layers whose own attention is gone (shared or dropped)."""
+        return (len(self.shared) + len(self.dropped)) / self.num_layers
 
     # ---- serialisation ------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return {"num_layers": self.num_layers, "num_heads": self.num_heads, "head_dim": self.head_dim,
-                "shared": [s.to_dict() for s in self.shared], "meta": self.meta, "hash": self.hash}
+                "shared": [s.to_dict() for s in self.shared], "dropped": list(self.dropped), "meta": self.meta,
+                "hash": self.hash}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "SharingPlan":
@@ -217,7 +265,7 @@ class SharingPlan:
             shared = tuple(SharedLayer(int(s["layer"]), int(s["donor"]), tuple(int(p) for p in s["perm"]),
                                        int(s["rank"])) for s in data["shared"])
             plan = cls(int(data["num_layers"]), int(data["num_heads"]), int(data["head_dim"]), shared,
-                       dict(data.get("meta") or {}))
+                       dict(data.get("meta") or {}), tuple(int(l) for l in data.get("dropped") or ()))
         except KeyError as err:
             raise PlanError(f"{err.args[0]}: missing from the plan JSON") from None
         if "hash" in data and data["hash"] != plan.hash:
@@ -243,29 +291,48 @@ class SharingPlan:
 
     @property
     def hash(self) -> str:
-        """Stable content hash (shape + shared layers; `meta` excluded), 16 hex digits."""
+        """Stable content hash (shape + shared + dropped layers; `meta` excluded), 16 hex
+        digits. A plan that drops nothing hashes as plans did before `dropped` existed."""
         core = {"num_layers": self.num_layers, "num_heads": self.num_heads, "head_dim": self.head_dim,
                 "shared": [s.to_dict() for s in self.shared]}
+        if self.dropped:
+            core["dropped"] = list(self.dropped)
         return hashlib.sha256(json.dumps(core, sort_keys=True, separators=(",", ":")).encode()).hexdigest()[:16]
 
     def kv_bytes_per_token(self, num_kv_heads: int, itemsize: int = 4) -> int:
         """Bytes of KV cache one token costs: a dense layer caches K and V (head_dim each per
-        KV head), a substituted layer its rank-r K and its V."""
+        KV head), a substituted layer its rank-r K and its V, a dropped layer nothing."""
         return sum(num_kv_heads * ((s.rank if s else self.head_dim) + self.head_dim) * itemsize
-                   for s in (self.get(i) for i in range(self.num_layers)))
+                   for i, s in ((i, self.get(i)) for i in range(self.num_layers)) if i not in self.dropped)
+
+    def kv_ratio(self, num_kv_heads: int) -> float:
+        """Dense KV bytes per token / this plan's (2.0: a cache half the size)."""
+        dense = self.num_layers * num_kv_heads * 2 * self.head_dim
+        return dense * 4 / self.kv_bytes_per_token(num_kv_heads)
 
     def summary(self, num_kv_heads: int | None = None) -> str:
         layers = ",".join(str(l) for l in self.layers)
+        dropped = f", {len(self.dropped)} dropped [{','.join(map(str, self.dropped))}]" if self.dropped else ""
         ranks = sorted({s.rank for s in self.shared})
         rank = (f"rank {ranks}" if len(ranks) <= 1 else
                 "ranks " + ",".join(f"{s.layer}:{s.rank}" for s in self.shared if s.rank != min(ranks))
                 + f" (others {min(ranks)})")
         kv = ""
         if num_kv_heads:
-            dense = self.num_layers * num_kv_heads * 2 * self.head_dim * 4
-            mine = self.kv_bytes_per_token(num_kv_heads)
-            kv = f", KV {mine:,} B/token fp32 ({dense / mine:.2f}x less than dense)"
-        return f"SharingPlan({len(self.shared)}/{self.num_layers} layers shared [{layers}], {rank}{kv}, hash {self.hash})"
+            kv = (f", KV {self.kv_bytes_per_token(num_kv_heads):,} B/token fp32 "
+                  f"({self.kv_ratio(num_kv_heads):.2f}x less than dense)")
+        return (f"SharingPlan({len(self.shared)}/{self.num_layers} layers shared [{layers}]{dropped}, {rank}{kv}, "
+                f"hash {self.hash})")
+
+
+def nearest_donor(layer: int, dropped: Iterable[int]) -> int:
+    """The donor a shared `layer` takes by default: the nearest layer below it that keeps
+    or shares its attention (a dropped layer has no scores to give)."""
+    dropped = set(dropped)
+    donor = layer - 1
+    while donor in dropped:
+        donor -= 1
+    return donor
 
 
 def ranks_by_sensitivity(layers: Iterable[int], sensitivity: dict[int, float], *, base_rank: int,
@@ -329,5 +396,87 @@ def choose_layers(sensitivity: dict[int, float], *, num_layers: int, fraction: f
     return sorted(order[:lo])
 
 
-__all__ = ["PlanError", "SharedLayer", "SharingPlan", "choose_layers", "default_rank", "predicted_converted_ppl",
-           "ranks_by_sensitivity"]
+def hybrid_steps(share: dict[int, float], drop: dict[int, float], *, head_dim: int,
+                 ranks: dict[int, int]) -> list[tuple[dict[int, int], list[int]]]:
+    """The greedy path from the dense model to every candidate layer changed: at each step
+    the move with the least sensitivity per KV byte saved, among sharing a kept layer
+    (saves d - r per KV head), dropping a kept layer (saves 2 d) and dropping a shared one
+    (saves d + r; its cost is the difference of its two sensitivities). `share` and `drop`
+    are each layer's measured sensitivity (perplexity increase, one layer changed alone);
+    layers absent from either are never changed that way. Returns the plans after each
+    step, as ({shared layer: rank}, sorted dropped layers); every step saves bytes."""
+    shared: dict[int, int] = {}
+    dropped: set[int] = set()
+    steps: list[tuple[dict[int, int], list[int]]] = []
+    while True:
+        moves = []  # (cost per unit saved, layer, what)
+        for l in sorted(set(share) | set(drop)):
+            if l in dropped:
+                continue
+            if l in shared:
+                if l in drop:
+                    moves.append(((drop[l] - share[l]) / (head_dim + shared[l]), l, "drop"))
+                continue
+            if l in share:
+                moves.append((share[l] / (head_dim - ranks[l]), l, "share"))
+            if l in drop:
+                moves.append((drop[l] / (2 * head_dim), l, "drop"))
+        if not moves:
+            return steps
+        _, layer, what = min(moves)
+        if what == "share":
+            shared[layer] = ranks[layer]
+        else:
+            shared.pop(layer, None)
+            dropped.add(layer)
+        steps.append((dict(sorted(shared.items())), sorted(dropped)))
+
+
+def _kv_fraction(shared: dict[int, int], dropped, num_layers: int, head_dim: int) -> float:
+    units = sum(0 if l in dropped else head_dim + shared[l] if l in shared else 2 * head_dim
+                for l in range(num_layers))
+    return units / (num_layers * 2 * head_dim)
+
+
+def choose_hybrid(share: dict[int, float], drop: dict[int, float], *, num_layers: int, head_dim: int,
+                  ranks: dict[int, int], kv_budget: float | None = None, max_ppl_increase: float | None = None,
+                  base_ppl: float | None = None,
+                  combined_ppl: Callable[[dict[int, int], list[int]], float] | None = None
+                  ) -> tuple[dict[int, int], list[int]]:
+    """({shared layer: rank}, dropped layers) along `hybrid_steps`:
+
+    kv_budget         the first plan whose KV cache is at most kv_budget x dense
+    max_ppl_increase  the plan with the least KV whose combined perplexity, measured by
+                      `combined_ppl(shared, dropped)`, stays <= (1 + max_ppl_increase) x
+                      base_ppl; searched by bisection over the steps (perplexity grows
+                      along them), about log2(steps) measurements.
+    """
+    if (kv_budget is None) == (max_ppl_increase is None):
+        raise PlanError("kv_budget: give exactly one of kv_budget and max_ppl_increase")
+    steps = hybrid_steps(share, drop, head_dim=head_dim, ranks=ranks)
+    if kv_budget is not None:
+        if not 0 < kv_budget < 1:
+            raise PlanError(f"kv_budget: must be in (0, 1) (a fraction of the dense KV cache), got {kv_budget}")
+        for shared, dropped in steps:
+            if _kv_fraction(shared, dropped, num_layers, head_dim) <= kv_budget + 1e-12:
+                return shared, dropped
+        smallest = _kv_fraction(*steps[-1], num_layers, head_dim) if steps else 1.0
+        raise PlanError(f"kv_budget: {kv_budget} is out of reach; changing every candidate layer leaves "
+                        f"{smallest:.3f} of the dense KV cache")
+    if not max_ppl_increase >= 0:
+        raise PlanError(f"max_ppl_increase: must be >= 0, got {max_ppl_increase}")
+    if combined_ppl is None or base_ppl is None:
+        raise PlanError("max_ppl_increase: needs base_ppl and a combined_ppl(shared, dropped) measurement")
+    limit = (1.0 + max_ppl_increase) * base_ppl
+    lo, hi = 0, len(steps)  # steps[:lo] are within budget (lo = 0: the dense model); past hi are not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if combined_ppl(*steps[mid - 1]) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return steps[lo - 1] if lo else ({}, [])
+
+
+__all__ = ["PlanError", "SharedLayer", "SharingPlan", "choose_hybrid", "choose_layers", "default_rank",
+           "hybrid_steps", "nearest_donor", "predicted_converted_ppl", "ranks_by_sensitivity"]
