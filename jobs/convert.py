@@ -51,7 +51,13 @@ class ConvertSpec:
                                            # conversion is predicted to reach from the local-init probe) or
                                            # "init" (the probe itself, as before)
     planner_exponent: float = PLANNER_EXPONENT  # converted = base * (probe / base) ** exponent
+    kv_budget: float | None = None         # e.g. 0.5: the first plan (greedy by sensitivity per KV byte saved)
+                                           # whose KV cache is at most this fraction of dense
+    drop_attention: bool = False           # --kv-budget / --max-ppl-increase may also drop layers' attention
+                                           # (a hybrid plan: keep, share or drop each layer; a drop scan is
+                                           # added to the sensitivity scan, ~1 CPU-min on SmolLM2)
     layers: list[int] | None = None        # substitute exactly these layers (no sensitivity scan)
+    dropped: list[int] | None = None       # with --layers: drop exactly these layers' attention
     choose_by: str = "sensitivity"         # --fraction's layers: "sensitivity" (a scan of every layer after
                                            # local init, ~9 CPU-min on SmolLM2) or "analysis" (attention
                                            # divergence to the donor: seconds; the demo's choice)
@@ -95,12 +101,22 @@ class ConvertSpec:
     def __post_init__(self) -> None:
         from adapters_hub.lisa.config import ALIGNERS
 
-        if sum(x is not None for x in (self.fraction, self.max_ppl_increase, self.layers)) > 1:
-            raise ValueError("fraction: give one of --fraction, --max-ppl-increase and --layers")
-        if self.fraction is None and self.max_ppl_increase is None and self.layers is None:
+        if sum(x is not None for x in (self.fraction, self.max_ppl_increase, self.kv_budget, self.layers)) > 1:
+            raise ValueError("fraction: give one of --fraction, --max-ppl-increase, --kv-budget and --layers")
+        if self.dropped is not None and self.layers is None:
+            raise ValueError("dropped: give it with --layers (an explicit plan); the planner drops by itself "
+                             "with --drop-attention")
+        if self.drop_attention and self.max_ppl_increase is None and self.kv_budget is None:
+            raise ValueError("drop_attention: needs --kv-budget or --max-ppl-increase (the planner's target)")
+        if self.kv_budget is not None and not 0 < self.kv_budget < 1:
+            raise ValueError(f"kv_budget: must be in (0, 1) (a fraction of the dense KV cache), got {self.kv_budget}")
+        if (self.fraction is None and self.max_ppl_increase is None and self.kv_budget is None
+                and self.layers is None):
             self.fraction = 0.6
-        if self.layers is not None and (not self.layers or not all(isinstance(l, int) and l >= 1 for l in self.layers)):
-            raise ValueError(f"layers: must be a non-empty list of layer indices >= 1, got {self.layers!r}")
+        if self.layers is not None and not all(isinstance(l, int) and l >= 1 for l in self.layers):
+            raise ValueError(f"layers: must be a list of layer indices >= 1, got {self.layers!r}")
+        if self.layers is not None and not self.layers and not self.dropped:
+            raise ValueError("layers: an empty plan; give layers to share (or --dropped layers to drop)")
         if self.fraction is not None and not 0 < self.fraction < 1:
             raise ValueError(f"fraction: must be in (0, 1), got {self.fraction}")
         if self.max_ppl_increase is not None and not self.max_ppl_increase >= 0:
@@ -182,7 +198,8 @@ def main(spec: ConvertSpec) -> dict:
         runtime.connect()
     runtime.use_all_cores()
     torch.manual_seed(0)
-    choice = {"fraction": spec.fraction, "max_ppl_increase": spec.max_ppl_increase, "layers": spec.layers}
+    choice = {"fraction": spec.fraction, "max_ppl_increase": spec.max_ppl_increase, "kv_budget": spec.kv_budget,
+              "drop_attention": spec.drop_attention or None, "layers": spec.layers, "dropped": spec.dropped}
     print(f"[convert] base={spec.base} " + " ".join(f"{k}={v}" for k, v in choice.items() if v is not None), flush=True)
     model, tok = load_base(spec.base)
     fp = fingerprint(model)
@@ -228,14 +245,15 @@ def main(spec: ConvertSpec) -> dict:
     metrics.update(kv_bytes_per_token=float(plan.kv_bytes_per_token(kvh)),
                    kv_ratio=plan.num_layers * kvh * 2 * plan.head_dim * 4 / plan.kv_bytes_per_token(kvh))
     metrics.update(init_seconds=init_seconds, train_seconds=train_seconds, shared_layers=len(plan.shared),
-                   fraction=plan.fraction, steps=float(history[-1]["step"]) if history else 0.0)
+                   dropped_layers=len(plan.dropped), fraction=plan.fraction, steps=float(history[-1]["step"]) if history else 0.0)
     for k, v in metrics.items():
         print(f"[eval] {k} = {v:.4f}", flush=True)
 
     # 7. the backbone folder, registration ---------------------------------------------------
     folder = _write_backbone(Path(spec.out) if spec.out else work / "backbone", plan, report, fits,
                              sensitivity, adapter_dir, healing_dir, metrics, spec)
-    result = {"base": spec.base, "plan_hash": plan.hash, "layers": list(plan.layers), "metrics": metrics,
+    result = {"base": spec.base, "plan_hash": plan.hash, "layers": list(plan.layers), "dropped": list(plan.dropped),
+              "metrics": metrics,
               "folder": str(folder), "seconds": round(time.perf_counter() - t0, 1)}
     if uri:
         result.update(_register(uri, spec, plan, fp, folder, metrics, history, run_id=run_id))
@@ -259,9 +277,11 @@ def _choose_plan(spec: ConvertSpec, model, report, calib, fp):
     from adapters_hub.lisa.plan import SharingPlan, choose_layers, predicted_converted_ppl
 
     if spec.layers is not None:
-        if max(spec.layers) >= report.num_layers:
-            raise ValueError(f"layers: {spec.layers} has a layer past the last one ({report.num_layers - 1})")
-        return SharingPlan.from_layers(report, spec.layers, meta={"source": "convert", "aligner": spec.aligner}), {}
+        if max(spec.layers + (spec.dropped or [])) >= report.num_layers:
+            raise ValueError(f"layers: {spec.layers} / dropped {spec.dropped} has a layer past the last one "
+                             f"({report.num_layers - 1})")
+        return SharingPlan.from_layers(report, spec.layers, dropped=spec.dropped or (),
+                                       meta={"source": "convert", "aligner": spec.aligner}), {}
     if spec.choose_by == "analysis":
         plan = SharingPlan.from_report(report, fraction=spec.fraction)
         return SharingPlan.from_layers(report, plan.layers, meta={"source": "convert", "choose_by": "analysis",
@@ -275,31 +295,52 @@ def _choose_plan(spec: ConvertSpec, model, report, calib, fp):
     print(f"[convert] sensitivities of {len(sensitivity)} layers after local init ({time.perf_counter() - t:.0f}s); "
           f"base calibration perplexity {base_ppl:.2f}", flush=True)
 
-    def combined_ppl(layers: list[int]) -> float:
-        lm = LisaModel(model, LisaConfig(plan=SharingPlan.from_layers(report, layers), aligner=spec.aligner),
-                       fingerprint=fp)
+    def combined_ppl(layers, dropped=()) -> float:
+        plan = SharingPlan.from_layers(report, layers, rank=dict(layers) if isinstance(layers, dict) else None,
+                                       dropped=dropped)
+        lm = LisaModel(model, LisaConfig(plan=plan, aligner=spec.aligner), fingerprint=fp)
         try:
             local_init(lm, fit, steps=spec.sensitivity_steps, log=None)
             ppl = perplexity(lm, measure, progress=False)
         finally:
             lm.unload()
+        what = f"{len(layers)} shared" + (f" + {len(dropped)} dropped" if dropped else "")
         if spec.planner == "init":
-            print(f"[convert]   {len(layers)} layers: calibration perplexity after local init {ppl:.2f} "
+            print(f"[convert]   {what}: calibration perplexity after local init {ppl:.2f} "
                   f"({ppl / base_ppl - 1:+.1%})", flush=True)
             return ppl
         predicted = predicted_converted_ppl(ppl, base_ppl, spec.planner_exponent)
-        print(f"[convert]   {len(layers)} layers: after local init {ppl:.2f} ({ppl / base_ppl - 1:+.1%}), predicted "
+        print(f"[convert]   {what}: after local init {ppl:.2f} ({ppl / base_ppl - 1:+.1%}), predicted "
               f"converted {predicted:.2f} ({predicted / base_ppl - 1:+.1%})", flush=True)
         return predicted
 
+    from adapters_hub.lisa.plan import default_rank, ranks_by_sensitivity
+
+    meta = {"source": "convert", "fraction": spec.fraction, "max_ppl_increase": spec.max_ppl_increase,
+            "kv_budget": spec.kv_budget, "drop_attention": spec.drop_attention, "aligner": spec.aligner,
+            "ranks": spec.ranks}
+    if spec.kv_budget is not None or spec.drop_attention:  # the hybrid planner (sharing only without drops)
+        from adapters_hub.lisa.analysis import drop_sensitivity
+        from adapters_hub.lisa.plan import choose_hybrid
+
+        drops: dict[int, float] = {}
+        if spec.drop_attention:
+            t = time.perf_counter()
+            _, drops = drop_sensitivity(model, measure, fingerprint=fp, progress=True)
+            report.drop_sensitivity = drops
+            print(f"[convert] drop sensitivities of {len(drops)} layers ({time.perf_counter() - t:.0f}s)", flush=True)
+        base_rank = default_rank(report.head_dim)
+        ranks = (ranks_by_sensitivity(sensitivity, sensitivity, base_rank=base_rank, boost=spec.rank_boost,
+                                      max_rank=report.head_dim - 1) if spec.ranks == "sensitivity"
+                 else {l: base_rank for l in sensitivity})
+        shared, dropped = choose_hybrid(sensitivity, drops, num_layers=report.num_layers, head_dim=report.head_dim,
+                                        ranks=ranks, kv_budget=spec.kv_budget, max_ppl_increase=spec.max_ppl_increase,
+                                        base_ppl=base_ppl, combined_ppl=combined_ppl)
+        return SharingPlan.from_layers(report, shared, rank=shared, dropped=dropped, meta=meta), sensitivity
     layers = choose_layers(sensitivity, num_layers=report.num_layers, fraction=spec.fraction,
                            max_ppl_increase=spec.max_ppl_increase, base_ppl=base_ppl, combined_ppl=combined_ppl)
-    meta = {"source": "convert", "fraction": spec.fraction, "max_ppl_increase": spec.max_ppl_increase,
-            "aligner": spec.aligner, "ranks": spec.ranks}
     rank = None
     if spec.ranks == "sensitivity":
-        from adapters_hub.lisa.plan import default_rank, ranks_by_sensitivity
-
         rank = ranks_by_sensitivity(layers, sensitivity, base_rank=default_rank(report.head_dim),
                                     boost=spec.rank_boost, max_rank=report.head_dim - 1)
     return SharingPlan.from_layers(report, layers, rank=rank, meta=meta), sensitivity
@@ -335,6 +376,10 @@ def _write_backbone(folder: Path, plan, report, fits, sensitivity, adapter_dir, 
     folder.mkdir(parents=True, exist_ok=True)
     plan.save(folder / "plan.json")
     report.save(folder)  # report.json (+ heatmap.png with the sensitivities)
+    if report.sensitivity or report.drop_sensitivity:
+        from adapters_hub.lisa.analysis import plan_figure
+
+        plan_figure(plan, report, folder / "plan.png")  # per layer: keep / share / drop, and both sensitivities
     (folder / "local_init.json").write_text(json.dumps([f.to_dict() for f in fits], indent=2) + "\n")
     (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(folder / "adapter", ignore_errors=True)
@@ -519,7 +564,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--fraction", type=float, default=None, help="share this fraction of the layers (default 0.6)")
     group.add_argument("--max-ppl-increase", type=float, default=None,
                        help="share the most layers whose predicted converted perplexity stays within this of the base")
+    group.add_argument("--kv-budget", type=float, default=None,
+                       help="the first plan whose KV cache is at most this fraction of dense, e.g. 0.5")
     group.add_argument("--layers", type=_layer_list, default=None, help="share exactly these layers, e.g. 2,3,5")
+    parser.add_argument("--drop-attention", action="store_true",
+                        help="let --kv-budget / --max-ppl-increase drop layers' attention too (a hybrid plan)")
+    parser.add_argument("--dropped", type=_layer_list, default=None,
+                        help="with --layers: drop exactly these layers' attention, e.g. 4,7")
     parser.add_argument("--planner", default=d.planner, choices=("converted", "init"),
                         help="what --max-ppl-increase judges: predicted converted perplexity, or the local-init one")
     parser.add_argument("--planner-exponent", type=float, default=d.planner_exponent)

@@ -2,7 +2,8 @@
 sub-commands through `add_commands(subparsers)` (COMMAND_MODULES); handlers import heavy
 libraries only when they run. This module's own:
 
-  lisa-hub convert --base B [--fraction F | --max-ppl-increase X] [--register] [--submit]
+  lisa-hub convert --base B [--fraction F | --max-ppl-increase X | --kv-budget K [--drop-attention]]
+                   [--register] [--submit]
                                               dense base -> LiSA backbone (jobs/convert.py)
   lisa-hub adapt --task gsm8k [--profile quick] [--base B] [--kind lisa] [--backbone dense]   run the job here
   lisa-hub submit gsm8k [--follow]            submit it to the Ray cluster as a job
@@ -205,10 +206,11 @@ def _convert(args) -> int:
     if spec.out:
         raise ValueError("out: a submitted conversion runs on the cluster; use --register, not --out")
     options = {k: v for k, v in dataclasses.asdict(spec).items()
-               if k not in ("base", "fraction", "max_ppl_increase", "minutes", "init_only", "register", "fresh_start",
-                            "out")}
+               if k not in ("base", "fraction", "max_ppl_increase", "kv_budget", "drop_attention", "minutes",
+                            "init_only", "register", "fresh_start", "out")}
     job = sdk.submit_conversion(base_model=spec.base, fraction=spec.fraction,
-                                max_ppl_increase=spec.max_ppl_increase, minutes=spec.minutes,
+                                max_ppl_increase=spec.max_ppl_increase, kv_budget=spec.kv_budget,
+                                drop_attention=spec.drop_attention, minutes=spec.minutes,
                                 init_only=spec.init_only, register=spec.register, options=options,
                                 fresh_start=spec.fresh_start)
     print(f"submitted conversion {job.id}  (dashboard: {job.address}/#/jobs/{job.id})")

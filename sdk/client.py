@@ -220,6 +220,8 @@ def submit_conversion(
     base_model: str = "smollm2-135m",
     fraction: float | None = None,
     max_ppl_increase: float | None = None,
+    kv_budget: float | None = None,
+    drop_attention: bool = False,
     minutes: float = 15.0,
     init_only: bool = False,
     register: bool = True,
@@ -230,19 +232,22 @@ def submit_conversion(
 ) -> "ConversionJob":
     """Submit the conversion of `base_model` into a LiSA backbone as a Ray job (jobs/convert.py).
 
-    Exactly one of `fraction` (share that fraction of the layers) and `max_ppl_increase`
-    (share the most layers whose perplexity stays within it) may be given; neither means
-    fraction 0.6. `options` sets other ConvertSpec fields (e.g. {"lr": 1e-3}). With
+    At most one of `fraction` (share that fraction of the layers), `max_ppl_increase`
+    (share the most layers whose perplexity stays within it) and `kv_budget` (the first plan
+    whose KV cache is at most that fraction of dense) may be given; none means fraction 0.6.
+    `drop_attention` lets the planner drop layers' attention too (a hybrid plan). `options` sets other ConvertSpec fields (e.g. {"lr": 1e-3}). With
     `register`, the result becomes `backbone-<base>@champion` with its general adapter.
 
     >>> job = submit_conversion(base_model="smollm2-135m", fraction=0.6, minutes=15)  # doctest: +SKIP
     >>> job.wait().metrics["converted.ppl_ratio"]  # doctest: +SKIP
     1.4
+    >>> submit_conversion(base_model="smollm2-135m", kv_budget=0.5, drop_attention=True)  # doctest: +SKIP
     """
     from adapters_hub.models import check_base
     from jobs.convert import ConvertSpec
 
-    fields = {"base": base_model, "fraction": fraction, "max_ppl_increase": max_ppl_increase, "minutes": minutes,
+    fields = {"base": base_model, "fraction": fraction, "max_ppl_increase": max_ppl_increase, "kv_budget": kv_budget,
+              "drop_attention": drop_attention, "minutes": minutes,
               "init_only": init_only, "register": register, "fresh_start": fresh_start, **(options or {})}
     unknown = sorted(set(fields) - set(ConvertSpec.__dataclass_fields__) - {"out"})
     if unknown:

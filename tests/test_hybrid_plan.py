@@ -203,3 +203,37 @@ def test_choose_hybrid_meets_a_kv_budget_or_the_longest_prefix_within_a_ppl_budg
     nxt = steps[steps.index((shared, sorted(dropped))) + 1]
     assert measure(*nxt) > 13.0  # the next step would break the budget
     assert len(calls) <= 8  # bisection, not a scan
+
+
+def test_conversion_job_plans_a_hybrid_backbone_within_a_kv_budget(tmp_path, capsys):
+    """`python -m jobs.convert --kv-budget 0.6 --drop-attention --init-only` on tiny-llama:
+    both scans run, the plan meets the budget and the folder shows the per-layer choices."""
+    from jobs.convert import ConvertSpec, main
+
+    spec = ConvertSpec(base="tiny-llama", kv_budget=0.6, drop_attention=True, init_only=True, eval_blocks=2,
+                       eval_len=64, calib_blocks=8, init_steps=3, sensitivity_steps=2, seq_len=64, batch_size=2,
+                       out=str(tmp_path / "bb"))
+    result = main(spec)
+    plan = SharingPlan.load(tmp_path / "bb" / "plan.json")
+    assert plan.hash == result["plan_hash"] and plan.dropped == tuple(result["dropped"])
+    assert plan.kv_bytes_per_token(2) <= 0.6 * 6 * 2 * 2 * 16 * 4
+    assert (tmp_path / "bb" / "plan.png").is_file()
+    from adapters_hub.lisa.analysis import AttentionReport
+
+    report = AttentionReport.load(tmp_path / "bb")
+    assert set(report.drop_sensitivity) == {1, 2, 3, 4, 5} and set(report.sensitivity) == {1, 2, 3, 4, 5}
+    assert result["metrics"]["kv_ratio"] >= 1 / 0.6 - 1e-9
+
+
+@pytest.mark.parametrize("kwargs,field", [
+    ({"drop_attention": True}, "drop_attention"),            # no target for the planner
+    ({"dropped": [3]}, "dropped"),                           # dropped without --layers
+    ({"kv_budget": 1.5}, "kv_budget"),
+    ({"kv_budget": 0.5, "fraction": 0.5}, "fraction"),       # two targets
+])
+def test_conversion_spec_refuses_unclear_hybrid_requests(kwargs, field):
+    from jobs.convert import ConvertSpec
+
+    with pytest.raises(ValueError) as err:
+        ConvertSpec(base="tiny-llama", **kwargs)
+    assert str(err.value).startswith(field), str(err.value)

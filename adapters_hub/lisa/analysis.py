@@ -41,6 +41,7 @@ class AttentionReport:
     fingerprint: str | None = None
     sensitivity: dict[int, float] | None = None  # layer -> ppl(layer l shared alone) - base ppl
     base_ppl: float | None = None
+    drop_sensitivity: dict[int, float] | None = None  # layer -> ppl(layer l's attention dropped alone) - base ppl
     perm: list[list[int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -70,11 +71,13 @@ class AttentionReport:
         return [float(x) for x in self.aligned.mean(axis=1)]
 
     def lines(self) -> list[str]:
-        out = [f"{'layer':>5} {'raw JS':>8} {'aligned':>8} {'sens dppl':>9}  perm"]
+        out = [f"{'layer':>5} {'raw JS':>8} {'aligned':>8} {'sens dppl':>9} {'drop dppl':>9}  perm"]
         for l in range(1, self.num_layers):
-            sens = self.sensitivity.get(l) if self.sensitivity else None
-            s = f"{sens:9.3f}" if sens is not None else f"{'-':>9}"
-            out.append(f"{l:5d} {self.raw_mean[l]:8.4f} {self.aligned_mean[l]:8.4f} {s}  {self.perm[l]}")
+            cells = []
+            for table in (self.sensitivity, self.drop_sensitivity):
+                value = (table or {}).get(l)
+                cells.append(f"{value:9.3f}" if value is not None else f"{'-':>9}")
+            out.append(f"{l:5d} {self.raw_mean[l]:8.4f} {self.aligned_mean[l]:8.4f} {' '.join(cells)}  {self.perm[l]}")
         return out
 
     # ---- serialisation ------------------------------------------------------------
@@ -87,7 +90,8 @@ class AttentionReport:
             layers.append({"layer": l, "raw_mean": self.raw_mean[l], "aligned_mean": self.aligned_mean[l],
                            "raw_per_head": self.raw[l].tolist(), "aligned_per_head": self.aligned[l].tolist(),
                            "perm": self.perm[l], "pair_js": self.pair_js[l].tolist(),
-                           "sensitivity_dppl": (self.sensitivity or {}).get(l)})
+                           "sensitivity_dppl": (self.sensitivity or {}).get(l),
+                           "drop_sensitivity_dppl": (self.drop_sensitivity or {}).get(l)})
         return {"base": self.base, "fingerprint": self.fingerprint, "num_layers": self.num_layers,
                 "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
                 "n_texts": self.n_texts, "n_tokens": self.n_tokens, "base_ppl": self.base_ppl,
@@ -98,13 +102,16 @@ class AttentionReport:
     def from_dict(cls, data: dict[str, Any]) -> "AttentionReport":
         h = data["num_heads"]
         pair = np.full((data["num_layers"], h, h), np.nan)
-        sens = {}
+        sens, drop = {}, {}
         for entry in data["layers"]:
             pair[entry["layer"]] = np.asarray(entry["pair_js"])
             if entry.get("sensitivity_dppl") is not None:
                 sens[entry["layer"]] = entry["sensitivity_dppl"]
+            if entry.get("drop_sensitivity_dppl") is not None:
+                drop[entry["layer"]] = entry["drop_sensitivity_dppl"]
         return cls(data["num_layers"], h, data["num_kv_heads"], data["head_dim"], pair, data["n_texts"],
-                   data["n_tokens"], data.get("base"), data.get("fingerprint"), sens or None, data.get("base_ppl"))
+                   data["n_tokens"], data.get("base"), data.get("fingerprint"), sens or None, data.get("base_ppl"),
+                   drop or None)
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -295,3 +302,65 @@ def layer_sensitivity(model, report: AttentionReport, blocks, *, progress: bool 
         for n, p in model.named_parameters():
             p.requires_grad_(grads.get(n, p.requires_grad))
     return base_ppl, out
+
+
+def drop_sensitivity(model, blocks, *, progress: bool = True, fingerprint: str | None = None,
+                     layers=None) -> tuple[float, dict[int, float]]:
+    """Perplexity change on `blocks` when layer l's attention alone is dropped (a plan with
+    `dropped=[l]`, the path a hybrid backbone runs; no training: a dropped branch has no
+    tensors). `layers` default: every layer a plan may drop (not layer 0, not the first layer
+    of an attention kind)."""
+    from tqdm.auto import tqdm
+
+    from adapters_hub.evaluation import perplexity
+    from adapters_hub.lisa.config import LisaConfig
+    from adapters_hub.lisa.model import LisaModel
+    from adapters_hub.lisa.plan import SharingPlan
+
+    cfg = model.config
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
+    firsts = {types.index(kind) for kind in set(types)}
+    layers = [l for l in range(1, cfg.num_hidden_layers) if l not in firsts] if layers is None else list(layers)
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    base_ppl = perplexity(model, blocks, progress=False)
+    out: dict[int, float] = {}
+    try:
+        for l in tqdm(layers, desc="drop sensitivity", disable=not progress):
+            lm = LisaModel(model, LisaConfig(plan=SharingPlan.for_model(model, [], dropped=[l])),
+                           fingerprint=fingerprint or "analysis")
+            try:
+                out[l] = perplexity(lm, blocks, progress=False) - base_ppl
+            finally:
+                lm.unload()
+    finally:
+        for n, p in model.named_parameters():
+            p.requires_grad_(grads.get(n, p.requires_grad))
+    return base_ppl, out
+
+
+def plan_figure(plan, report: AttentionReport, path: str | Path) -> Path:
+    """Per layer: the plan's choice (keep / share / drop) and the two measured sensitivities
+    (perplexity change with that layer alone shared, or alone dropped), log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"keep": "#bbbbbb", "share": "#1f77b4", "drop": "#d62728"}
+    layers = np.arange(plan.num_layers)
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.28 * plan.num_layers + 2), 3.6))
+    for offset, table, label, hatch in ((-0.2, report.sensitivity, "shared alone", ""),
+                                        (0.2, report.drop_sensitivity, "dropped alone", "//")):
+        values = [max((table or {}).get(int(l), float("nan")), 1e-3) for l in layers]
+        ax.bar(layers + offset, values, width=0.4, color=[colors[plan.choice(int(l))] for l in layers],
+               hatch=hatch, edgecolor="black", linewidth=0.3, label=label)
+    ax.set_yscale("log")
+    ax.set_xticks(layers, [str(l) for l in layers], fontsize=7)
+    ax.set_xlabel("layer (colour: the plan's choice; grey keep, blue share, red drop)")
+    ax.set_ylabel("calibration perplexity change")
+    ax.legend(fontsize=8)
+    ax.set_title(plan.summary(report.num_kv_heads), fontsize=8)
+    path = Path(path)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
