@@ -120,14 +120,21 @@ def rope_frequencies(head_dim: int, rank: int) -> torch.Tensor:
     return torch.linspace(0, head_dim // 2 - 1, pairs).round().long().unique()
 
 
-def apply_rope_lowrank(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+def lowrank_rope_tables(cos: torch.Tensor, sin: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(c, s), each (B, 1, T, p): the rows of HF's cos/sin (B, T, d) at `freqs`. HF cos is
+    cat(f, f), so an index < d/2 picks frequency f."""
+    return cos[..., freqs].unsqueeze(1), sin[..., freqs].unsqueeze(1)
+
+
+def apply_rope_lowrank(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, freqs: torch.Tensor,
+                       tables: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """RoPE on rank-r vectors x (B, h, T, r): dims (k, k + p) form a rotating pair at
-    frequency freqs[k] (p = len(freqs)); an odd last dim is left as is (no position)."""
+    frequency freqs[k] (p = len(freqs)); an odd last dim is left as is (no position).
+    `tables`: `lowrank_rope_tables(cos, sin, freqs)`, when the caller has them already."""
     p = len(freqs)
     if p == 0:
         return x
-    c = cos[..., freqs].unsqueeze(1)  # (B, 1, T, p); HF cos is cat(f, f), so index < d/2 picks f
-    s = sin[..., freqs].unsqueeze(1)
+    c, s = tables or lowrank_rope_tables(cos, sin, freqs)                     # (B, 1, T, p) each
     x1, x2, rest = x[..., :p], x[..., p : 2 * p], x[..., 2 * p :]
     return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s, rest), dim=-1)
 
@@ -261,12 +268,30 @@ class ScoreBus:
         self.row_adapters: list[str] | None = None
         self.distill: "DistillCollector | None" = None
         self.observer: Callable[[int, torch.Tensor, torch.Tensor], None] | None = None
+        self.step: dict = {}  # what every layer of this forward step would recompute alike (masks, RoPE tables)
 
     def reset(self) -> None:
         self.scores.clear()
+        self.step.clear()
         self.pending = dict(self.consumers)
         if self.distill is not None:
             self.distill.reset()
+
+    def mask(self, attention_mask: torch.Tensor | None, q_len: int, k_len: int, device) -> torch.Tensor:
+        """`additive_mask`, made once per forward step for all layers (HF hands every layer
+        of one attention kind the same mask object, alive for the whole step)."""
+        key = ("mask", id(attention_mask), q_len, k_len)
+        if key not in self.step:
+            self.step[key] = additive_mask(attention_mask, q_len, k_len, device)
+        return self.step[key]
+
+    def rope_tables(self, cos: torch.Tensor, sin: torch.Tensor, freqs: torch.Tensor, rank: int):
+        """`lowrank_rope_tables`, once per forward step, RoPE table (Gemma 3 has two) and rank
+        (freqs is a function of the rank: `rope_frequencies`)."""
+        key = ("rope", id(cos), rank)
+        if key not in self.step:
+            self.step[key] = lowrank_rope_tables(cos, sin, freqs)
+        return self.step[key]
 
     def wants(self, layer: int) -> bool:
         return layer in self.consumers
@@ -395,7 +420,7 @@ class ScoredAttention(_AttentionBase):
         if self._fast(hidden_states):  # SDPA for itself; its consumers get factors, not scores
             return self._dense_fast(hidden_states, cos, sin, attention_mask, past_key_values), None
         z, v = self.dense_scores(hidden_states, cos, sin, past_key_values)  # (B, H, Tq, Tk)
-        mask = additive_mask(attention_mask, z.shape[-2], z.shape[-1], z.device)
+        mask = self._bus.mask(attention_mask, z.shape[-2], z.shape[-1], z.device)
         self._bus.put(self.layer, z)
         probs = softmax_fp32(z, mask)  # (B, H, Tq, Tk)
         if self._bus.observer is not None:
@@ -439,8 +464,16 @@ class MixAligner(nn.Module):
         return torch.einsum("hg,bgqk->bhqk", self.weight.to(z.dtype), z)
 
     def matrix(self, perm: torch.Tensor) -> torch.Tensor:
-        """W P as one (H, H) matrix on unpermuted scores: (W P z)_h = sum_g W[h, g] z[perm[g]]."""
-        return self.weight[:, torch.argsort(perm)]
+        """W P as one (H, H) matrix on unpermuted scores: (W P z)_h = sum_g W[h, g] z[perm[g]].
+        Without autograd it is kept until W changes (its in-place version), so a decode step
+        does not rebuild it in every layer."""
+        if torch.is_grad_enabled():
+            return self.weight[:, torch.argsort(perm)]
+        key = (self.weight._version, perm.data_ptr())
+        cached = getattr(self, "_matrix", None)
+        if cached is None or cached[0] != key:
+            cached = self._matrix = (key, self.weight.detach()[:, torch.argsort(perm)])
+        return cached[1]
 
 
 class Aligner(nn.Module):
@@ -568,7 +601,7 @@ class LisaAttention(_AttentionBase):
             z, v = self.dense_scores(x, cos, sin, past_key_values)
         else:
             z, v = self.scores(names, x, cos, sin, donor, past_key_values)
-        mask = additive_mask(attention_mask, z.shape[-2], z.shape[-1], z.device)  # (B|1, 1, Tq, Tk)
+        mask = bus.mask(attention_mask, z.shape[-2], z.shape[-1], z.device)  # (B|1, 1, Tq, Tk)
         bus.put(self.layer, z)
         probs = softmax_fp32(z, mask)                                              # (B, H, Tq, Tk)
         if bus.distill is not None and names is not None:
@@ -592,8 +625,9 @@ class LisaAttention(_AttentionBase):
     def _lowrank_qkv(self, names, x, cos, sin, past_key_values):
         """q_r (B, H, Tq, r), k_r (B, KVH, Tk, r) with RoPE on their frequency pairs, v (B, KVH, Tk, d)."""
         q_r, k_r = self._per_row(names, self._lowrank, x)
-        q_r = apply_rope_lowrank(q_r, cos, sin, self.rope_freqs)
-        k_r = apply_rope_lowrank(k_r, cos, sin, self.rope_freqs)
+        tables = self._bus.rope_tables(cos, sin, self.rope_freqs, self.rank)
+        q_r = apply_rope_lowrank(q_r, cos, sin, self.rope_freqs, tables)
+        k_r = apply_rope_lowrank(k_r, cos, sin, self.rope_freqs, tables)
         v = self._heads(self.v_proj, x, self.head_dim)
         if past_key_values is not None:
             k_r, v = past_key_values.update(k_r, v, self.layer_idx)
