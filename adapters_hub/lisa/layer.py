@@ -615,12 +615,13 @@ class LisaAttention(_AttentionBase):
         values (B, KVH, Tk, d); caches k_r and V."""
         q_r, k_r, v = self._lowrank_qkv(names, x, cos, sin, past_key_values)
         diff = gqa_scores(q_r, k_r)                                               # (B, H, Tq, Tk)
-        if self._all_linear(names):  # W P z in one einsum, per row for mixed batches
-            spec = "hg,bgqk->bhqk" if isinstance(names, str) else "bhg,bgqk->bhqk"
-            aligned = torch.einsum(spec, self._mix_matrix(names).to(z_donor.dtype), z_donor)
+        if self._all_linear(names):  # W P z as one matmul over the flattened scores, (B,) H x H per row if mixed
+            b, h, tq, tk = z_donor.shape
+            aligned = torch.matmul(self._mix_matrix(names).to(z_donor.dtype),
+                                   z_donor.reshape(b, h, tq * tk)).view(b, h, tq, tk)
         else:
             aligned = self._per_row(names, self._align, z_donor.index_select(1, self.perm))  # align(P z)
-        return aligned + diff / math.sqrt(self.rank), v
+        return torch.add(aligned, diff, alpha=1 / math.sqrt(self.rank)), v
 
     def _lowrank_qkv(self, names, x, cos, sin, past_key_values):
         """q_r (B, H, Tq, r), k_r (B, KVH, Tk, r) with RoPE on their frequency pairs, v (B, KVH, Tk, d)."""
