@@ -28,25 +28,27 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
+
+from pydantic import Field, model_validator
 from pathlib import Path
 
 from jobs import runtime
 from jobs.runtime import JobConflictError
 
 
-@dataclass
-class AdaptSpec:
+class AdaptSpec(runtime.JobSpec):
     task: str
     base: str | None = None            # None = the profile's default_base
     kind: str = "lisa"
     backbone: str = "lisa"             # "lisa": the base's LiSA backbone; "dense": the unmodified base
     profile: str = "quick"
-    overrides: dict = field(default_factory=dict)   # profile fields, e.g. {"max_steps": 5}
+    overrides: dict = Field(default_factory=dict)   # profile fields, e.g. {"max_steps": 5}
     fresh_start: bool = False          # ignore checkpoints of an interrupted earlier run
     spec_file: str | None = None       # a task of one's own: its spec YAML (data paths relative to it)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> "AdaptSpec":
         """One validation for the SDK, the CLI and the job (the task itself is checked by
         loading it; profile values by TaskSpec.profile_with)."""
         from adapters_hub.backbone import BACKBONES
@@ -63,6 +65,7 @@ class AdaptSpec:
                              "takes lora adapters")
         if not isinstance(self.overrides, dict):
             raise ValueError(f"overrides: must be a mapping of profile fields, got {type(self.overrides).__name__}")
+        return self
 
 
 def main(spec: AdaptSpec) -> dict:

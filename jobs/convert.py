@@ -31,8 +31,11 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict
 from pathlib import Path
+
+from pydantic import Field, model_validator
 
 from jobs import runtime
 GENERAL = "general"  # adapter name of the general adapter inside a converted backbone
@@ -42,8 +45,12 @@ GENERAL = "general"  # adapter name of the general adapter inside a converted ba
 PLANNER_EXPONENT = 0.66
 
 
-@dataclass
-class ConvertSpec:
+# `register` (the CLI's --register) shadows ABCMeta.register of pydantic's metaclass, which no
+# one calls on a spec; pydantic warns once at class creation.
+warnings.filterwarnings("ignore", message='Field name "register" in "ConvertSpec" shadows', category=UserWarning)
+
+
+class ConvertSpec(runtime.JobSpec):
     base: str = "smollm2-135m"
     fraction: float | None = None          # default 0.6 when max_ppl_increase is not given either
     max_ppl_increase: float | None = None  # e.g. 0.05: predicted converted perplexity <= 1.05 x base
@@ -81,7 +88,7 @@ class ConvertSpec:
     lm_weight: float = 0.0                 # next-token cross-entropy
     # healing (adapters_hub.lisa.healing): low-rank updates of the model's own weights,
     # merged into the backbone; heal_targets [] turns it off
-    heal_targets: list[str] = field(default_factory=lambda: ["o_proj", "v_proj", "mlp"])
+    heal_targets: list[str] = Field(default_factory=lambda: ["o_proj", "v_proj", "mlp"])
     heal_layers: str = "all"               # "all" | "shared" (substituted layers only)
     heal_rank: int = 8
     heal_alpha: float = 16.0
@@ -98,7 +105,8 @@ class ConvertSpec:
     register: bool = False
     fresh_start: bool = False
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> "ConvertSpec":
         from adapters_hub.lisa.config import ALIGNERS
 
         if sum(x is not None for x in (self.fraction, self.max_ppl_increase, self.kv_budget, self.layers)) > 1:
@@ -157,6 +165,7 @@ class ConvertSpec:
             raise ValueError(f"heal_lr: must be > 0, got {self.heal_lr}")
         self.objective()
         self.healing()
+        return self
 
     def budget(self) -> tuple[float, int]:
         """(minutes, max_steps) of the distillation: a token budget fixes the steps, not the time."""
@@ -229,7 +238,7 @@ def main(spec: ConvertSpec) -> dict:
     adapter_dir, healing_dir = work / "init", None
     train_seconds = 0.0
     if not spec.init_only:
-        cfg = {"spec": asdict(spec), "plan": plan.to_dict(), "init_dir": str(work / "init"), "tracking_uri": uri,
+        cfg = {"spec": spec.model_dump(), "plan": plan.to_dict(), "init_dir": str(work / "init"), "tracking_uri": uri,
                "run_id": run_id}
         t = time.perf_counter()
         adapter_dir, healing_dir, history = _train_on_ray(cfg, run_key=run_key, fresh_start=spec.fresh_start)
@@ -410,7 +419,7 @@ def _start_run(uri: str, spec: ConvertSpec, plan) -> str:
     run = client.create_run(experiment_id, run_name=f"convert-{spec.base}",
                             tags={"base_model": spec.base, "plan_hash": plan.hash,
                                   "ray_job_id": os.environ.get("RAY_JOB_SUBMISSION_ID", "")})
-    for key, value in asdict(spec).items():
+    for key, value in spec.model_dump().items():
         if value is not None:
             client.log_param(run.info.run_id, key, value)
     return run.info.run_id
@@ -452,7 +461,7 @@ def _log_curve(client, run_id: str, history: list[dict]) -> None:
 
 
 def _run_key(spec: ConvertSpec, plan_hash: str) -> str:
-    fields = {k: v for k, v in asdict(spec).items() if k not in ("out", "register", "fresh_start")}
+    fields = {k: v for k, v in spec.model_dump().items() if k not in ("out", "register", "fresh_start")}
     return f"convert-{hashlib.sha256(json.dumps([fields, plan_hash], sort_keys=True).encode()).hexdigest()[:10]}"
 
 
@@ -624,7 +633,7 @@ def _layer_list(text: str) -> list[int]:
 
 
 def spec_from_args(args) -> ConvertSpec:
-    fields = set(ConvertSpec.__dataclass_fields__)
+    fields = set(ConvertSpec.model_fields)
     return ConvertSpec(**{k: v for k, v in vars(args).items() if k in fields})
 
 

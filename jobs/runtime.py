@@ -7,7 +7,7 @@ SDK's Serve app connects through `connect()` too.
     result = fit(train_loop, cfg, run_key=run_key, num_workers=2, what="training")
     print_result({...}); parse_result(log)      # the job's last line, and how the SDK reads it
 
-Nothing here imports torch or Ray at import time.
+Nothing here imports torch or Ray at import time (pydantic, for `JobSpec`, is light).
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ import os
 import socket
 from pathlib import Path
 from typing import Any, Callable
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 RESULT_MARKER = "LISA_HUB_RESULT "
 MAX_WORKER_FAILURES = 2  # Ray Train restarts of a failed worker group, each from the newest checkpoint
@@ -214,6 +216,36 @@ def fit(train_loop: Callable[[dict], None], config: dict, *, run_key: str, num_w
 
 
 # ----------------------------------------------------------------------------- the command line
+
+
+class JobSpec(BaseModel):
+    """A job's spec: validated data with closed fields (pydantic), one validation for the
+    SDK, the CLI and the job. Construction errors are a `ValueError` whose message starts
+    with the field, e.g. "kv_budget: must be in (0, 1) ...", not pydantic's multi-line
+    report: the CLI prints it as one line."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as err:
+            raise ValueError(_first_error(err)) from None
+
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return list(cls.model_fields)
+
+
+def _first_error(err: "ValidationError") -> str:
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    msg = first["msg"].removeprefix("Value error, ")
+    if not where:  # a model-level check: its message names the field itself
+        return msg
+    if first["type"] == "extra_forbidden":
+        return f"{where}: unknown field"
+    return f"{where}: {msg}, got {first.get('input')!r}"
 
 
 def parse_spec(argv: list[str] | None, *, prog: str, description: str, add_arguments: Callable, spec_type: type,

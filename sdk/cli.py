@@ -199,13 +199,11 @@ def _convert(args) -> int:
     if not args.submit:
         convert.main(spec)
         return 0
-    import dataclasses
-
     import sdk
 
     if spec.out:
         raise ValueError("out: a submitted conversion runs on the cluster; use --register, not --out")
-    options = {k: v for k, v in dataclasses.asdict(spec).items()
+    options = {k: v for k, v in spec.model_dump().items()
                if k not in ("base", "fraction", "max_ppl_increase", "kv_budget", "drop_attention", "minutes",
                             "init_only", "register", "fresh_start", "out")}
     job = sdk.submit_conversion(base_model=spec.base, fraction=spec.fraction,

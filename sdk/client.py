@@ -189,8 +189,6 @@ def submit_adaptation(
     spec_path = Path(spec).expanduser().resolve() if spec is not None else None
     spec = load_task(task, spec_path)  # unknown task / malformed spec: clear error, nothing submitted
     task = spec.name
-    from dataclasses import asdict
-
     from jobs.adapt import AdaptSpec
 
     job_spec = AdaptSpec(task=task, base=base_model, kind=kind, backbone=backbone, profile=profile,
@@ -208,7 +206,7 @@ def submit_adaptation(
     if carried:
         job_spec.spec_file = next(iter(carried))  # the spec's path inside the job's working_dir
     # the validated spec travels as JSON (no flags rebuilt from fields and parsed back)
-    argv = ["python", "-m", "jobs.adapt", "--spec-json", json.dumps(asdict(job_spec))]
+    argv = ["python", "-m", "jobs.adapt", "--spec-json", json.dumps(job_spec.model_dump())]
     job_id = _submit(address, argv, submission_id,
                      {"task": task, "kind": kind, "backbone": backbone, "base": base, "profile": profile},
                      carried=carried)
@@ -249,16 +247,14 @@ def submit_conversion(
     fields = {"base": base_model, "fraction": fraction, "max_ppl_increase": max_ppl_increase, "kv_budget": kv_budget,
               "drop_attention": drop_attention, "minutes": minutes,
               "init_only": init_only, "register": register, "fresh_start": fresh_start, **(options or {})}
-    unknown = sorted(set(fields) - set(ConvertSpec.__dataclass_fields__) - {"out"})
+    unknown = sorted(set(fields) - set(ConvertSpec.model_fields) - {"out"})
     if unknown:
-        raise ValueError(f"options: unknown field(s) {unknown}; known: {sorted(ConvertSpec.__dataclass_fields__)}")
+        raise ValueError(f"options: unknown field(s) {unknown}; known: {sorted(ConvertSpec.model_fields)}")
     spec = ConvertSpec(**fields)  # validated here: nothing is submitted for a bad spec
     check_base(base_model)
     import json
-    from dataclasses import asdict
-
     # the validated spec travels as JSON (no flags rebuilt from fields and parsed back)
-    argv = ["python", "-m", "jobs.convert", "--spec-json", json.dumps({k: v for k, v in asdict(spec).items()
+    argv = ["python", "-m", "jobs.convert", "--spec-json", json.dumps({k: v for k, v in spec.model_dump().items()
                                                                        if k != "out"})]
     address = resolve_address(address)
     if register:
