@@ -4,6 +4,7 @@ checkpoints, attention distillation in the loss), argument parsing, overrides.""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -126,3 +127,28 @@ def test_profile_lora_fields_decide_what_trains(tiny, tmp_path):
     assert names and all(".mlp." in k and ".lora_" in k and ".l." in k for k in names)
     assert n == sum(p.numel() for k, p in lm.named_parameters() if p.requires_grad)
     assert {p.shape[0] for k, p in lm.named_parameters() if "lora_A" in k} == {3}
+
+
+@pytest.mark.parametrize("make,field", [
+    (lambda: __import__("jobs.adapt").adapt.AdaptSpec(task="gsm8k", profle="quick"), "profle: unknown field"),
+    (lambda: __import__("jobs.adapt").adapt.AdaptSpec(task="gsm8k", fresh_start="maybe"), "fresh_start:"),
+    (lambda: __import__("jobs.convert").convert.ConvertSpec(minutes="soon"), "minutes:"),
+    (lambda: __import__("jobs.convert").convert.ConvertSpec(seq_len=0), "seq_len:"),
+])
+def test_job_specs_are_closed_and_their_errors_name_the_field_on_one_line(make, field):
+    with pytest.raises(ValueError) as err:
+        make()
+    assert str(err.value).startswith(field) and "\n" not in str(err.value), str(err.value)
+
+
+def test_a_job_spec_travels_as_json_and_comes_back_equal():
+    from jobs.adapt import AdaptSpec
+    from jobs.convert import ConvertSpec
+    from jobs.runtime import parse_spec
+
+    for spec, module in ((AdaptSpec(task="gsm8k", overrides={"max_steps": 3}), "adapt"),
+                         (ConvertSpec(kv_budget=0.5, drop_attention=True), "convert")):
+        mod = __import__(f"jobs.{module}", fromlist=["x"])
+        again = parse_spec(["--spec-json", json.dumps(spec.model_dump())], prog="x", description="x",
+                           add_arguments=mod.add_arguments, spec_type=type(spec), from_args=mod.spec_from_args)
+        assert again == spec
