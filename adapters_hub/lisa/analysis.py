@@ -276,25 +276,38 @@ def layer_sensitivity(model, report: AttentionReport, blocks, *, progress: bool 
     """Perplexity change on `blocks` when layer l alone is substituted (donor l - 1, the
     report's head permutation): with the fresh adapter (aligned direct sharing), or, with
     `fit_blocks` and `fit_steps`, after local initialisation of that layer on `fit_blocks`."""
+    from adapters_hub.lisa.plan import SharingPlan
+
+    def prepare(lm) -> None:
+        if fit_steps:
+            from adapters_hub.lisa.local_init import local_init
+
+            local_init(lm, fit_blocks, steps=fit_steps, log=None)
+
+    plans = {l: SharingPlan.for_model(model, [l], perms={l: report.perm[l]}) for l in range(1, report.num_layers)}
+    return _one_layer_scan(model, blocks, plans, desc="layer sensitivity", progress=progress, aligner=aligner,
+                           fingerprint=fingerprint, prepare=prepare)
+
+
+def _one_layer_scan(model, blocks, plans: dict, *, desc: str, progress: bool, fingerprint: str | None,
+                    aligner: str = "linear", prepare=None) -> tuple[float, dict[int, float]]:
+    """(base perplexity, {layer: perplexity change}) with each of `plans` applied alone
+    (and `prepare(lm)` run on it first); the model's requires_grad flags are kept."""
     from tqdm.auto import tqdm
 
     from adapters_hub.evaluation import perplexity
     from adapters_hub.lisa.config import LisaConfig
     from adapters_hub.lisa.model import LisaModel
-    from adapters_hub.lisa.plan import SharingPlan
 
     grads = {n: p.requires_grad for n, p in model.named_parameters()}
     base_ppl = perplexity(model, blocks, progress=False)
     out: dict[int, float] = {}
     try:
-        for l in tqdm(range(1, report.num_layers), desc="layer sensitivity", disable=not progress):
-            plan = SharingPlan.for_model(model, [l], perms={l: report.perm[l]})
+        for l, plan in tqdm(plans.items(), desc=desc, disable=not progress):
             lm = LisaModel(model, LisaConfig(plan=plan, aligner=aligner), fingerprint=fingerprint or "analysis")
             try:
-                if fit_steps:
-                    from adapters_hub.lisa.local_init import local_init
-
-                    local_init(lm, fit_blocks, steps=fit_steps, log=None)
+                if prepare is not None:
+                    prepare(lm)
                 out[l] = perplexity(lm, blocks, progress=False) - base_ppl
             finally:
                 lm.unload()
@@ -310,32 +323,14 @@ def drop_sensitivity(model, blocks, *, progress: bool = True, fingerprint: str |
     `dropped=[l]`, the path a hybrid backbone runs; no training: a dropped branch has no
     tensors). `layers` default: every layer a plan may drop (not layer 0, not the first layer
     of an attention kind)."""
-    from tqdm.auto import tqdm
-
-    from adapters_hub.evaluation import perplexity
-    from adapters_hub.lisa.config import LisaConfig
-    from adapters_hub.lisa.model import LisaModel
     from adapters_hub.lisa.plan import SharingPlan
 
     cfg = model.config
     types = getattr(cfg, "layer_types", None) or ["full_attention"] * cfg.num_hidden_layers
     firsts = {types.index(kind) for kind in set(types)}
     layers = [l for l in range(1, cfg.num_hidden_layers) if l not in firsts] if layers is None else list(layers)
-    grads = {n: p.requires_grad for n, p in model.named_parameters()}
-    base_ppl = perplexity(model, blocks, progress=False)
-    out: dict[int, float] = {}
-    try:
-        for l in tqdm(layers, desc="drop sensitivity", disable=not progress):
-            lm = LisaModel(model, LisaConfig(plan=SharingPlan.for_model(model, [], dropped=[l])),
-                           fingerprint=fingerprint or "analysis")
-            try:
-                out[l] = perplexity(lm, blocks, progress=False) - base_ppl
-            finally:
-                lm.unload()
-    finally:
-        for n, p in model.named_parameters():
-            p.requires_grad_(grads.get(n, p.requires_grad))
-    return base_ppl, out
+    plans = {l: SharingPlan.for_model(model, [], dropped=[l]) for l in layers}
+    return _one_layer_scan(model, blocks, plans, desc="drop sensitivity", progress=progress, fingerprint=fingerprint)
 
 
 def plan_figure(plan, report: AttentionReport, path: str | Path) -> Path:
