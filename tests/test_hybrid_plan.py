@@ -125,8 +125,14 @@ def test_disabled_adapters_give_the_dense_model_and_unload_restores_it(tiny):
         with lm.disable_adapter():
             assert torch.allclose(lm(input_ids=ids).logits, dense, atol=1e-5)
         assert not torch.allclose(lm(input_ids=ids).logits, dense, atol=1e-3)
+        norm = lm.model.model.layers[3].input_layernorm
+        x = torch.randn(1, 2, 64)
+        assert torch.equal(norm(x), x)  # a dropped layer's input norm has no reader: skipped
+        with lm.disable_adapter():
+            assert not torch.equal(norm(x), x)  # ... but the dense teacher normalises
         base = lm.unload()
         assert not any(isinstance(l.self_attn, DroppedAttention) for l in base.model.layers)
+        assert "forward" not in norm.__dict__
         assert torch.allclose(base(input_ids=ids).logits, dense, atol=1e-5)
 
 

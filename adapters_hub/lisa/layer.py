@@ -432,8 +432,8 @@ class DroppedAttention(ScoredAttention):
     """A dropped layer's self-attention: while any adapter of the backbone is active it adds
     nothing to the residual stream and never touches the KV cache (its slot stays empty);
     with adapters disabled (the distillation teacher, analysis) it is the layer's original
-    dense attention again. The plan never makes it a donor. Its input norm still runs: the
-    decoder layer's forward is transformers' own, and one norm is what keeping it costs."""
+    dense attention again. The plan never makes it a donor. The decoder layer's forward stays
+    transformers' own; its input norm is skipped with it (`lisa.model._gate_norm`)."""
 
     dropped = True
 

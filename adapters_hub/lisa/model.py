@@ -82,6 +82,8 @@ class SharingPatch:
             layer.self_attn = (LisaAttention(layer.self_attn, shared, self.bus) if shared
                                else DroppedAttention(layer.self_attn, self.bus) if dropped
                                else ScoredAttention(layer.self_attn, self.bus))
+            if dropped and hasattr(layer, "input_layernorm"):
+                _gate_norm(layer.input_layernorm, layer.self_attn)
         # Reset the bus at the start of every decoder pass (not per layer: checkpoint recomputation
         # of a layer during backward must still find its donor's scores).
         self._hook = decoder.register_forward_pre_hook(self._on_forward)
@@ -105,9 +107,26 @@ class SharingPatch:
             if original.q_proj is None:
                 raise RuntimeError(f"layer {i}: W_q/W_k were pruned; the dense model cannot be restored")
             self.layers[i].self_attn = original
+            norm = getattr(self.layers[i], "input_layernorm", None)
+            if norm is not None and "forward" in norm.__dict__:
+                del norm.forward  # the class's forward again (see _gate_norm)
         self.originals.clear()
         self._hook.remove()
         return self.model
+
+
+def _gate_norm(norm: nn.Module, attn: DroppedAttention) -> None:
+    """While `attn` drops its attention, the norm before it has no reader: skip it too (an
+    instance forward, as adapters_hub/drop/layer.py does for whole layers, so state-dict
+    keys stay). With adapters disabled it normalises again, for the dense teacher."""
+    from types import MethodType
+
+    def forward(self, x):
+        if attn.active_adapter is not None or attn._bus.row_adapters is not None:
+            return x
+        return type(self).forward(self, x)
+
+    norm.forward = MethodType(forward, norm)
 
 
 class LisaModel(nn.Module):
