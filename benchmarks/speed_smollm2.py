@@ -23,6 +23,7 @@ import argparse
 import statistics
 import threading
 import time
+from pathlib import Path
 
 
 def main() -> None:
@@ -53,7 +54,14 @@ def main() -> None:
     dense, tok = load_base(args.base, dtype=args.dtype, device=args.device)
     dense.set_attn_implementation("sdpa")
     plan = SharingPlan.load(args.plan) if args.plan else _analysis_plan(args.base, args.fraction)
-    lm = LisaModel(copy.deepcopy(dense), LisaConfig(plan=plan), fingerprint=fingerprint(dense))
+    model = copy.deepcopy(dense)
+    fp = fingerprint(dense)
+    healing_dir = Path(args.adapter).parent / "healing" if args.adapter else None
+    if healing_dir is not None and healing_dir.is_dir():  # a converted backbone's adapter: merge its healing first
+        from adapters_hub.lisa import healing
+
+        fp = healing.healed_fingerprint(fp, healing.merge(model, healing_dir))
+    lm = LisaModel(model, LisaConfig(plan=plan), fingerprint=fp)
     if args.adapter:
         lm.load_adapter(args.adapter, "trained", activate=True)
     freed = lm.prune_qk()
@@ -194,6 +202,8 @@ def _decode_rate(model, prompt, steps: int, device: str, expand_to: int | None =
         out = model(input_ids=prompt, past_key_values=cache, use_cache=True)
         if expand_to:
             for layer in cache.layers:
+                if layer.keys is None:  # a dropped layer's slot: nothing cached
+                    continue
                 layer.keys = layer.keys.repeat(expand_to, 1, 1, 1)
                 layer.values = layer.values.repeat(expand_to, 1, 1, 1)
         b = expand_to or prompt.shape[0]
@@ -214,7 +224,7 @@ def _kv_bytes_per_token(model, prompt) -> float:
     with torch.no_grad():
         cache = DynamicCache(config=model.config)
         model(input_ids=prompt, past_key_values=cache, use_cache=True)
-    return sum(l.keys.nbytes + l.values.nbytes for l in cache.layers) / prompt.shape[1]
+    return sum(l.keys.nbytes + l.values.nbytes for l in cache.layers if l.keys is not None) / prompt.shape[1]
 
 
 if __name__ == "__main__":

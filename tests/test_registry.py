@@ -389,3 +389,15 @@ def test_racing_plan_registrations_leave_one_plan(reg, tmp_path):
         results = list(pool.map(one, range(3)))
     assert sorted(results, key=str) == [1, None, None]
     assert [mv.version for mv in reg.client().search_model_versions(f"name = '{reg_mod.backbone_model_name(base)}'")] == ["1"]
+
+
+@pytest.mark.stack
+def test_a_hybrid_plan_round_trips_through_the_registry(reg, tmp_path):
+    from adapters_hub.lisa import SharingPlan
+
+    plan = SharingPlan.explicit(num_layers=6, num_heads=4, head_dim=16, layers=[2, 4], dropped=[3])
+    plan.save(tmp_path / "bb" / "plan.json")
+    base = f"hybrid-{uuid.uuid4().hex[:6]}"
+    reg.register_backbone(base, tmp_path / "bb", plan_hash=plan.hash)
+    got = SharingPlan.load(reg.get_backbone(base) / "plan.json")
+    assert got == plan and got.hash == plan.hash and got.dropped == (3,)
