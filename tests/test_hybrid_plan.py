@@ -243,3 +243,25 @@ def test_conversion_spec_refuses_unclear_hybrid_requests(kwargs, field):
     with pytest.raises(ValueError) as err:
         ConvertSpec(base="tiny-llama", **kwargs)
     assert str(err.value).startswith(field), str(err.value)
+
+
+def test_attn_drop_on_a_hybrid_backbone_keeps_cache_slots_consistent(tiny):
+    """LLM-Drop's kind renumbers cache slots of the layers it keeps; a layer the plan
+    already drops takes none, so cached decoding still equals a full forward."""
+    from transformers import DynamicCache
+
+    from adapters_hub.drop.model import apply_drop, restore
+    from adapters_hub.drop.plan import DropPlan
+
+    lm = make(tiny)
+    randomize(lm)
+    apply_drop(lm.model, DropPlan(num_layers=6, attn=(0,)))
+    ids = torch.randint(3, 259, (1, 10))
+    with torch.no_grad():
+        full = lm(input_ids=ids).logits[:, -1]
+        cache = DynamicCache(config=lm.config)
+        lm(input_ids=ids[:, :-1], past_key_values=cache, use_cache=True)
+        step = lm(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True).logits[:, -1]
+    assert (full - step).abs().max() < 1e-4
+    assert lm.model.model.layers[3].self_attn.layer_idx == 3  # the plan's dropped layer kept its own index
+    restore(lm.model)
