@@ -3,7 +3,8 @@
 #   1. the GPU-marked tests (tests/test_gpu.py: fast == reference and merged healing on CUDA, bf16)
 #   2. a healed conversion of SmolLM2-135M's 60% plan with a fixed token budget, bf16 autocast,
 #      batch 32 x 256 (benchmarks/convert_smollm2.py --device cuda --tokens ...)
-#   3. the speed benchmark (benchmarks/speed_smollm2.py --device cuda --dtype bfloat16)
+#   3. the speed benchmark (benchmarks/speed_smollm2.py --device cuda --dtype bfloat16), for the
+#      analysis plan and for the 50%-KV hybrid plan measured on CPU (manifests/plans/)
 #
 # The device machine has torch, transformers, safetensors, peft, pytest, but no Ray, MLflow,
 # gguf or pydantic, no data and no model, and nothing can be fetched there. So it runs the
@@ -45,6 +46,8 @@ run)
     python3 benchmarks/convert_smollm2.py --device cuda --dtype bfloat16 --batch-size 32 --tokens "$TOKENS" \
         --fractions 0.6 --convert 0.6:1 --no-served --save "$out/convert" 2>&1 | tee "$out/convert.log" | tail -6
     python3 benchmarks/speed_smollm2.py --device cuda --dtype bfloat16 2>&1 | tee "$out/speed.log" | tail -14
+    python3 benchmarks/speed_smollm2.py --device cuda --dtype bfloat16 \
+        --plan manifests/plans/smollm2-135m-hybrid-kv50.json 2>&1 | tee "$out/speed-hybrid.log" | tail -14
     echo "| check | result |"
     echo "|---|---|"
     echo "| GPU tests | $(tail -1 "$out/tests.log") |"

@@ -265,3 +265,16 @@ def test_attn_drop_on_a_hybrid_backbone_keeps_cache_slots_consistent(tiny):
     assert (full - step).abs().max() < 1e-4
     assert lm.model.model.layers[3].self_attn.layer_idx == 3  # the plan's dropped layer kept its own index
     restore(lm.model)
+
+
+def test_the_shipped_hybrid_plan_fits_smollm2_and_halves_its_kv_cache():
+    """manifests/plans/smollm2-135m-hybrid-kv50.json: the plan benchmarks/hybrid_smollm2.py
+    chose (scripts/gpu_check.sh times it on a GPU)."""
+    from pathlib import Path
+
+    from adapters_hub.models import base_config
+
+    plan = SharingPlan.load(Path(__file__).resolve().parents[1] / "manifests/plans/smollm2-135m-hybrid-kv50.json")
+    cfg = base_config("smollm2-135m")
+    assert plan.kv_ratio(cfg.num_key_value_heads) >= 2.0 and plan.dropped
+    assert (plan.num_layers, plan.num_heads) == (cfg.num_hidden_layers, cfg.num_attention_heads)
