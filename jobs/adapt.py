@@ -308,7 +308,7 @@ def _evaluate(task, profile, base, plan, kind_name, adapter_dir, rows, *, init_d
         metrics.update({f"{label}.{k}": v for k, v in evaluate_task(model, tok, task, rows, profile=profile).items()})
     del base_model
     lm, tok = load_lisa_model(base, plan, healing=healing)
-    if plan.shared:  # on the dense backbone "fresh" is the base itself
+    if plan.shared or plan.dropped:  # on the dense backbone "fresh" is the base itself
         results = evaluate_task(lm, tok, task, rows, profile=profile)
         metrics.update({f"fresh.{k}": v for k, v in results.items()})
     kind = get_kind(kind_name)

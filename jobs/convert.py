@@ -125,6 +125,14 @@ class ConvertSpec(runtime.JobSpec):
             raise ValueError(f"layers: must be a list of layer indices >= 1, got {self.layers!r}")
         if self.layers is not None and not self.layers and not self.dropped:
             raise ValueError("layers: an empty plan; give layers to share (or --dropped layers to drop)")
+        if self.dropped is not None:
+            if not all(l >= 1 for l in self.dropped) or len(set(self.dropped)) != len(self.dropped):
+                raise ValueError(f"dropped: must be distinct layer indices >= 1, got {self.dropped!r}")
+            if both := sorted(set(self.dropped) & set(self.layers or ())):
+                raise ValueError(f"dropped: layers {both} are also in --layers; a layer is shared or dropped")
+            if not self.layers and not self.heal_targets:
+                raise ValueError("dropped: a plan that only drops has nothing to train without healing; "
+                                 "keep --heal-targets or give --layers")
         if self.fraction is not None and not 0 < self.fraction < 1:
             raise ValueError(f"fraction: must be in (0, 1), got {self.fraction}")
         if self.max_ppl_increase is not None and not self.max_ppl_increase >= 0:

@@ -215,7 +215,8 @@ def _convert(args) -> int:
     if args.follow:
         job.tail()
         result = job.wait()
-        print(f"converted {result.base}: {len(result.layers)} layers shared, perplexity ratio "
+        print(f"converted {result.base}: {len(result.layers)} layers shared, {len(result.dropped)} dropped, "
+              f"perplexity ratio "
               f"{result.metrics['converted.ppl_ratio']:.3f}" + (f"; registered {result.model_name} version "
                                                                f"{result.version}" if result.version else ""))
     return 0

@@ -331,6 +331,7 @@ class ConversionResult:
     model_name: str | None     # "backbone-<base>" when registered
     version: str | None
     raw: dict = field(default_factory=dict, repr=False)
+    dropped: list[int] = field(default_factory=list)  # the layers whose attention the plan drops
 
 
 class ConversionJob(AdaptationJob):
@@ -342,7 +343,8 @@ class ConversionJob(AdaptationJob):
             return None
         return ConversionResult(job_id=self.id, base=raw["base"], plan_hash=raw["plan_hash"],
                                 layers=list(raw["layers"]), metrics=dict(raw["metrics"]),
-                                model_name=raw.get("model_name"), version=raw.get("version"), raw=raw)
+                                model_name=raw.get("model_name"), version=raw.get("version"), raw=raw,
+                                dropped=list(raw.get("dropped", [])))
 
 
 @contextlib.contextmanager

@@ -97,9 +97,8 @@ class Backbone:
         cfg = lm.config
         head_dim = lm.plan.head_dim
         item = next(lm.parameters()).element_size()
-        per_layer = [cfg.num_key_value_heads * ((s.rank if s else head_dim) + head_dim) * item
-                     for s in (lm.plan.get(i) for i in range(lm.plan.num_layers))]  # K (d or r) + V (d)
-        return {"parameter_bytes": params, "kv_bytes_per_token": sum(per_layer),
+        kv = lm.plan.kv_bytes_per_token(cfg.num_key_value_heads, item)  # K (d or r) + V (d); dropped: 0
+        return {"parameter_bytes": params, "kv_bytes_per_token": kv,
                 "dense_kv_bytes_per_token": lm.plan.num_layers * cfg.num_key_value_heads * 2 * head_dim * item,
                 "pruned": int(lm.pruned)}
 

@@ -236,6 +236,8 @@ def test_conversion_job_plans_a_hybrid_backbone_within_a_kv_budget(tmp_path, cap
     ({"dropped": [3]}, "dropped"),                           # dropped without --layers
     ({"kv_budget": 1.5}, "kv_budget"),
     ({"kv_budget": 0.5, "fraction": 0.5}, "fraction"),       # two targets
+    ({"layers": [2, 3], "dropped": [3]}, "dropped"),         # shared and dropped
+    ({"layers": [2], "dropped": [4, 4]}, "dropped"),         # twice
 ])
 def test_conversion_spec_refuses_unclear_hybrid_requests(kwargs, field):
     from jobs.convert import ConvertSpec
@@ -278,3 +280,26 @@ def test_the_shipped_hybrid_plan_fits_smollm2_and_halves_its_kv_cache():
     cfg = base_config("smollm2-135m")
     assert plan.kv_ratio(cfg.num_key_value_heads) >= 2.0 and plan.dropped
     assert (plan.num_layers, plan.num_heads) == (cfg.num_hidden_layers, cfg.num_attention_heads)
+
+
+def test_a_hook_on_a_dropped_layers_norm_still_runs_for_the_teacher_and_comes_back(tiny):
+    from types import MethodType
+
+    model = copy.deepcopy(tiny[0])
+    norm = model.model.layers[3].input_layernorm
+    calls = []
+
+    def hooked(self, x):  # e.g. an accelerate hook
+        calls.append(1)
+        return type(self).forward(self, x)
+
+    norm.forward = MethodType(hooked, norm)
+    own = norm.forward
+    lm = LisaModel(model, LisaConfig(plan=SharingPlan.for_model(model, SHARED, dropped=DROPPED)), fingerprint="t")
+    x = torch.randn(1, 2, 64)
+    assert torch.equal(norm(x), x) and not calls
+    with lm.disable_adapter():
+        norm(x)
+    assert calls == [1]
+    lm.unload()
+    assert norm.forward == own

@@ -79,10 +79,11 @@ class LoraKind:
         config = read_config(directory)
         if "base_fingerprint" in config:
             check_compatible(config, lm, str(directory), needs_plan=True)
-        elif lm.lisa_layers:  # a plain PEFT adapter: trained on the dense base, it names no plan
+        elif lm.plan.shared or lm.plan.dropped:  # a plain PEFT adapter: trained on the dense base, it names no plan
             raise AdapterMismatchError(
                 f"{directory}: a PEFT LoRA adapter without lisa-hub metadata fits only the dense backbone "
-                f"(backbone='dense'); this backbone shares {len(lm.lisa_layers)} layers")
+                f"(backbone='dense'); this backbone shares {len(lm.plan.shared)} layers and drops the attention "
+                f"of {len(lm.plan.dropped)}")
         try:
             tensors = load_file(str(Path(directory) / WEIGHTS_NAME))
         except Exception as err:

@@ -280,7 +280,7 @@ class ScoreBus:
     def mask(self, attention_mask: torch.Tensor | None, q_len: int, k_len: int, device) -> torch.Tensor:
         """`additive_mask`, made once per forward step for all layers (HF hands every layer
         of one attention kind the same mask object, alive for the whole step)."""
-        key = ("mask", id(attention_mask), q_len, k_len)
+        key = ("mask", id(attention_mask), q_len, k_len, str(device))
         if key not in self.step:
             self.step[key] = additive_mask(attention_mask, q_len, k_len, device)
         return self.step[key]
@@ -463,17 +463,10 @@ class MixAligner(nn.Module):
         """W (P z): the per-row route of a batch mixing linear and FFN adapters."""
         return torch.einsum("hg,bgqk->bhqk", self.weight.to(z.dtype), z)
 
-    def matrix(self, perm: torch.Tensor) -> torch.Tensor:
-        """W P as one (H, H) matrix on unpermuted scores: (W P z)_h = sum_g W[h, g] z[perm[g]].
-        Without autograd it is kept until W changes (its in-place version), so a decode step
-        does not rebuild it in every layer."""
-        if torch.is_grad_enabled():
-            return self.weight[:, torch.argsort(perm)]
-        key = (self.weight._version, perm.data_ptr())
-        cached = getattr(self, "_matrix", None)
-        if cached is None or cached[0] != key:
-            cached = self._matrix = (key, self.weight.detach()[:, torch.argsort(perm)])
-        return cached[1]
+    def matrix(self, inv_perm: torch.Tensor) -> torch.Tensor:
+        """W P as one (H, H) matrix on unpermuted scores: (W P z)_h = sum_g W[h, g] z[perm[g]],
+        i.e. W's columns taken at argsort(perm) (`inv_perm`, a buffer of the layer: one op)."""
+        return self.weight[:, inv_perm]
 
 
 class Aligner(nn.Module):
@@ -519,6 +512,7 @@ class LisaAttention(_AttentionBase):
         self.donor = shared.donor
         self.rank = shared.rank
         self.register_buffer("perm", torch.tensor(shared.perm, dtype=torch.long), persistent=False)
+        self.register_buffer("inv_perm", torch.argsort(self.perm), persistent=False)  # for W P (MixAligner.matrix)
         self.register_buffer("rope_freqs", rope_frequencies(self.head_dim, self.rank), persistent=False)
         self.lisa_aligner = nn.ModuleDict()
         self.lisa_qk = nn.ModuleDict()
@@ -640,8 +634,8 @@ class LisaAttention(_AttentionBase):
     def _mix_matrix(self, names) -> torch.Tensor:
         """W P: (H, H) for one adapter, (B, H, H) for one adapter name per row."""
         if isinstance(names, str):
-            return self.lisa_aligner[names].matrix(self.perm)
-        per_adapter = {n: self.lisa_aligner[n].matrix(self.perm) for n in set(names)}
+            return self.lisa_aligner[names].matrix(self.inv_perm)
+        per_adapter = {n: self.lisa_aligner[n].matrix(self.inv_perm) for n in set(names)}
         return torch.stack([per_adapter[n] for n in names])
 
     def _forward_fast(self, names, x, cos, sin, donor: ScoreFactors, attention_mask, past_key_values):

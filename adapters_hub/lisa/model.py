@@ -108,23 +108,36 @@ class SharingPatch:
                 raise RuntimeError(f"layer {i}: W_q/W_k were pruned; the dense model cannot be restored")
             self.layers[i].self_attn = original
             norm = getattr(self.layers[i], "input_layernorm", None)
-            if norm is not None and "forward" in norm.__dict__:
-                del norm.forward  # the class's forward again (see _gate_norm)
+            if norm is not None and hasattr(norm, _GATED):  # a dropped layer's norm (see _gate_norm)
+                previous = getattr(norm, _GATED)
+                delattr(norm, _GATED)
+                if previous is None:
+                    del norm.forward  # the class's forward again
+                else:
+                    norm.forward = previous
         self.originals.clear()
         self._hook.remove()
         return self.model
 
 
+_GATED = "_lisa_gated_previous_forward"  # on a gated norm: the instance forward it had before (or None)
+
+
 def _gate_norm(norm: nn.Module, attn: DroppedAttention) -> None:
     """While `attn` drops its attention, the norm before it has no reader: skip it too (an
     instance forward, as adapters_hub/drop/layer.py does for whole layers, so state-dict
-    keys stay). With adapters disabled it normalises again, for the dense teacher."""
+    keys stay). With adapters disabled it normalises again, for the dense teacher. A
+    forward the instance had before (another tool's hook) runs then, and comes back on
+    restore."""
     from types import MethodType
+
+    previous = norm.__dict__.get("forward")
+    setattr(norm, _GATED, previous)
 
     def forward(self, x):
         if attn.active_adapter is not None or attn._bus.row_adapters is not None:
             return x
-        return type(self).forward(self, x)
+        return previous(x) if previous is not None else type(self).forward(self, x)
 
     norm.forward = MethodType(forward, norm)
 
