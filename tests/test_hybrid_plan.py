@@ -303,3 +303,21 @@ def test_a_hook_on_a_dropped_layers_norm_still_runs_for_the_teacher_and_comes_ba
     assert calls == [1]
     lm.unload()
     assert norm.forward == own
+
+
+def test_a_task_adapter_on_a_hybrid_backbone_learns_everywhere_but_the_dropped_attention(tiny):
+    """One SFT-like step (LM loss, gradient checkpointing on): every trainable tensor of the
+    adapter (aligners, low-rank Q/K, LoRA parts) gets a gradient; none sits in layer 3's
+    dropped attention."""
+    from adapters_hub.multi_lora import LoraParts
+
+    lm = make(tiny, lora_parts=LoraParts(r=2, targets=("o_proj", "v_proj", "mlp")))
+    randomize(lm, scale=0.1)
+    lm.gradient_checkpointing_enable()
+    lm.train()
+    ids = torch.randint(3, 259, (2, 12), generator=torch.Generator().manual_seed(0))
+    lm(input_ids=ids, labels=ids).loss.backward()
+    trainable = {n: p for n, p in lm.named_parameters() if p.requires_grad}
+    assert trainable and all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable.values())
+    assert not any("layers.3.self_attn" in n for n in trainable)
+    assert any("layers.3.mlp" in n for n in trainable)
