@@ -32,9 +32,13 @@ def main() -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
+    rightmost = max(p for _, p, _ in points)
     for label, ppl, speed in points:
         ax.plot(ppl, speed, "o", ms=8)
-        ax.annotate(label, (ppl, speed), textcoords="offset points", xytext=(6, 6), fontsize=9)
+        left = ppl == rightmost and len(points) > 1  # the last label reads leftwards, inside the axes
+        ax.annotate(label, (ppl, speed), textcoords="offset points", xytext=(-6 if left else 6, 6), fontsize=9,
+                    ha="right" if left else "left")
+    ax.margins(x=0.35, y=0.15)  # room for the labels
     ax.set_xlabel("WikiText-2 perplexity / base (converted, healed)")
     ax.set_ylabel("max decode tok/s at equal KV memory / dense")
     ax.grid(alpha=0.3)
