@@ -260,7 +260,7 @@ def main(spec: ConvertSpec) -> dict:
         fp = stamp_adapter(adapter_dir, healing_dir)
     kvh = model.config.num_key_value_heads
     metrics.update(kv_bytes_per_token=float(plan.kv_bytes_per_token(kvh)),
-                   kv_ratio=plan.num_layers * kvh * 2 * plan.head_dim * 4 / plan.kv_bytes_per_token(kvh))
+                   kv_ratio=plan.kv_ratio(kvh))
     metrics.update(init_seconds=init_seconds, train_seconds=train_seconds, shared_layers=len(plan.shared),
                    dropped_layers=len(plan.dropped), fraction=plan.fraction, steps=float(history[-1]["step"]) if history else 0.0)
     for k, v in metrics.items():

@@ -441,8 +441,13 @@ class DroppedAttention(ScoredAttention):
         super().__init__(base_attn, bus)
         self.active_adapter: str | None = None
 
+    @property
+    def dropping(self) -> bool:
+        """True while an adapter is active (for all rows, or one per row)."""
+        return self.active_adapter is not None or self._bus.row_adapters is not None
+
     def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
-        if self._bus.row_adapters is None and self.active_adapter is None:
+        if not self.dropping:
             return super().forward(hidden_states, position_embeddings, attention_mask, past_key_values, **kwargs)
         return torch.zeros_like(hidden_states), None
 

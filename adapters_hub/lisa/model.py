@@ -135,7 +135,7 @@ def _gate_norm(norm: nn.Module, attn: DroppedAttention) -> None:
     setattr(norm, _GATED, previous)
 
     def forward(self, x):
-        if attn.active_adapter is not None or attn._bus.row_adapters is not None:
+        if attn.dropping:
             return x
         return previous(x) if previous is not None else type(self).forward(self, x)
 
@@ -417,16 +417,13 @@ class LisaModel(nn.Module):
         dropped layer's attention (none of them runs while an adapter is active); returns
         the parameters freed."""
         freed = 0
-        layers = {**self.lisa_layers, **{i: self._patch.layers[i].self_attn for i in self.plan.dropped}}
-        for i, layer in sorted(layers.items()):
-            if layer.q_proj is None:
+        for i, proj in sorted(self.idle_projections()):
+            attn = self._patch.layers[i].self_attn
+            if getattr(attn, proj) is None:  # pruned before
                 continue
-            names = ("q_proj", "k_proj", "v_proj", "o_proj") if i in self.plan.dropped else ("q_proj", "k_proj")
-            freed += sum(p.numel() for n in names for p in getattr(layer, n).parameters())
-            original = self._patch.originals[i]
-            for n in names:
-                setattr(layer, n, None)
-                setattr(original, n, None)
+            freed += sum(p.numel() for p in getattr(attn, proj).parameters())
+            setattr(attn, proj, None)
+            setattr(self._patch.originals[i], proj, None)
         self.pruned = True
         return freed
 

@@ -302,8 +302,8 @@ class SharingPlan:
     def kv_bytes_per_token(self, num_kv_heads: int, itemsize: int = 4) -> int:
         """Bytes of KV cache one token costs: a dense layer caches K and V (head_dim each per
         KV head), a substituted layer its rank-r K and its V, a dropped layer nothing."""
-        return sum(num_kv_heads * ((s.rank if s else self.head_dim) + self.head_dim) * itemsize
-                   for i, s in ((i, self.get(i)) for i in range(self.num_layers)) if i not in self.dropped)
+        ranks = {s.layer: s.rank for s in self.shared}
+        return num_kv_heads * itemsize * _kv_units(ranks, self.dropped, self.num_layers, self.head_dim)
 
     def kv_ratio(self, num_kv_heads: int) -> float:
         """Dense KV bytes per token / this plan's (2.0: a cache half the size)."""
@@ -432,10 +432,14 @@ def hybrid_steps(share: dict[int, float], drop: dict[int, float], *, head_dim: i
         steps.append((dict(sorted(shared.items())), sorted(dropped)))
 
 
+def _kv_units(shared: dict[int, int], dropped, num_layers: int, head_dim: int) -> int:
+    """KV cache entries per token and KV head: 2 d for a kept layer, r + d shared, 0 dropped."""
+    return sum(0 if l in dropped else head_dim + shared[l] if l in shared else 2 * head_dim
+               for l in range(num_layers))
+
+
 def _kv_fraction(shared: dict[int, int], dropped, num_layers: int, head_dim: int) -> float:
-    units = sum(0 if l in dropped else head_dim + shared[l] if l in shared else 2 * head_dim
-                for l in range(num_layers))
-    return units / (num_layers * 2 * head_dim)
+    return _kv_units(shared, dropped, num_layers, head_dim) / (num_layers * 2 * head_dim)
 
 
 def choose_hybrid(share: dict[int, float], drop: dict[int, float], *, num_layers: int, head_dim: int,
