@@ -174,7 +174,15 @@ def add_commands(sub) -> None:
     p.add_argument("--timeout-s", type=float, default=60.0, help="per request; its generation stops then")
     p.add_argument("--allow-local-folders", action="store_true",
                    help="also serve adapters from folders on this machine (registry references only otherwise)")
-    p.add_argument("--num-cpus", type=float, default=0.5, help="CPUs reserved for the replica")
+    p.add_argument("--num-cpus", type=float, default=0.5, help="CPUs reserved for each replica")
+    p.add_argument("--replicas", type=int, default=1, help="Generator replicas, each with its own backbone")
+    p.add_argument("--min-replicas", type=int, default=None,
+                   help="autoscale on ongoing requests between --min-replicas and --max-replicas")
+    p.add_argument("--max-replicas", type=int, default=None)
+    p.add_argument("--target-ongoing-requests", type=float, default=8.0,
+                   help="autoscaling: ongoing requests per replica it aims at")
+    p.add_argument("--routing", default="affinity", choices=("affinity", "random"),
+                   help="affinity: a request goes to a replica with its adapter resident (Serve multiplexing)")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on every route but /health (default: LISA_HUB_API_KEY); "
                         "needed to serve on a non-loopback --host")
@@ -359,7 +367,8 @@ def _serve(args) -> int:
         adapters=[a for a in split(args.adapters) if a not in pin], pin=pin, allow_local_folders=args.allow_local_folders,
         max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, timeout_s=args.timeout_s, num_cpus=args.num_cpus, api_key=args.api_key,
-        backbone=args.backbone)
+        backbone=args.backbone, replicas=args.replicas, min_replicas=args.min_replicas,
+        max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests, routing=args.routing)
     return 0
 
 

@@ -99,6 +99,11 @@ class Engine:
         """Requests queued and not yet admitted into the batch."""
         return len(self._pending)
 
+    @property
+    def healthy(self) -> bool:
+        """False once the started worker thread has died (the replica's health check reads it)."""
+        return self._worker is None or self._worker.is_alive()
+
     def start(self) -> None:
         """Start the worker thread (idempotent)."""
         if self._worker is None or not self._worker.is_alive():

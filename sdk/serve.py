@@ -80,14 +80,26 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
               max_resident: int = 4, num_cpus: float = 0.5, adapters: list[str] | tuple[str, ...] = (),
               pin: list[str] | tuple[str, ...] = (), allow_local_folders: bool = False, max_tokens: int = 512,
               max_prompt_tokens: int = 2048, max_batch_size: int = 16, max_queue: int = 64,
-              timeout_s: float = 60.0, api_key: str | None = None, backbone: str = "lisa"):
-    """The Serve application (bound deployment), ready for `serve.run(app, route_prefix="/")`.
+              timeout_s: float = 60.0, api_key: str | None = None, backbone: str = "lisa",
+              replicas: int = 1, min_replicas: int | None = None, max_replicas: int | None = None,
+              target_ongoing_requests: float = 8.0, routing: str = "affinity"):
+    """The Serve application (bound deployments), ready for `serve.run(app, route_prefix="/")`.
+
+    Two deployments: `Router`, the HTTP ingress (FastAPI, one replica, no CPU of its own), and
+    `Generator`, the replicas that each hold one backbone, their own resident adapters, pins and
+    continuous batching. `replicas` fixes their number; `min_replicas`/`max_replicas` instead
+    autoscale it on ongoing requests per replica (Serve's `autoscaling_config`,
+    `target_ongoing_requests`). `routing="affinity"` (default) sends a request with Ray Serve's
+    model multiplexing: to a replica that has its adapter resident, else to one with the fewest
+    adapters, which loads it; `routing="random"` is Serve's plain power-of-two choice (the
+    benchmark's baseline).
 
     With `api_key`, every route but GET /health needs `Authorization: Bearer <api_key>`
     (what the openai client sends as its api_key), else 401 with an OpenAI error body.
 
     `backbone="dense"` serves the unmodified base and its `lora` adapters (the multi-LoRA
-    baseline server). `adapters` are preloaded and `pin` ones preloaded and never evicted; the caps
+    baseline server). `adapters` are preloaded and `pin` ones preloaded and never evicted, on
+    every replica (a replacement replica loads them before it takes traffic); the caps
     (max_tokens, max_prompt_tokens, max_batch_size, max_queue, timeout_s) are checked
     before any work for a request.
 
@@ -101,14 +113,18 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
     limits = Limits(max_tokens=max_tokens, max_prompt_tokens=max_prompt_tokens, max_batch_size=max_batch_size,
                     max_queue=max_queue, timeout_s=timeout_s, default_max_tokens=min(64, max_tokens))
     adapters, pin = list(adapters), list(pin)
+    scaling = replica_options(replicas=replicas, min_replicas=min_replicas, max_replicas=max_replicas,
+                              target_ongoing_requests=target_ongoing_requests)
+    if routing not in ROUTINGS:
+        raise ValueError(f"routing: {routing!r} is not one of {', '.join(ROUTINGS)}")
+    ongoing = limits.max_queue + limits.max_batch_size + 8  # the engine answers 503 past its queue first
 
-    app = _ingress(api_key)
-
-    @serve.deployment(name="Generator", num_replicas=1, ray_actor_options={"num_cpus": num_cpus},
-                      max_ongoing_requests=limits.max_queue + limits.max_batch_size + 8)
-    @serve.ingress(app)
+    @serve.deployment(name="Generator", ray_actor_options={"num_cpus": num_cpus}, max_ongoing_requests=ongoing,
+                      health_check_period_s=5, **scaling)
     class Generator:
-        def __init__(self):
+        """One backbone and its engine; called by the Router through a deployment handle."""
+
+        async def __init__(self):
             from sdk.engine import Engine
             from sdk.hotswap import Backbone
 
@@ -121,8 +137,96 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
                 bb.pin(ref)
             for ref in adapters:
                 bb.preload(ref)
-            self.tracking_uri = tracking_uri
             self.engine = Engine(backbone=bb, limits=limits, metrics=self.metrics)
+            self.engine.start()
+            self.name = serve.get_replica_context().replica_id.to_full_id_str()
+            self.served: dict[str, int] = {}  # requests answered here, per model
+            for ref in pin + adapters:  # Serve's routing table learns what is resident here
+                await self.resident(ref)
+
+        @serve.multiplexed(max_num_models_per_replica=max_resident + len(pin))
+        async def resident(self, model: str) -> str:
+            """Records `model` in Serve's multiplexing table of this replica (what routing reads);
+            the engine's pool loads and evicts the adapter itself."""
+            return model
+
+        def check_health(self):  # Serve calls it every few seconds; a raise restarts the replica
+            if not self.engine.healthy:
+                raise RuntimeError("the engine's model thread died")
+
+        def stats(self) -> dict:
+            bb = self.engine.bb
+            return {"replica": self.name, **self.engine.stats, "waiting": self.engine.waiting,
+                    "resident": bb.resident, "pinned": sorted(bb.pinned), "requests": dict(self.served)}
+
+        async def complete(self, body, chat: bool) -> dict:
+            """One non-streamed request -> {"status", "body", "replica"} (an ApiError is a status too)."""
+            from sdk import openai_api as api
+
+            try:
+                params, job = await self._submit(body, chat)
+                await self.engine.result(job)
+                out = _completion_body(self.engine.bb.tokenizer, params, job, chat)
+                return {"status": 200, "body": out, "replica": self._done(params.model)}
+            except api.ApiError as err:
+                return {"status": err.status, "body": err.body(), "replica": self.stats()}
+
+        async def stream(self, body, chat: bool):
+            """A streamed request: first {"status", "body"?}, then the SSE strings, last {"replica"}."""
+            from sdk import openai_api as api
+
+            try:
+                params, job = await self._submit(body, chat)
+            except api.ApiError as err:
+                yield {"status": err.status, "body": err.body()}
+                return
+            yield {"status": 200}
+            async for piece in _sse(self.engine, job, api.new_id("chatcmpl" if chat else "cmpl"), int(time.time()),
+                                    chat):
+                yield piece
+            yield {"replica": self._done(params.model)}
+
+        async def legacy(self, body, header_model: str | None) -> dict:
+            from sdk import openai_api as api
+
+            try:
+                params = api.parse_legacy(body, self.engine.limits, header_model)
+                start = time.perf_counter()
+                job = await self.engine.submit(params=params)
+                await self.engine.result(job)
+            except api.ApiError as err:
+                return {"status": err.status, "body": err.body(), "replica": self.stats()}
+            out = {"text": job.rows[0].text, "adapter": params.model or None, "resolved": job.served.key,
+                   "seconds": round(time.perf_counter() - start, 3)}
+            return {"status": 200, "body": out, "replica": self._done(params.model)}
+
+        async def _submit(self, body, chat: bool):
+            from sdk import openai_api as api
+
+            params = (api.parse_chat if chat else api.parse_completion)(body, self.engine.limits)
+            prompts = [api.render_chat(self.engine.bb.tokenizer, params.messages)] if chat else None
+            job = await self.engine.submit(params=params, prompts=prompts)
+            if serve.get_multiplexed_model_id():  # a servable adapter: now in the routing table
+                await self.resident(serve.get_multiplexed_model_id())
+            return params, job
+
+        def _done(self, model: str) -> dict:
+            self.served[model or base_model] = self.served.get(model or base_model, 0) + 1
+            return self.stats()
+
+    app = _ingress(api_key)
+
+    @serve.deployment(name="Router", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                      max_ongoing_requests=max(1000, ongoing * (scaling.get("num_replicas") or max_replicas or 1)))
+    @serve.ingress(app)
+    class Router:
+        """The HTTP ingress: validates nothing but JSON, picks the route to a Generator replica
+        (the request's `model` as Serve's multiplexed model id), keeps every replica's latest
+        stats, and answers 503 with a body when a replica dies under a request."""
+
+        def __init__(self, generator):
+            self.generator = generator
+            self.replicas: dict[str, tuple[float, dict]] = {}  # replica name -> (when, its stats)
             self.started = int(time.time())
 
         @app.get("/health")
@@ -131,147 +235,282 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
 
         @app.get("/v1/models")
         async def models(self):
-            return await self._models()
+            return await _models(base_model, backbone, tracking_uri, self.started)
 
         @app.get("/stats")
         async def stats(self):
-            return self._stats()
+            self._note(await self._call("", "stats"))
+            return {**merge_stats(self._live()), "limits": limits.__dict__, "routing": routing}
 
         @app.post("/v1/completions")
         async def completions(self, request: Request):
-            return await self._generate(request, chat=False)
+            return await self._generate(await _body(request), chat=False)
 
         @app.post("/v1/chat/completions")
         async def chat_completions(self, request: Request):
-            return await self._generate(request, chat=True)
+            return await self._generate(await _body(request), chat=True)
 
         @app.post("/generate")
         async def generate(self, request: Request):
-            return await self._legacy(request)
+            header = request.headers.get("serve_multiplexed_model_id") or None
+            body = await _body(request)
+            key = header or (body.get("adapter") if isinstance(body, dict) else None)
+            return self._answer(await self._call(self._key(key), "legacy", body, header))
 
-        # ---------------------------------------------------------------- routes
+        # ---------------------------------------------------------------- routing
 
-        async def _body(self, request):
-            from sdk.openai_api import ApiError
+        def _key(self, model) -> str:
+            """Serve's multiplexed model id of a request: its adapter (affinity), or "" (any replica)."""
+            if routing != "affinity" or not isinstance(model, str) or model in ("", base_model):
+                return ""
+            return model
 
-            try:
-                return await request.json()
-            except Exception:
-                raise ApiError(400, "The request body must be valid JSON.", code="invalid_json") from None
+        def _handle(self, key: str, **options):
+            return self.generator.options(multiplexed_model_id=key, **options) if key else (
+                self.generator.options(**options) if options else self.generator)
 
-        async def _generate(self, request, *, chat: bool):
-            from starlette.responses import JSONResponse, StreamingResponse
-
-            from sdk import openai_api as api
-
-            body = await self._body(request)
-            params = (api.parse_chat if chat else api.parse_completion)(body, self.engine.limits)
-            prompts = [api.render_chat(self.engine.bb.tokenizer, params.messages)] if chat else None
-            job = await self.engine.submit(params=params, prompts=prompts)
-            rid, created = api.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
-            if params.stream:
-                return StreamingResponse(self._stream(job, rid, created, chat), media_type="text/event-stream")
-            await self.engine.result(job)
-            choices = [(r.text, api.FINISH_REASONS.get(r.finish_reason, "stop")) for r in job.rows]
-            if chat:
-                return JSONResponse(api.chat_response(id=rid, model=params.model, choices=choices, created=created,
-                                                      prompt_tokens=job.prompt_tokens,
-                                                      completion_tokens=job.completion_tokens))
-            tok, blocks = self.engine.bb.tokenizer, None
-            if params.echo:  # the prompt's text first (decoded from its tokens)
-                choices = [(tok.decode(r.prompt_ids, skip_special_tokens=True) + text, reason)
-                           for r, (text, reason) in zip(job.rows, choices)]
-            if params.logprobs is not None:
-                blocks = [api.logprobs_block(tok, ids=(r.prompt_ids if params.echo else []) + r.tokens,
-                                             logprobs=(r.prompt_logprobs if params.echo else []) + r.token_logprobs,
-                                             top=(r.prompt_top if params.echo else []) + r.top_logprobs)
-                          for r in job.rows]
-            return JSONResponse(api.completion_response(id=rid, model=params.model, choices=choices, created=created,
-                                                        prompt_tokens=job.prompt_tokens,
-                                                        completion_tokens=job.completion_tokens, logprobs=blocks))
-
-        async def _stream(self, job, rid: str, created: int, chat: bool):
-            from sdk import openai_api as api
-
-            model = job.params.model
-            try:
-                if chat:
-                    for i in range(job.n_rows):
-                        yield api.sse(api.chat_chunk(id=rid, model=model, created=created, index=i,
-                                                     delta={"role": "assistant", "content": ""}))
-                async for event in self.engine.events(job):
-                    kind, index, value = event
-                    if kind == "delta":
-                        chunk = (api.chat_chunk(id=rid, model=model, created=created, index=index,
-                                                delta={"content": value}) if chat else
-                                 api.completion_chunk(id=rid, model=model, created=created, index=index, text=value))
-                    else:
-                        reason = api.FINISH_REASONS.get(value, "stop")
-                        chunk = (api.chat_chunk(id=rid, model=model, created=created, index=index, delta={},
-                                                finish_reason=reason) if chat else
-                                 api.completion_chunk(id=rid, model=model, created=created, index=index, text="",
-                                                      finish_reason=reason))
-                    yield api.sse(chunk)
-                if job.params.include_usage:
-                    yield api.sse(api.usage_chunk(id=rid, model=model, created=created, chat=chat,
-                                                  prompt_tokens=job.prompt_tokens,
-                                                  completion_tokens=job.completion_tokens))
-            except api.ApiError as err:  # the status line is sent already: the error is an event
-                yield api.sse(err.body())
-            yield api.sse("[DONE]")
-
-        async def _legacy(self, request):
-            from ray import serve
-
-            from sdk import openai_api as api
-
-            body = await self._body(request)
-            params = api.parse_legacy(body, self.engine.limits, serve.get_multiplexed_model_id() or None)
-            start = time.perf_counter()
-            job = await self.engine.submit(params=params)
-            await self.engine.result(job)
-            return {"text": job.rows[0].text, "adapter": params.model or None, "resolved": job.served.key,
-                    "seconds": round(time.perf_counter() - start, 3)}
-
-        async def _models(self):
+        async def _call(self, key: str, method: str, *args):
             import asyncio
 
-            from adapters_hub import registry
+            response = getattr(self._handle(key), method).remote(*args)
+            try:
+                return await asyncio.wait_for(_wait(response), timeout=limits.timeout_s + 30)
+            except asyncio.TimeoutError:
+                response.cancel()
+                raise replica_unavailable("did not answer in time") from None
+            except Exception as err:
+                if _replica_gone(err):
+                    raise replica_unavailable(type(err).__name__) from None
+                raise
 
-            from sdk.openai_api import ApiError
+        async def _generate(self, body, *, chat: bool):
+            from starlette.responses import StreamingResponse
+
+            key = self._key(body.get("model") if isinstance(body, dict) else None)
+            if not (isinstance(body, dict) and body.get("stream") is True):
+                return self._answer(await self._call(key, "complete", body, chat))
+            gen = self._handle(key, stream=True).stream.remote(body, chat)
+            try:
+                head = await gen.__anext__()
+            except Exception as err:
+                if _replica_gone(err):
+                    raise replica_unavailable(type(err).__name__) from None
+                raise
+            if head["status"] != 200:
+                return self._answer(head)
+            return StreamingResponse(self._relay(gen), media_type="text/event-stream")
+
+        async def _relay(self, gen):
+            from sdk import openai_api as api
 
             try:
-                records = await asyncio.to_thread(registry.list_adapters, tracking_uri=self.tracking_uri)
-            except Exception as err:
-                raise ApiError(503, f"the adapter registry does not answer ({type(err).__name__}); retry later",
-                               type="server_error", code="registry_unavailable") from None
-            from adapters_hub.registry.refs import adapter_model_name
+                async for piece in gen:
+                    if isinstance(piece, dict):
+                        self._note(piece["replica"])
+                    else:
+                        yield piece
+            except Exception as err:  # the status line is sent already: the error is an event
+                if not _replica_gone(err):
+                    raise
+                yield api.sse(replica_unavailable(type(err).__name__).body())
+                yield api.sse("[DONE]")
+            except BaseException:  # client gone: stop the replica's generation too
+                gen.cancel()
+                raise
 
-            def bare_name(task):
-                return adapter_model_name(task, "lisa" if backbone == "lisa" else "lora", backbone)
+        def _answer(self, out: dict):
+            from starlette.responses import JSONResponse
 
-            base = self.engine.base_model
-            entries, seen = [(base, "lisa-hub", self.started)], {base}
-            for r in records:
-                if r.tags.get("base_model") not in (None, base):
-                    continue
-                created = int(r.created.timestamp()) if r.created else self.started
-                task = r.tags.get("task")
-                names = [r.ref, *(f"{r.name}@{a}" for a in r.aliases)]
-                if task and "champion" in r.aliases and r.name == bare_name(task):
-                    names.insert(0, task)  # the bare task name serves <task>-lisa@champion (-lora-dense)
-                for name in names:
-                    if name not in seen:
-                        seen.add(name)
-                        entries.append((name, "lisa-hub", created))
-            return api_models(entries)
+            if "replica" in out:
+                self._note(out["replica"])
+            return JSONResponse(out["body"], status_code=out["status"])
 
-        def _stats(self):
-            bb = self.engine.bb
-            return {**self.engine.stats, "waiting": self.engine.waiting, "resident": bb.resident,
-                    "pinned": sorted(bb.pinned), "limits": self.engine.limits.__dict__}
+        def _note(self, snapshot: dict) -> None:
+            self.replicas[snapshot["replica"]] = (time.monotonic(), snapshot)
 
-    return Generator.bind()
+        def _live(self) -> list[dict]:
+            """The latest stats of each replica still alive (Serve names its replica actors)."""
+            import ray
+
+            alive = {a["name"] for a in ray.util.list_named_actors(all_namespaces=True)}
+            for name in [n for n in self.replicas if n not in alive]:
+                del self.replicas[name]
+            now = time.monotonic()
+            return [{**s, "age_s": round(now - t, 1)} for t, s in self.replicas.values()]
+
+    return Router.bind(Generator.bind())
+
+
+ROUTINGS = ("affinity", "random")
+
+
+def replica_options(*, replicas: int = 1, min_replicas: int | None = None, max_replicas: int | None = None,
+                    target_ongoing_requests: float = 8.0) -> dict:
+    """The Generator deployment's replica options: a fixed `num_replicas`, or Serve's
+    `autoscaling_config` when min/max replicas are given (ValueError naming the field).
+
+    >>> replica_options(replicas=2)
+    {'num_replicas': 2}
+    >>> replica_options(min_replicas=1, max_replicas=3)["autoscaling_config"]["max_replicas"]
+    3
+    """
+    if min_replicas is None and max_replicas is None:
+        if not isinstance(replicas, int) or replicas < 1:
+            raise ValueError(f"replicas: must be an integer >= 1, got {replicas!r}")
+        return {"num_replicas": replicas}
+    lo = 1 if min_replicas is None else min_replicas
+    hi = max(lo, 1) if max_replicas is None else max_replicas
+    if not (isinstance(lo, int) and lo >= 0):
+        raise ValueError(f"min_replicas: must be an integer >= 0, got {min_replicas!r}")
+    if not (isinstance(hi, int) and hi >= max(lo, 1)):
+        raise ValueError(f"max_replicas: must be an integer >= max(min_replicas, 1), got {max_replicas!r}")
+    if not target_ongoing_requests > 0:
+        raise ValueError(f"target_ongoing_requests: must be > 0, got {target_ongoing_requests!r}")
+    return {"autoscaling_config": {"min_replicas": lo, "initial_replicas": max(lo, 1), "max_replicas": hi,
+                                   "target_ongoing_requests": target_ongoing_requests,
+                                   "upscale_delay_s": 5, "downscale_delay_s": 60}}
+
+
+def merge_stats(replicas: list[dict]) -> dict:
+    """/stats: counters summed over the replicas, adapter sets joined, and each replica's own.
+
+    >>> merge_stats([{"replica": "a", "steps": 2, "largest_batch": 3, "resident": ["x"], "pinned": [],
+    ...               "requests": {"x": 1}}, {"replica": "b", "steps": 1, "largest_batch": 5,
+    ...               "resident": ["y"], "pinned": [], "requests": {"x": 2}}])["requests"]
+    {'x': 3}
+    """
+    out: dict = {"replicas": sorted(replicas, key=lambda s: s["replica"])}
+    for s in replicas:
+        for k, v in s.items():
+            if k in ("replica", "age_s"):
+                continue
+            if k == "largest_batch":
+                out[k] = max(out.get(k, 0), v)
+            elif isinstance(v, (int, float)):
+                out[k] = out.get(k, 0) + v
+            elif isinstance(v, list):
+                out[k] = sorted(set(out.get(k, [])) | set(v))
+            elif isinstance(v, dict):
+                merged = out.setdefault(k, {})
+                for name, n in v.items():
+                    merged[name] = merged.get(name, 0) + n
+    return out
+
+
+def replica_unavailable(why: str):
+    from sdk.openai_api import ApiError
+
+    return ApiError(503, f"the replica serving this request is gone ({why}); retry: another replica answers",
+                    type="server_error", code="replica_unavailable")
+
+
+def _replica_gone(err: BaseException) -> bool:
+    """A Serve replica died or became unreachable under a request (not an error of the request)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+    return isinstance(err, (ActorDiedError, ActorUnavailableError, RayActorError))
+
+
+async def _wait(response):
+    return await response
+
+
+async def _body(request):
+    from sdk.openai_api import ApiError
+
+    try:
+        return await request.json()
+    except Exception:
+        raise ApiError(400, "The request body must be valid JSON.", code="invalid_json") from None
+
+
+def _completion_body(tok, params, job, chat: bool) -> dict:
+    """The OpenAI body of a finished non-streamed job."""
+    from sdk import openai_api as api
+
+    rid, created = api.new_id("chatcmpl" if chat else "cmpl"), int(time.time())
+    choices = [(r.text, api.FINISH_REASONS.get(r.finish_reason, "stop")) for r in job.rows]
+    if chat:
+        return api.chat_response(id=rid, model=params.model, choices=choices, created=created,
+                                 prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens)
+    blocks = None
+    if params.echo:  # the prompt's text first (decoded from its tokens)
+        choices = [(tok.decode(r.prompt_ids, skip_special_tokens=True) + text, reason)
+                   for r, (text, reason) in zip(job.rows, choices)]
+    if params.logprobs is not None:
+        blocks = [api.logprobs_block(tok, ids=(r.prompt_ids if params.echo else []) + r.tokens,
+                                     logprobs=(r.prompt_logprobs if params.echo else []) + r.token_logprobs,
+                                     top=(r.prompt_top if params.echo else []) + r.top_logprobs)
+                  for r in job.rows]
+    return api.completion_response(id=rid, model=params.model, choices=choices, created=created,
+                                   prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens,
+                                   logprobs=blocks)
+
+
+async def _sse(engine, job, rid: str, created: int, chat: bool):
+    """The server-sent events of a streamed job, [DONE] last; an error after the first event is
+    an event too (the status line is sent already)."""
+    from sdk import openai_api as api
+
+    model = job.params.model
+    try:
+        if chat:
+            for i in range(job.n_rows):
+                yield api.sse(api.chat_chunk(id=rid, model=model, created=created, index=i,
+                                             delta={"role": "assistant", "content": ""}))
+        async for kind, index, value in engine.events(job):
+            if kind == "delta":
+                chunk = (api.chat_chunk(id=rid, model=model, created=created, index=index, delta={"content": value})
+                         if chat else api.completion_chunk(id=rid, model=model, created=created, index=index,
+                                                           text=value))
+            else:
+                reason = api.FINISH_REASONS.get(value, "stop")
+                chunk = (api.chat_chunk(id=rid, model=model, created=created, index=index, delta={},
+                                        finish_reason=reason) if chat else
+                         api.completion_chunk(id=rid, model=model, created=created, index=index, text="",
+                                              finish_reason=reason))
+            yield api.sse(chunk)
+        if job.params.include_usage:
+            yield api.sse(api.usage_chunk(id=rid, model=model, created=created, chat=chat,
+                                          prompt_tokens=job.prompt_tokens, completion_tokens=job.completion_tokens))
+    except api.ApiError as err:
+        yield api.sse(err.body())
+    yield api.sse("[DONE]")
+
+
+async def _models(base_model: str, backbone: str, tracking_uri: str | None, started: int) -> dict:
+    """GET /v1/models: the bare backbone, then every registered adapter of this base by each
+    name that serves it (the bare task name for `<task>-lisa@champion`)."""
+    import asyncio
+
+    from adapters_hub import registry
+    from adapters_hub.registry.refs import adapter_model_name
+
+    from sdk.openai_api import ApiError
+
+    try:
+        records = await asyncio.to_thread(registry.list_adapters, tracking_uri=tracking_uri)
+    except Exception as err:
+        raise ApiError(503, f"the adapter registry does not answer ({type(err).__name__}); retry later",
+                       type="server_error", code="registry_unavailable") from None
+
+    def bare_name(task):
+        return adapter_model_name(task, "lisa" if backbone == "lisa" else "lora", backbone)
+
+    entries, seen = [(base_model, "lisa-hub", started)], {base_model}
+    for r in records:
+        if r.tags.get("base_model") not in (None, base_model):
+            continue
+        created = int(r.created.timestamp()) if r.created else started
+        task = r.tags.get("task")
+        names = [r.ref, *(f"{r.name}@{a}" for a in r.aliases)]
+        if task and "champion" in r.aliases and r.name == bare_name(task):
+            names.insert(0, task)  # the bare task name serves <task>-lisa@champion (-lora-dense)
+        for name in names:
+            if name not in seen:
+                seen.add(name)
+                entries.append((name, "lisa-hub", created))
+    return api_models(entries)
 
 
 ROUTES = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /stats, POST /generate, GET /health"

@@ -383,6 +383,94 @@ def test_overload_answers_503_and_a_time_out_stops_its_generation(app):
     assert results["queued"][0] in (200, 504)
 
 
+@pytest.fixture(scope="module")
+def replicated(app, registered):
+    """Base URL of an app with 2 Generator replicas at /r (alpha pinned, affinity routing)."""
+    from ray import serve
+
+    from sdk.serve import build_app
+
+    serve.run(build_app(base_model="tiny-llama", tracking_uri=registered, num_cpus=0, pin=["alpha"], replicas=2,
+                        max_resident=2, max_tokens=1000), name="lisa-hub-serve-replicas", route_prefix="/r")
+    yield app[0]
+    serve.delete("lisa-hub-serve-replicas")
+
+
+def _complete(url, model, **extra):
+    return requests.post(f"{url}/r/v1/completions", json={"model": model, "prompt": PROMPTS[0], "max_tokens": 8,
+                                                          "temperature": 0, **extra}, timeout=120)
+
+
+def _replica_stats(url):
+    return requests.get(f"{url}/r/stats", timeout=30).json()
+
+
+def test_requests_for_an_adapter_land_on_the_replica_that_holds_it(replicated, reference):
+    """Affinity: after its first request loads an adapter on one replica, every later request
+    for it goes there (Serve's multiplexing table); answers equal the plain path's."""
+    url, models = replicated, ("beta-lisa@champion", "gamma", "delta-lora@champion")
+    for model in models:  # first request: loads it on a replica with the fewest adapters
+        assert _complete(url, model).json()["choices"][0]["text"] == reference[model][0]
+    time.sleep(1.0)  # the replicas push their tables every 0.1 s; the router hears it a little later
+    for _ in range(3):
+        for model in models:
+            assert _complete(url, model).json()["choices"][0]["text"] == reference[model][0]
+    stats = _replica_stats(url)
+    for model in models:
+        holders = [s["replica"] for s in stats["replicas"] if s["requests"].get(model)]
+        assert len(holders) == 1, (model, stats["replicas"])
+        assert stats["requests"][model] == 4
+    assert all(s["pinned"] == ["alpha-lisa/1"] for s in stats["replicas"])
+    assert stats["requests"] == {m: 4 for m in models} | {k: v for k, v in stats["requests"].items()
+                                                         if k not in models}
+
+
+def test_a_replica_killed_mid_request_answers_503_and_a_replacement_takes_over(replicated, reference):
+    """The replica holding beta is killed under a long request: that request gets a 503 body
+    (no hang), the next one for beta is answered by the other replica, and Serve's replacement
+    has the pinned adapter resident before it answers."""
+    import ray
+    from ray import serve
+
+    url = replicated
+    _complete(url, "beta-lisa@champion")
+    time.sleep(1.0)
+    holder = next(s["replica"] for s in _replica_stats(url)["replicas"]
+                  if s["requests"].get("beta-lisa@champion"))
+    results = {}
+
+    def long():
+        start = time.monotonic()
+        r = _complete(url, "beta-lisa@champion", max_tokens=1000, ignore_eos=True)
+        results["long"] = (r.status_code, r.json(), time.monotonic() - start)
+
+    thread = threading.Thread(target=long)
+    thread.start()
+    time.sleep(0.5)
+    ray.kill(ray.get_actor(holder, namespace="serve"), no_restart=True)
+    thread.join(timeout=90)
+    assert not thread.is_alive(), "the request held by the killed replica hung"
+    status, body, seconds = results["long"]
+    assert status == 503 and body["error"]["code"] == "replica_unavailable", body
+    after = _complete(url, "beta-lisa@champion")
+    assert after.status_code == 200 and after.json()["choices"][0]["text"] == reference["beta-lisa@champion"][0]
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        deployment = serve.status().applications["lisa-hub-serve-replicas"].deployments["Generator"]
+        if deployment.replica_states.get("RUNNING") == 2:
+            break
+        time.sleep(1)
+    else:
+        pytest.fail(f"no replacement replica: {serve.status().applications['lisa-hub-serve-replicas']}")
+    names = set()
+    while time.monotonic() < deadline and len(names - {holder}) < 2:
+        assert _complete(url, "tiny-llama").status_code == 200
+        names = {s["replica"] for s in _replica_stats(url)["replicas"]}
+    assert holder not in names and len(names) == 2
+    assert all("alpha-lisa/1" in s["resident"] for s in _replica_stats(url)["replicas"])
+
+
 def test_cli_serve_stops_cleanly_on_sigterm(app, ray_stack, registered):
     from ray import serve
 
