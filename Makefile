@@ -26,7 +26,7 @@ demo: setup
 	$(BIN)/lisa-hub demo
 
 test: setup
-	$(BIN)/python -m pytest -q -ra --timeout=1200
+	$(BIN)/python -m pytest -q -ra --timeout=1200 --durations=25
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -ra -m "not slow and not stack"

@@ -27,7 +27,7 @@ from pathlib import Path
 
 FRESH = "fresh"
 GENERAL = "general"
-BACKBONES = ("lisa", "dense")  # the backbone an adapter is trained on
+ATTENTIONS = ("lisa", "dense")  # the backbone an adapter is trained on
 CALIBRATION = {"data": "wikitext2", "n_blocks": 4, "block_len": 256, "fraction": 0.6}
 
 

@@ -34,7 +34,7 @@ def main() -> None:
     if not args.skip_eval:
         import sdk
 
-        for name, options in (("base (dense)", {"backbone": "dense"}), ("backbone", {"plan_path": args.backbone})):
+        for name, options in (("base (dense)", {"attention": "dense"}), ("backbone", {"plan_path": args.backbone})):
             row = {}
             for task, limit in (("lisa_gsm8k_mc", args.mc), ("lisa_gsm8k", args.gen)):
                 start = time.perf_counter()
@@ -71,13 +71,13 @@ def _batch(args, out: Path) -> dict:
     (out / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     start = time.perf_counter()
     r = sdk.batch_generate(input=out / "in.jsonl", output=out / "out.jsonl", base_model="smollm2-135m",
-                           backbone="dense", adapter_column="adapter", max_new_tokens=args.max_new_tokens,
+                           attention="dense", adapter_column="adapter", max_new_tokens=args.max_new_tokens,
                            batch_size=16, num_cpus=2)
     batch_s = time.perf_counter() - start
     import ray
 
     ray.shutdown()  # the loop below gets the machine's cores alone
-    bb = sdk.Backbone.load(base_model="smollm2-135m", backbone="dense", max_resident=4)
+    bb = sdk.Backbone.load(base_model="smollm2-135m", attention="dense", max_resident=4)
     start, tokens = time.perf_counter(), 0
     for row in rows:
         text = bb.generate(row["prompt"], adapter=row["adapter"], max_new_tokens=args.max_new_tokens)

@@ -2,6 +2,7 @@
 
     LISA_HUB_DATA_DIR=../shared/data .venv/bin/python benchmarks/serve_load.py [--base smollm2-135m] [--plan plan.json]
         [--adapters lisa|parts|mixed|dense-lora]
+    .venv/bin/python benchmarks/serve_load.py --replicas [--soak-minutes 10]   # 1 vs 2 replicas, affinity, soak
     .venv/bin/python benchmarks/serve_load.py --url http://127.0.0.1:8000 --models gsm8k,wikitext2,a-lisa/1,b-lisa/1
 
 Without --url it is self-contained: a temporary LISA_HUB_HOME with its own MLflow server
@@ -128,15 +129,14 @@ def _make_adapter(lm, task: str, make: str, seed: int, home: Path) -> tuple[str,
     return kind, get_kind(kind).save(lm, task, home / task)
 
 
-def _start(args, home: Path, uri: str, stop):
+def _register(args, home: Path, uri: str, mix: list[str]) -> list[str]:
+    """Register the base's backbone and one adapter per entry of `mix` (plus a LiSA-only
+    reference when `mix` has none); their registry references."""
     import mlflow
-    import ray
-    from ray import serve
 
-    from adapters_hub import registry, stack
+    from adapters_hub import registry
     from adapters_hub.backbone import analyse_base, dense_plan, load_lisa_model
     from adapters_hub.lisa.plan import SharingPlan
-    from sdk.serve import build_app
 
     if args.adapters == "dense-lora":
         plan = dense_plan(args.base)
@@ -149,8 +149,10 @@ def _start(args, home: Path, uri: str, stop):
                                base_fingerprint=lm.base_fingerprint)
     mlflow.set_tracking_uri(uri)
     models = []
-    mix = MIXES[args.adapters] + (["lisa"] if "lisa" not in MIXES[args.adapters] and plan.shared else [])
-    for i, (task, make) in enumerate(zip(("bench_a", "bench_b", "bench_c", "bench_d", "bench_ref"), mix)):
+    tasks = [f"bench_{chr(ord('a') + i)}" for i in range(len(mix))]
+    if "lisa" not in mix and plan.shared:  # the LiSA-only reference
+        mix, tasks = mix + ["lisa"], tasks + ["bench_ref"]
+    for i, (task, make) in enumerate(zip(tasks, mix)):
         kind, folder = _make_adapter(lm, task, make, i, home)
         with mlflow.start_run() as run:
             reg = registry.register_adapter(
@@ -158,13 +160,160 @@ def _start(args, home: Path, uri: str, stop):
                 base_fingerprint=lm.base_fingerprint, plan_hash=plan.hash, metrics={"adapter.score": float(i)},
                 main_metric="adapter.score", higher_is_better=True, trainable_params=0, tracking_uri=uri)
         models.append(f"{reg.name}/{reg.version}")
-    del lm
+    return models
+
+
+def _start(args, home: Path, uri: str, stop):
+    import ray
+    from ray import serve
+
+    from adapters_hub import stack
+    from sdk.serve import build_app
+
+    models = _register(args, home, uri, MIXES[args.adapters])
     port = stack.free_port()
     ray.init(address="local", num_cpus=args.cpus, include_dashboard=False)  # never someone else's cluster
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(base_model=args.base, tracking_uri=uri, num_cpus=args.cpus, pin=models,
                         max_batch_size=16, max_tokens=max(64, args.new_tokens)), name="lisa-hub-bench", route_prefix="/")
     return f"http://127.0.0.1:{port}", models, stop
+
+
+# ----------------------------------------------------------------------------- replicas
+
+
+def replicas(args, home: Path) -> None:
+    """1 replica against 2 (random routing, then adapter affinity), each replica 1 CPU and at
+    most 4 adapters resident, 32 clients over 8 adapters; then, with --soak-minutes, mixed
+    traffic on 2 affinity replicas with one replica killed a third of the way in."""
+    import ray
+    from ray import serve
+
+    from adapters_hub import stack
+    from sdk.serve import build_app
+
+    stack.up(home=home, ray=False, ports=stack.Ports(mlflow=stack.free_port()))
+    uri = stack.mlflow_url(home)
+    try:
+        models = _register(args, home, uri, ["parts"] * 8)[:8]
+        port = stack.free_port()
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}"
+
+        def deploy(n: int, routing: str, name: str) -> None:
+            serve.run(build_app(base_model=args.base, tracking_uri=uri, num_cpus=1, replicas=n, routing=routing,
+                                max_resident=4, max_batch_size=16, max_tokens=max(64, args.new_tokens),
+                                timeout_s=120), name=name, route_prefix="/")
+
+        total = 32 * args.per_client
+        load = [(models[k % 8], PROMPTS[k % 16]) for k in range(total)]
+        rows = []
+        for label, n, routing in () if args.soak_only else (
+                ("1 replica", 1, "affinity"), ("2 replicas, random routing", 2, "random"),
+                ("2 replicas, adapter affinity", 2, "affinity")):
+            deploy(n, routing, "bench")
+            run_load(url, [(m, PROMPTS[0]) for m in models], 8, 2)  # warm-up: every adapter once
+            before = _stats(url)["loads"]
+            result = run_load(url, load, 32, args.new_tokens)
+            result["loads"] = _stats(url)["loads"] - before
+            rows.append((label, result))
+            serve.delete("bench")
+        if rows:
+            _print_replicas(args, total, rows)
+        if args.soak_minutes:
+            deploy(2, "affinity", "soak")
+            soak(url, models, args.soak_minutes * 60, args.new_tokens)
+    finally:
+        if ray.is_initialized():
+            serve.shutdown()
+            ray.shutdown()
+        stack.down(home=home)
+
+
+def _print_replicas(args, total: int, rows: list) -> None:
+    print(f"\n{args.base}: 32 clients over 8 adapters, {total} requests of {args.new_tokens} tokens, "
+          "1 CPU and at most 4 resident adapters per replica")
+    print(f"{'serving':30s} {'tok/s':>7s} {'p50 s':>7s} {'p95 s':>7s} {'adapter loads':>14s}")
+    for label, r in rows:
+        print(f"{label:30s} {r['tok_s']:7.1f} {r['p50']:7.2f} {r['p95']:7.2f} {r['loads']:14d}")
+    one, rand, aff = (r for _, r in rows)
+    print(f"\naffinity: {aff['loads']} adapter loads vs {rand['loads']} with random routing "
+          f"({aff['loads'] / max(rand['loads'], 1):.2f}x, target <= 0.25x); 2 replicas {aff['tok_s'] / one['tok_s']:.2f}x "
+          "the tokens/s of 1 (target >= 1.6x)")
+
+
+def _stats(url: str) -> dict:
+    import requests
+
+    return requests.get(f"{url}/stats", timeout=60).json()
+
+
+def soak(url: str, models: list[str], seconds: float, new_tokens: int, clients: int = 8) -> None:
+    """Mixed traffic for `seconds`; one replica killed at a third. Every request ends answered
+    (200), failed with an OpenAI error body, or lost (no body: a hang past its timeout or a
+    dropped connection); lost must be 0."""
+    import ray
+    import requests
+
+    counts = {"sent": 0, "answered": 0, "failed with a body": 0, "lost": 0}
+    lock, stop_at = threading.Lock(), time.monotonic() + seconds
+
+    def client(c: int) -> None:
+        k = c
+        with requests.Session() as session:
+            while time.monotonic() < stop_at:
+                model, k = models[k % len(models)], k + clients
+                with lock:
+                    counts["sent"] += 1
+                try:
+                    r = session.post(f"{url}/v1/completions", timeout=180, json={
+                        "model": model, "prompt": PROMPTS[k % 16], "max_tokens": new_tokens, "ignore_eos": True})
+                    outcome = ("answered" if r.status_code == 200 else
+                               "failed with a body" if "error" in r.json() else "lost")
+                except (requests.RequestException, ValueError):
+                    outcome = "lost"
+                with lock:
+                    counts[outcome] += 1
+
+    warm = {s["replica"]: s["rss_mb"] for s in _settled_stats(url, models, new_tokens)}
+    threads = [threading.Thread(target=client, args=(c,)) for c in range(clients)]
+    for t in threads:
+        t.start()
+    time.sleep(seconds / 3)
+    victim = sorted(warm)[0]
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    killed, back = time.monotonic(), None
+    while back is None and time.monotonic() < stop_at:  # full capacity: two live replicas answer, the victim not
+        names = {s["replica"] for s in _stats(url).get("replicas", [])}  # a 503 while Serve drops the dead one
+        if len(names - {victim}) == 2:
+            back = time.monotonic() - killed
+        time.sleep(0.5)
+    for t in threads:
+        t.join()
+    end = {s["replica"]: s["rss_mb"] for s in _settled_stats(url, models, 2)}
+    print(f"\nsoak: {seconds / 60:.0f} min, {clients} clients over {len(models)} adapters, replica {victim[-8:]} "
+          f"killed at {seconds / 3:.0f} s; two replicas answering again "
+          f"{'never' if back is None else f'{back:.1f} s'} later (target < 60 s)")
+    print("  " + ", ".join(f"{k} {v}" for k, v in counts.items()) + " (target: lost 0)")
+    for name in sorted(set(warm) | set(end)):
+        a, b = warm.get(name), end.get(name)
+        growth = f"{(b - a) / a:+.1%}" if a and b else "-"
+        print(f"  replica {name[-8:]}: resident memory {a or '-'} MB after warm-up, {b or '-'} MB at the end "
+              f"({growth}; target < +5%)")
+
+
+def _settled_stats(url: str, models: list[str], new_tokens: int) -> list[dict]:
+    """Both replicas' stats after a round of the soak's traffic (32 clients, every adapter:
+    full batches, every replica's pool full): the warm-up, and the last look."""
+    run_load(url, [(models[k % len(models)], PROMPTS[k % 16]) for k in range(64)], 32, new_tokens)
+    seen: dict[str, dict] = {}
+    for _ in range(20):
+        for s in _stats(url).get("replicas", []):
+            seen[s["replica"]] = s
+        if len(seen) >= 2:
+            break
+    return list(seen.values())
 
 
 def main() -> None:
@@ -177,7 +326,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--per-client", type=int, default=2, help="requests per client at 16 clients")
     parser.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray instance and the replica")
+    parser.add_argument("--replicas", action="store_true",
+                        help="the replicas scenario instead: 1 vs 2 replicas, affinity vs random routing")
+    parser.add_argument("--soak-minutes", type=float, default=0, help="with --replicas: then a soak this long")
+    parser.add_argument("--soak-only", action="store_true", help="with --replicas: the soak alone")
     args = parser.parse_args()
+    if args.replicas:
+        home = Path(tempfile.mkdtemp(prefix="lisa-hub-serve-bench-"))
+        os.environ["LISA_HUB_HOME"] = str(home)
+        return replicas(args, home)
 
     stop = None
     if args.url:

@@ -4,7 +4,7 @@ evaluate it against the base and the fresh backbone, and register it in MLflow.
 Run (from the repository root, with the local stack up: `lisa-hub up`):
 
     python -m jobs.adapt --task gsm8k --base smollm2-135m --kind lisa --profile quick
-    python -m jobs.adapt --task gsm8k --kind lora --backbone dense     # LoRA on the unmodified base
+    python -m jobs.adapt --task gsm8k --kind lora --attention dense     # LoRA on the unmodified base
     lisa-hub adapt --task gsm8k --profile smoke --base tiny-llama      # same thing
     sdk.submit_adaptation(task="gsm8k")                                # as a Ray job
 
@@ -41,7 +41,7 @@ class AdaptSpec(runtime.JobSpec):
     task: str
     base: str | None = None            # None = the profile's default_base
     kind: str = "lisa"
-    backbone: str = "lisa"             # "lisa": the base's LiSA backbone; "dense": the unmodified base
+    attention: str = "lisa"            # "lisa": the base's LiSA backbone; "dense": the unmodified base
     profile: str = "quick"
     overrides: dict = Field(default_factory=dict)   # profile fields, e.g. {"max_steps": 5}
     fresh_start: bool = False          # ignore checkpoints of an interrupted earlier run
@@ -51,17 +51,17 @@ class AdaptSpec(runtime.JobSpec):
     def _check(self) -> "AdaptSpec":
         """One validation for the SDK, the CLI and the job (the task itself is checked by
         loading it; profile values by TaskSpec.profile_with)."""
-        from adapters_hub.backbone import BACKBONES
+        from adapters_hub.backbone import ATTENTIONS
         from adapters_hub.kinds import trainable_kinds
 
         if not isinstance(self.task, str) or not self.task:
             raise ValueError(f"task: must be a task name, got {self.task!r}")
         if self.kind not in trainable_kinds():
             raise ValueError(f"kind: unknown {self.kind!r}; trainable kinds: {', '.join(trainable_kinds())}")
-        if self.backbone not in BACKBONES:
-            raise ValueError(f"backbone: unknown {self.backbone!r}; known: {', '.join(BACKBONES)}")
-        if self.backbone == "dense" and self.kind == "lisa":
-            raise ValueError("kind: a lisa adapter needs the LiSA backbone (--backbone lisa); the dense backbone "
+        if self.attention not in ATTENTIONS:
+            raise ValueError(f"attention: unknown {self.attention!r}; known: {', '.join(ATTENTIONS)}")
+        if self.attention == "dense" and self.kind == "lisa":
+            raise ValueError("kind: a lisa adapter needs the LiSA backbone (--attention lisa); the dense backbone "
                              "takes lora adapters")
         if not isinstance(self.overrides, dict):
             raise ValueError(f"overrides: must be a mapping of profile fields, got {type(self.overrides).__name__}")
@@ -89,7 +89,7 @@ def main(spec: AdaptSpec) -> dict:
     runtime.use_all_cores()
     print(f"[adapt] task={task.name} kind={spec.kind} base={base} profile={profile.name} mlflow={uri}", flush=True)
 
-    if spec.backbone == "dense":
+    if spec.attention == "dense":
         plan, init_from = dense_plan(base), None
     else:
         plan = backbone_plan(base, tracking_uri=uri)
@@ -108,7 +108,7 @@ def main(spec: AdaptSpec) -> dict:
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(f"lisa-hub/{task.name}")
     with runtime.run_lock(run_key), mlflow.start_run(run_name=f"{task.name}-{spec.kind}-{base}") as run:
-        mlflow.set_tags({"task": task.name, "kind": spec.kind, "backbone": spec.backbone, "base_model": base,
+        mlflow.set_tags({"task": task.name, "kind": spec.kind, "attention": spec.attention, "base_model": base,
                          "plan_hash": plan.hash,
                          "profile": profile.name, "ray_job_id": os.environ.get("LISA_HUB_JOB_ID", "")})
         global_batch = profile.batch_size * profile.grad_accum * profile.num_workers
@@ -131,10 +131,10 @@ def main(spec: AdaptSpec) -> dict:
         mlflow.log_metrics(metrics)
         _log_curve(history)
         (adapter_dir / "README.md").write_text(_model_card(task, spec.kind, base, plan, profile, metrics, trainable,
-                                                             spec.backbone))
+                                                             spec.attention))
         registered = registry.register_adapter(
             run_id=run.info.run_id, adapter_dir=adapter_dir, task=task.name, kind=spec.kind, base=base,
-            backbone=spec.backbone,
+            attention=spec.attention,
             base_fingerprint=read_config(adapter_dir)["base_fingerprint"],
             plan_hash=plan.hash, metrics=metrics, main_metric=f"adapter.{task.main_metric.value}",
             higher_is_better=task.higher_is_better, trainable_params=trainable, tracking_uri=uri,
@@ -187,7 +187,7 @@ def _general_adapter(task: str, base: str, plan, uri: str) -> str | None:
 
 def _run_key(spec: AdaptSpec, base: str, plan_hash: str, digest: str = "") -> str:
     """Names an interrupted run so that the same job resumes it; a user's spec counts by its digest."""
-    key = json.dumps([spec.task, spec.kind, spec.backbone, base, spec.profile, spec.overrides, plan_hash]
+    key = json.dumps([spec.task, spec.kind, spec.attention, base, spec.profile, spec.overrides, plan_hash]
                      + ([digest] if digest else []), sort_keys=True)
     return f"{spec.task}-{spec.kind}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
@@ -368,20 +368,20 @@ def _log_curve(history: list[dict]) -> None:
     plt.close(fig)
 
 
-def _model_card(task, kind, base, plan, profile, metrics, trainable, backbone="lisa") -> str:
+def _model_card(task, kind, base, plan, profile, metrics, trainable, attention="lisa") -> str:
     from adapters_hub.registry import adapter_model_name
 
-    name = adapter_model_name(task.name, kind, backbone)
+    name = adapter_model_name(task.name, kind, attention)
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in sorted(metrics.items()))
-    dense_arg = ', backbone="dense"' if backbone == "dense" else ""
+    dense_arg = ', attention="dense"' if attention == "dense" else ""
     peft = ("\n3. PEFT (the folder is a PEFT LoRA adapter; its `artifacts/adapter` in the version):\n"
             "   `PeftModel.from_pretrained(base_model, folder)`; vLLM: `--lora-modules name=folder`\n"
-            if kind == "lora" and backbone == "dense" else
+            if kind == "lora" and attention == "dense" else
             "\n3. The OpenAI API: `lisa-hub serve --pin " + name + "@champion`, then `model=\"" + task.name + "\"`\n")
     return (f"# {name} adapter\n\n{task.description}\n\n"
             f"- base model: `{base}` (referenced by name: its weights are not in the registry)\n"
             f"- sharing plan: `{plan.hash}` ({len(plan.layers)} shared layers: {list(plan.layers)})\n"
-            f"- kind: `{kind}`, backbone: `{backbone}`, trainable parameters: {trainable:,}\n- profile: `{profile.name}` "
+            f"- kind: `{kind}`, attention: `{attention}`, trainable parameters: {trainable:,}\n- profile: `{profile.name}` "
             f"(steps {profile.max_steps}, batch {profile.batch_size}x{profile.grad_accum}, lr {profile.lr})\n\n"
             f"| metric | value |\n|---|---|\n{rows}\n\n## Load it\n\n"
             f"1. lisa-hub: `sdk.Backbone.load(base_model=\"{base}\"{dense_arg})"
@@ -410,7 +410,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     from adapters_hub.kinds import trainable_kinds
 
     parser.add_argument("--kind", default="lisa", choices=trainable_kinds())
-    parser.add_argument("--backbone", default="lisa", choices=("lisa", "dense"),
+    parser.add_argument("--attention", default="lisa", choices=("lisa", "dense"),
                         help="train on the base's LiSA backbone or on the unmodified (dense) base")
     parser.add_argument("--profile", default="quick", help="smoke | quick | full")
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
@@ -429,7 +429,7 @@ def spec_from_args(args) -> AdaptSpec:
         from adapters_hub.tasks import load_task_file
 
         task = load_task_file(args.spec_file).name
-    return AdaptSpec(task=task, base=args.base, kind=args.kind, backbone=args.backbone, profile=args.profile,
+    return AdaptSpec(task=task, base=args.base, kind=args.kind, attention=args.attention, profile=args.profile,
                      overrides=overrides, fresh_start=args.fresh_start, spec_file=args.spec_file)
 
 

@@ -44,7 +44,7 @@ class BatchResult:
 
 
 def batch_generate(*, input: str | Path, output: str | Path, base_model: str = "smollm2-135m",
-                   backbone: str = "lisa", plan_path: str | Path | None = None, adapter: str | None = None,
+                   attention: str = "lisa", plan_path: str | Path | None = None, adapter: str | None = None,
                    adapter_column: str | None = None, prompt_column: str = "prompt", max_new_tokens: int = 64,
                    batch_size: int = 16, actors: int = 1, num_cpus: float = 1.0,
                    tracking_uri: str | None = None) -> BatchResult:
@@ -75,7 +75,7 @@ def batch_generate(*, input: str | Path, output: str | Path, base_model: str = "
     ctx.execution_options.preserve_order = True  # output lines in input order
     uri = tracking_uri or settings.mlflow_uri()
     ds = ray.data.from_items(items).map_batches(
-        Generate, fn_constructor_kwargs={"base_model": base_model, "backbone": backbone,
+        Generate, fn_constructor_kwargs={"base_model": base_model, "attention": attention,
                                          "plan_path": str(plan_path) if plan_path else None, "tracking_uri": uri,
                                          "max_new_tokens": max_new_tokens},
         batch_size=batch_size, concurrency=actors, num_cpus=num_cpus, batch_format="pandas")
@@ -125,11 +125,11 @@ def read_rows(path: Path, *, prompt_column: str, adapter_column: str | None, ada
 class Generate:
     """A Ray Data actor: one backbone; each batch's rows decode together, one adapter per row."""
 
-    def __init__(self, *, base_model: str, backbone: str, plan_path: str | None, tracking_uri: str,
+    def __init__(self, *, base_model: str, attention: str, plan_path: str | None, tracking_uri: str,
                  max_new_tokens: int):
         from sdk.hotswap import Backbone
 
-        self.bb = Backbone.load(base_model=base_model, plan_path=plan_path, backbone=backbone,
+        self.bb = Backbone.load(base_model=base_model, plan_path=plan_path, attention=attention,
                                 tracking_uri=tracking_uri, max_resident=8)
         self.max_new_tokens = max_new_tokens
 

@@ -5,7 +5,7 @@ libraries only when they run. This module's own:
   lisa-hub convert --base B [--fraction F | --max-ppl-increase X | --kv-budget K [--drop-attention]]
                    [--register] [--submit]
                                               dense base -> LiSA backbone (jobs/convert.py)
-  lisa-hub adapt --task gsm8k [--profile quick] [--base B] [--kind lisa] [--backbone dense]   run the job here
+  lisa-hub adapt --task gsm8k [--profile quick] [--base B] [--kind lisa] [--attention dense]   run the job here
   lisa-hub submit gsm8k [--follow]            submit it to the Ray cluster as a job
   lisa-hub submit --spec my_task.yaml         a task of your own (`lisa-hub task init NAME --data FILE`)
   lisa-hub jobs | lisa-hub logs ID            follow jobs (also in the Ray dashboard)
@@ -13,7 +13,7 @@ libraries only when they run. This module's own:
   lisa-hub generate --adapter A "prompt"      one completion on the backbone with adapter A
   lisa-hub serve [--adapters a,b] [--pin a]   Ray Serve app: OpenAI-compatible API, adapters batched
   lisa-hub eval-ppl [--backbone DIR | --adapter REF] [--text FILE]   perplexity, loaded as serving loads it
-  lisa-hub eval --tasks T[,T2] [--adapter REF] [--backbone dense]    lm-evaluation-harness (sdk/evaluate.py)
+  lisa-hub eval --tasks T[,T2] [--adapter REF] [--attention dense]    lm-evaluation-harness (sdk/evaluate.py)
   lisa-hub batch --input in.jsonl --output out.jsonl [--adapter A | --adapter-column C]   Ray Data (sdk/batch.py)
   lisa-hub demo                               the whole tour on SmolLM2 (README's main command)
 """
@@ -94,7 +94,7 @@ def add_commands(sub) -> None:
                                                   "(local GSM8K files), or tasks under --include-path")
     p.add_argument("--adapter", default=None, metavar="REF", help="task, registry ref or folder; none = the backbone")
     p.add_argument("--base", default="smollm2-135m", help="base model")
-    p.add_argument("--backbone", default="lisa", choices=("lisa", "dense"),
+    p.add_argument("--attention", default="lisa", choices=("lisa", "dense"),
                    help="the base's registered LiSA backbone, or the unmodified base (dense)")
     p.add_argument("--plan-path", default=None, metavar="DIR", help="a backbone folder instead of the registered one")
     p.add_argument("--include-path", default=None, metavar="DIR", help="a folder of lm-eval task YAML files")
@@ -111,7 +111,7 @@ def add_commands(sub) -> None:
     p.add_argument("--adapter-column", default=None, help="a field naming each line's adapter (else --adapter)")
     p.add_argument("--prompt-column", default="prompt")
     p.add_argument("--base", default="smollm2-135m")
-    p.add_argument("--backbone", default="lisa", choices=("lisa", "dense"))
+    p.add_argument("--attention", default="lisa", choices=("lisa", "dense"))
     p.add_argument("--plan-path", default=None, metavar="DIR", help="a backbone folder instead of the registered one")
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=16, help="rows decoded together per actor call")
@@ -130,7 +130,7 @@ def add_commands(sub) -> None:
     from adapters_hub.kinds import trainable_kinds
 
     p.add_argument("--kind", default="lisa", choices=trainable_kinds())
-    p.add_argument("--backbone", default="lisa", choices=("lisa", "dense"))
+    p.add_argument("--attention", default="lisa", choices=("lisa", "dense"))
     p.add_argument("--profile", default="quick")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON")
     p.add_argument("--follow", action="store_true", help="stream the log and wait for the result")
@@ -163,7 +163,7 @@ def add_commands(sub) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--plan-path", default=None, help="backbone folder or plan.json instead of the registered one")
-    p.add_argument("--backbone", default="lisa", choices=("lisa", "dense"),
+    p.add_argument("--attention", default="lisa", choices=("lisa", "dense"),
                    help="the base's LiSA backbone, or the unmodified base with its lora adapters (<task>-lora-dense)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--max-resident", type=int, default=4, help="adapters kept loaded (LRU; pinned ones on top)")
@@ -278,7 +278,7 @@ def _eval(args) -> int:
     from sdk.evaluate import evaluate_harness
 
     r = evaluate_harness(tasks=args.tasks.split(","), base_model=args.base, adapter=args.adapter,
-                         backbone=args.backbone, plan_path=args.plan_path, include_path=args.include_path,
+                         attention=args.attention, plan_path=args.plan_path, include_path=args.include_path,
                          limit=args.limit, num_fewshot=args.num_fewshot, batch_size=args.batch_size,
                          log_to_run=not args.no_log)
     print(json.dumps({**r.model, "results": r.results, "run_id": r.run_id, "seconds": r.seconds}))
@@ -288,7 +288,7 @@ def _eval(args) -> int:
 def _batch(args) -> int:
     from sdk.batch import batch_generate
 
-    r = batch_generate(input=args.input, output=args.output, base_model=args.base, backbone=args.backbone,
+    r = batch_generate(input=args.input, output=args.output, base_model=args.base, attention=args.attention,
                        plan_path=args.plan_path, adapter=args.adapter, adapter_column=args.adapter_column,
                        prompt_column=args.prompt_column, max_new_tokens=args.max_new_tokens,
                        batch_size=args.batch_size, actors=args.actors, num_cpus=args.num_cpus)
@@ -309,7 +309,7 @@ def _submit(args) -> int:
     from adapters_hub.tasks import parse_overrides
 
     job = sdk.submit_adaptation(args.task, spec=args.spec, base_model=args.base, kind=args.kind,
-                                backbone=args.backbone, profile=args.profile,
+                                attention=args.attention, profile=args.profile,
                                 overrides=parse_overrides(args.set), fresh_start=args.fresh_start)
     print(f"submitted job {job.id}  (dashboard: {job.address}/#/jobs/{job.id})")
     if args.follow:
@@ -367,7 +367,7 @@ def _serve(args) -> int:
         adapters=[a for a in split(args.adapters) if a not in pin], pin=pin, allow_local_folders=args.allow_local_folders,
         max_tokens=args.max_tokens, max_prompt_tokens=args.max_prompt_tokens, max_batch_size=args.max_batch_size,
         max_queue=args.max_queue, timeout_s=args.timeout_s, num_cpus=args.num_cpus, api_key=args.api_key,
-        backbone=args.backbone, replicas=args.replicas, min_replicas=args.min_replicas,
+        attention=args.attention, replicas=args.replicas, min_replicas=args.min_replicas,
         max_replicas=args.max_replicas, target_ongoing_requests=args.target_ongoing_requests, routing=args.routing)
     return 0
 

@@ -24,7 +24,6 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Iterator
 
 from jobs.runtime import parse_result as _parse_result_line
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -155,7 +154,7 @@ def submit_adaptation(
     spec: str | Path | None = None,
     base_model: str | None = None,
     kind: str = "lisa",
-    backbone: str = "lisa",
+    attention: str = "lisa",
     profile: str = "quick",
     overrides: dict[str, object] | None = None,
     address: str | None = None,
@@ -164,7 +163,7 @@ def submit_adaptation(
 ) -> AdaptationJob:
     """Submit an adaptation of `base_model` to `task` as a Ray job; returns its handle.
 
-    `backbone="dense"` trains on the unmodified base (the `lora` baseline, registered as
+    `attention="dense"` trains on the unmodified base (the `lora` baseline, registered as
     "<task>-lora-dense"); the default is the base's LiSA backbone.
 
     A task of one's own: `spec="my_task.yaml"` (see `lisa-hub task init`); the spec and the
@@ -191,7 +190,7 @@ def submit_adaptation(
     task = spec.name
     from jobs.adapt import AdaptSpec
 
-    job_spec = AdaptSpec(task=task, base=base_model, kind=kind, backbone=backbone, profile=profile,
+    job_spec = AdaptSpec(task=task, base=base_model, kind=kind, attention=attention, profile=profile,
                          overrides=dict(overrides or {}), fresh_start=fresh_start)  # validated here: nothing submitted
     if profile not in spec.profiles:
         raise ValueError(f"profile: task {task!r} has no profile {profile!r}; known: {', '.join(spec.profiles)}")
@@ -208,7 +207,7 @@ def submit_adaptation(
     # the validated spec travels as JSON (no flags rebuilt from fields and parsed back)
     argv = ["python", "-m", "jobs.adapt", "--spec-json", json.dumps(job_spec.model_dump())]
     job_id = _submit(address, argv, submission_id,
-                     {"task": task, "kind": kind, "backbone": backbone, "base": base, "profile": profile},
+                     {"task": task, "kind": kind, "attention": attention, "base": base, "profile": profile},
                      carried=carried)
     return AdaptationJob(job_id, address=address)
 
@@ -260,7 +259,7 @@ def submit_conversion(
     if register:
         _check_mlflow()
     job_id = _submit(address, argv, submission_id,
-                     {"task": "convert", "kind": "lisa", "backbone": "lisa", "base": base_model, "profile": "-"})
+                     {"task": "convert", "kind": "lisa", "attention": "lisa", "base": base_model, "profile": "-"})
     return ConversionJob(job_id, address=address)
 
 

@@ -2,7 +2,7 @@
 an adapter's results go to its MLflow run.
 
     lisa-hub eval --adapter gsm8k --tasks lisa_gsm8k_mc,lisa_gsm8k --limit 64
-    lisa-hub eval --backbone dense --tasks lisa_gsm8k_mc           # the unmodified base
+    lisa-hub eval --attention dense --tasks lisa_gsm8k_mc           # the unmodified base
     lisa-hub eval --tasks hellaswag                                 # an lm-eval task (needs the hub)
 
     import sdk
@@ -33,12 +33,12 @@ class HarnessResult:
 
 
 def evaluate_harness(*, tasks: list[str], base_model: str = "smollm2-135m", adapter: str | None = None,
-                     backbone: str = "lisa", plan_path: str | Path | None = None,
+                     attention: str = "lisa", plan_path: str | Path | None = None,
                      include_path: str | Path | None = None, limit: int | None = None,
                      num_fewshot: int | None = None, batch_size: int = 8, log_to_run: bool = True,
                      tracking_uri: str | None = None) -> HarnessResult:
     """Score `tasks` with lm-evaluation-harness on `adapter` (or the bare backbone; with
-    `backbone="dense"` and no adapter, the base model itself). The harness refuses an
+    `attention="dense"` and no adapter, the base model itself). The harness refuses an
     adapter that changes no output of the backbone (harness.AdapterHadNoEffectError).
 
     >>> r = evaluate_harness(adapter="gsm8k", tasks=["lisa_gsm8k_mc"], limit=64)  # doctest: +SKIP
@@ -53,7 +53,7 @@ def evaluate_harness(*, tasks: list[str], base_model: str = "smollm2-135m", adap
         raise ValueError("tasks: name at least one task")
     if include_path is None and any(t in LOCAL_TASKS for t in tasks):
         include_path = _local_tasks(settings)
-    bb = Backbone.load(base_model=base_model, plan_path=plan_path, backbone=backbone, tracking_uri=tracking_uri)
+    bb = Backbone.load(base_model=base_model, plan_path=plan_path, attention=attention, tracking_uri=tracking_uri)
     active = bb.use(adapter) if adapter else None
     lm = harness.HarnessLM(bb.lm, bb.tokenizer, batch_size=batch_size, reference=bb.bare if adapter else None,
                            name=adapter or base_model)
@@ -61,7 +61,7 @@ def evaluate_harness(*, tasks: list[str], base_model: str = "smollm2-135m", adap
     run_id, logged = None, {}
     if active is not None and log_to_run and not Path(active.key).is_absolute():  # a registry version: its run
         run_id, logged = _log(active.key, results, tracking_uri)
-    return HarnessResult(results, {"base": base_model, "backbone": backbone, "adapter": active.key if active else None},
+    return HarnessResult(results, {"base": base_model, "attention": attention, "adapter": active.key if active else None},
                          run_id, round(time.perf_counter() - start, 1), logged)
 
 

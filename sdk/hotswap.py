@@ -38,9 +38,9 @@ class Backbone:
     """One base model turned into its LiSA backbone, serving many adapters."""
 
     def __init__(self, lm, tokenizer, *, base_model: str, max_resident: int = 4, tracking_uri: str | None = None,
-                 allow_local_folders: bool = True, backbone: str = "lisa"):
+                 allow_local_folders: bool = True, attention: str = "lisa"):
         self.lm, self.tokenizer, self.base_model = lm, tokenizer, base_model
-        self.backbone = backbone  # "lisa" | "dense": which adapters a bare task name means
+        self.attention = attention  # "lisa" | "dense": which adapters a bare task name means
         self.max_resident = max_resident
         self.tracking_uri = tracking_uri
         self.allow_local_folders = allow_local_folders  # False: registry references only (serving over HTTP)
@@ -53,7 +53,7 @@ class Backbone:
     @classmethod
     def load(cls, *, base_model: str = "smollm2-135m", plan_path: str | Path | None = None,
              max_resident: int = 4, tracking_uri: str | None = None, dtype: str | None = None,
-             prune: bool = True, backbone: str = "lisa") -> "Backbone":
+             prune: bool = True, attention: str = "lisa") -> "Backbone":
         """Load `base_model` as its registered backbone (`backbone-<base>@champion`: the
         sharing plan and, for a converted backbone, its healing, merged into the weights, and
         its general adapter, active until an adapter is used), or with the plan in
@@ -61,26 +61,26 @@ class Backbone:
 
         `prune` (default) drops W_q/W_k of the substituted layers: the memory LiSA saves.
         `dtype` ("bfloat16", "float16"; default float32) halves weights and KV cache.
-        `backbone="dense"`: the unmodified base, serving the `lora` adapters trained on it
+        `attention="dense"`: the unmodified base, serving the `lora` adapters trained on it
         (`<task>-lora-dense`; a bare task name means that one), many at once, row by row.
 
         >>> bb = Backbone.load(base_model="tiny-llama", plan_path="plan.json")  # doctest: +SKIP
         >>> bb.memory_report()["kv_bytes_per_token"]  # doctest: +SKIP
         """
-        from adapters_hub.backbone import (BACKBONES, dense_plan, load_backbone, load_lisa_model,
+        from adapters_hub.backbone import (ATTENTIONS, dense_plan, load_backbone, load_lisa_model,
                                            registered_backbone_folder)
         from adapters_hub.lisa.plan import SharingPlan
 
-        if backbone not in BACKBONES:
-            raise ValueError(f"backbone: {backbone!r} is not one of {', '.join(BACKBONES)}")
-        if backbone == "dense":
+        if attention not in ATTENTIONS:
+            raise ValueError(f"attention: {attention!r} is not one of {', '.join(ATTENTIONS)}")
+        if attention == "dense":
             if plan_path:
                 raise ValueError("plan_path: the dense backbone has no plan; give one or the other")
             lm, tok = load_lisa_model(base_model, dense_plan(base_model), dtype=dtype)
             lm.eval()
             tok.padding_side = "left"
             return cls(lm, tok, base_model=base_model, max_resident=max_resident, tracking_uri=tracking_uri,
-                       backbone="dense")
+                       attention="dense")
         path = Path(plan_path) if plan_path else registered_backbone_folder(base_model, tracking_uri=tracking_uri)
         if path.is_dir():
             lm, tok = load_backbone(base_model, path, dtype=dtype, prune=prune)
@@ -268,8 +268,8 @@ class Backbone:
             # a bare name that is no registered model is a task name ("gsm8k", "math-qa")
             from adapters_hub.registry.refs import adapter_model_name
 
-            kind = DEFAULT_KIND if self.backbone == "lisa" else "lora"
-            ref = f"{adapter_model_name(ref, kind, self.backbone)}@champion"
+            kind = DEFAULT_KIND if self.attention == "lisa" else "lora"
+            ref = f"{adapter_model_name(ref, kind, self.attention)}@champion"
             info = registry.get_adapter(ref, tracking_uri=self.tracking_uri)
         if info.tags.get("base_model") not in (None, self.base_model):
             from adapters_hub.errors import AdapterMismatchError

@@ -2,6 +2,8 @@
 an OpenAI-compatible HTTP API.
 
     lisa-hub serve --base smollm2-135m --adapters gsm8k,wikitext2 --pin gsm8k    # http://127.0.0.1:8000/v1
+    lisa-hub serve --replicas 2 --pin gsm8k             # two replicas, requests routed by adapter
+    lisa-hub serve --min-replicas 1 --max-replicas 4    # autoscaled on ongoing requests per replica
     curl -s 127.0.0.1:8000/v1/models
     curl -s 127.0.0.1:8000/v1/completions -H 'content-type: application/json' \\
          -d '{"model": "gsm8k", "prompt": "Question: 2+3?\\nAnswer:", "max_tokens": 32, "temperature": 0}'
@@ -9,7 +11,7 @@ an OpenAI-compatible HTTP API.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (the base tokenizer's chat
 template), GET /v1/models (registered adapters + the bare backbone), GET /stats (queue,
-batches, resident and pinned adapters), and the older POST /generate {"prompt", "adapter",
+batches, resident and pinned adapters: summed, and per replica), and the older POST /generate {"prompt", "adapter",
 "max_new_tokens"} (greedy; the adapter may also come in the `serve_multiplexed_model_id`
 header), which goes through the same batching.
 
@@ -18,6 +20,10 @@ registry reference ("gsm8k-lisa@champion", "gsm8k-lisa/3") or the base model's n
 bare backbone). Aliases are re-resolved every few seconds, so a new `champion` is served
 without restarting. Local adapter folders are served only when the operator starts the
 app with allow_local_folders.
+
+Two deployments: the `Router` (HTTP ingress) and the `Generator` replicas, each with one
+backbone; the Router routes a request by its adapter (Ray Serve's model multiplexing) to a
+replica that has it resident, and answers 503 with a body when a replica dies under it.
 
 Concurrent requests are decoded together, any mix of adapters, with continuous batching
 (sdk/engine.py: requests join and leave the running batch between decode steps); limits,
@@ -80,7 +86,7 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
               max_resident: int = 4, num_cpus: float = 0.5, adapters: list[str] | tuple[str, ...] = (),
               pin: list[str] | tuple[str, ...] = (), allow_local_folders: bool = False, max_tokens: int = 512,
               max_prompt_tokens: int = 2048, max_batch_size: int = 16, max_queue: int = 64,
-              timeout_s: float = 60.0, api_key: str | None = None, backbone: str = "lisa",
+              timeout_s: float = 60.0, api_key: str | None = None, attention: str = "lisa",
               replicas: int = 1, min_replicas: int | None = None, max_replicas: int | None = None,
               target_ongoing_requests: float = 8.0, routing: str = "affinity"):
     """The Serve application (bound deployments), ready for `serve.run(app, route_prefix="/")`.
@@ -97,7 +103,7 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
     With `api_key`, every route but GET /health needs `Authorization: Bearer <api_key>`
     (what the openai client sends as its api_key), else 401 with an OpenAI error body.
 
-    `backbone="dense"` serves the unmodified base and its `lora` adapters (the multi-LoRA
+    `attention="dense"` serves the unmodified base and its `lora` adapters (the multi-LoRA
     baseline server). `adapters` are preloaded and `pin` ones preloaded and never evicted, on
     every replica (a replacement replica loads them before it takes traffic); the caps
     (max_tokens, max_prompt_tokens, max_batch_size, max_queue, timeout_s) are checked
@@ -129,10 +135,16 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
             from sdk.hotswap import Backbone
 
             bb = Backbone.load(base_model=base_model, plan_path=plan_path, max_resident=max_resident,
-                               tracking_uri=tracking_uri, backbone=backbone)
+                               tracking_uri=tracking_uri, attention=attention)
             bb.allow_local_folders = allow_local_folders
             self.metrics = _Metrics()
-            bb.on_event = self.metrics.adapter_event
+            self.adapter_events = {"loads": 0, "evictions": 0}
+
+            def on_event(event: str, key: str) -> None:  # engine thread
+                self.metrics.adapter_event(event, key)
+                self.adapter_events["loads" if event == "load" else "evictions"] += 1
+
+            bb.on_event = on_event
             for ref in pin:
                 bb.pin(ref)
             for ref in adapters:
@@ -155,9 +167,12 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
                 raise RuntimeError("the engine's model thread died")
 
         def stats(self) -> dict:
+            import psutil
+
             bb = self.engine.bb
-            return {"replica": self.name, **self.engine.stats, "waiting": self.engine.waiting,
-                    "resident": bb.resident, "pinned": sorted(bb.pinned), "requests": dict(self.served)}
+            return {"replica": self.name, **self.engine.stats, **self.adapter_events, "waiting": self.engine.waiting,
+                    "resident": bb.resident, "pinned": sorted(bb.pinned), "requests": dict(self.served),
+                    "rss_mb": round(psutil.Process().memory_info().rss / 2**20, 1)}
 
         async def complete(self, body, chat: bool) -> dict:
             """One non-streamed request -> {"status", "body", "replica"} (an ApiError is a status too)."""
@@ -235,7 +250,7 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
 
         @app.get("/v1/models")
         async def models(self):
-            return await _models(base_model, backbone, tracking_uri, self.started)
+            return await _models(base_model, attention, tracking_uri, self.started)
 
         @app.get("/stats")
         async def stats(self):
@@ -382,7 +397,7 @@ def merge_stats(replicas: list[dict]) -> dict:
     out: dict = {"replicas": sorted(replicas, key=lambda s: s["replica"])}
     for s in replicas:
         for k, v in s.items():
-            if k in ("replica", "age_s"):
+            if k in ("replica", "age_s", "rss_mb"):
                 continue
             if k == "largest_batch":
                 out[k] = max(out.get(k, 0), v)
@@ -478,7 +493,7 @@ async def _sse(engine, job, rid: str, created: int, chat: bool):
     yield api.sse("[DONE]")
 
 
-async def _models(base_model: str, backbone: str, tracking_uri: str | None, started: int) -> dict:
+async def _models(base_model: str, attention: str, tracking_uri: str | None, started: int) -> dict:
     """GET /v1/models: the bare backbone, then every registered adapter of this base by each
     name that serves it (the bare task name for `<task>-lisa@champion`)."""
     import asyncio
@@ -495,7 +510,7 @@ async def _models(base_model: str, backbone: str, tracking_uri: str | None, star
                        type="server_error", code="registry_unavailable") from None
 
     def bare_name(task):
-        return adapter_model_name(task, "lisa" if backbone == "lisa" else "lora", backbone)
+        return adapter_model_name(task, "lisa" if attention == "lisa" else "lora", attention)
 
     entries, seen = [(base_model, "lisa-hub", started)], {base_model}
     for r in records:

@@ -44,7 +44,7 @@ def test_batch_output_is_in_input_order_with_each_rows_adapter_and_bad_rows_fail
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
 
     result = sdk.batch_generate(input=tmp_path / "in.jsonl", output=tmp_path / "out.jsonl", base_model="tiny-llama",
-                                backbone="dense", adapter_column="adapter", max_new_tokens=6, batch_size=3,
+                                attention="dense", adapter_column="adapter", max_new_tokens=6, batch_size=3,
                                 num_cpus=0.5)
     out = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["index"] for r in out] == list(range(len(lines))) and result.rows == len(lines)
@@ -54,7 +54,7 @@ def test_batch_output_is_in_input_order_with_each_rows_adapter_and_bad_rows_fail
     good = [r for r in out if not r["error"]]
     assert [r["id"] for r in good] == [f"q{i}" for i in range(len(prompts))]  # the input's own fields come along
 
-    bb = sdk.Backbone.load(base_model="tiny-llama", backbone="dense")
+    bb = sdk.Backbone.load(base_model="tiny-llama", attention="dense")
     expected = [bb.generate(r["prompt"], adapter=r["adapter"], max_new_tokens=6) if r["adapter"] else
                 _bare(bb, r["prompt"]) for r in good]
     assert [r["completion"] for r in good] == expected

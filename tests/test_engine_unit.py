@@ -260,7 +260,7 @@ def test_an_adapter_of_a_kind_that_cannot_batch_is_refused_before_it_loads(setup
 
 
 def test_the_dense_backbone_serves_several_lora_adapters_in_one_batch(tiny, tmp_path):
-    """`Backbone.load(backbone="dense")`: the multi-LoRA baseline server. Two LoRA adapters
+    """`Backbone.load(attention="dense")`: the multi-LoRA baseline server. Two LoRA adapters
     of the unmodified base decode in one batch and each row equals its adapter alone."""
     import torch
 
@@ -276,7 +276,7 @@ def test_the_dense_backbone_serves_several_lora_adapters_in_one_batch(tiny, tmp_
                 if f"lora_B.{name}." in n:
                     p.normal_(0, 0.5, generator=torch.Generator().manual_seed(i))
         folders.append(str(lora.save(lm, name, tmp_path / name)))
-    bb = Backbone.load(base_model="tiny-llama", backbone="dense")
+    bb = Backbone.load(base_model="tiny-llama", attention="dense")
     engine = Engine(backbone=bb, limits=api.Limits(batch_wait_s=0.02))
     models = [folders[0], folders[1], "tiny-llama", folders[0]]
 
@@ -289,4 +289,30 @@ def test_the_dense_backbone_serves_several_lora_adapters_in_one_batch(tiny, tmp_
     assert alone[0] != bare  # the LoRA update really applies to its rows
     assert engine.bb.generate(PROMPTS[:2], adapter=folders[:2], max_new_tokens=8) == [alone[0][0], alone[1][0]]
     with pytest.raises(ValueError, match="plan_path"):
-        Backbone.load(base_model="tiny-llama", backbone="dense", plan_path="plan.json")
+        Backbone.load(base_model="tiny-llama", attention="dense", plan_path="plan.json")
+
+
+def test_an_engine_whose_model_thread_died_is_unhealthy(setup, monkeypatch):
+    """The replica's health check reads `Engine.healthy`: it turns false when the worker
+    thread ends (an error that escapes the batch loop), so Serve restarts the replica."""
+    import sdk.decode
+
+    engine = _engine(setup[0])
+    assert engine.healthy  # not started yet
+    engine.start()
+    assert engine.healthy
+
+    def die(self):
+        raise SystemExit("model thread gone")
+
+    monkeypatch.setattr(sdk.decode.Decoder, "step", die)
+
+    async def go():
+        await engine.submit(params=_params("tiny-llama", "Hi"))
+        for _ in range(200):
+            if not engine.healthy:
+                return
+            await asyncio.sleep(0.02)
+
+    asyncio.run(go())
+    assert not engine.healthy

@@ -72,7 +72,7 @@ def test_an_adapter_that_changes_nothing_is_refused_and_one_that_does_is_scored(
     from sdk.hotswap import Backbone
 
     lm, tok = _dense()
-    bb = Backbone(lm, tok, base_model="tiny-llama", backbone="dense")
+    bb = Backbone(lm, tok, base_model="tiny-llama", attention="dense")
     kind = get_kind("lora")
     kind.add(lm, "zero", {"r": 2, "lora_alpha": 4})  # B = 0: no update at all
     kind.save(lm, "zero", tmp_path / "zero")

@@ -136,7 +136,7 @@ def test_prefill_in_chunks_through_the_cache_equals_one_prefill(tiny, attn):
 def test_blockwise_and_fused_attention_over_factors_agree_with_materialised_scores(per_row):
     """ScoreFactors.attend (CPU: query blocks, root mixed in score space) and attend_fused
     (GPU: one SDPA over per-kv-head queries) both equal softmax(materialize() + mask) V."""
-    from adapters_hub.lisa.layer import ScoreFactors, additive_mask, gqa_apply
+    from adapters_hub.lisa.scores import ScoreFactors, additive_mask, gqa_apply
 
     g = torch.Generator().manual_seed(0)
     b, h, j, t, d, r = 2, 6, 3, 37, 8, 2

@@ -49,7 +49,7 @@ def registered(mlflow_server, tmp_path_factory):
     run_id = client.create_run(exp.experiment_id).info.run_id
     task = f"p{uuid.uuid4().hex[:8]}"
     done = reg.register_adapter(run_id=run_id, adapter_dir=tmp / "adapter", task=task, kind="lora", base="tiny-llama",
-                                base_fingerprint=lm.base_fingerprint, plan_hash=lm.plan.hash, backbone="dense",
+                                base_fingerprint=lm.base_fingerprint, plan_hash=lm.plan.hash, attention="dense",
                                 metrics={"answer_nll": 1.0}, main_metric="answer_nll", higher_is_better=False,
                                 trainable_params=1)
     return f"models:/{done.name}@champion", expected, reg, done
@@ -111,7 +111,7 @@ def test_lisa_hub_eval_scores_a_registered_adapter_and_logs_to_its_run(registere
     rows = [{"question": f"What is {a} plus {b}?", "answer": f"#### {a + b}"} for a, b in ((2, 3), (7, 1), (4, 4))]
     (tmp_path / "g.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     tasks = harness.write_gsm8k_tasks(tmp_path / "tasks", tmp_path / "g.jsonl")
-    code = main(["eval", "--base", "tiny-llama", "--backbone", "dense", "--adapter", f"{done.name}/{done.version}",
+    code = main(["eval", "--base", "tiny-llama", "--attention", "dense", "--adapter", f"{done.name}/{done.version}",
                  "--tasks", "lisa_gsm8k_mc", "--include-path", str(tasks)])
     assert code == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -119,4 +119,4 @@ def test_lisa_hub_eval_scores_a_registered_adapter_and_logs_to_its_run(registere
     mv = reg.client().get_model_version(done.name, str(done.version))
     assert line["adapter"] == f"{done.name}/{done.version}" and line["run_id"] == mv.run_id
     assert reg.client().get_run(mv.run_id).data.metrics["lm_eval.lisa_gsm8k_mc.acc"] == acc
-    assert main(["eval", "--base", "tiny-llama", "--backbone", "dense", "--tasks", " "]) == 2  # one clear line
+    assert main(["eval", "--base", "tiny-llama", "--attention", "dense", "--tasks", " "]) == 2  # one clear line

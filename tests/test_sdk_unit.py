@@ -99,10 +99,10 @@ def test_conversion_and_dense_backbone_are_validated_before_submitting():
         sdk.submit_conversion(options={"aligner": "mlp"}, address=nowhere)
     with pytest.raises(ValueError, match="layers"):
         sdk.submit_conversion(options={"layers": [0, 2]}, address=nowhere)
-    with pytest.raises(ValueError, match="backbone"):
-        sdk.submit_adaptation(task="gsm8k", backbone="sparse", address=nowhere)
+    with pytest.raises(ValueError, match="^attention: "):
+        sdk.submit_adaptation(task="gsm8k", attention="sparse", address=nowhere)
     with pytest.raises(ValueError, match="lisa adapter needs the LiSA backbone"):
-        sdk.submit_adaptation(task="gsm8k", kind="lisa", backbone="dense", address=nowhere)
+        sdk.submit_adaptation(task="gsm8k", kind="lisa", attention="dense", address=nowhere)
     with pytest.raises(sdk.ClusterUnavailableError):
         sdk.submit_conversion(fraction=0.5, address=nowhere)
 

@@ -82,7 +82,7 @@ class LoraKind:
         elif lm.plan.shared or lm.plan.dropped:  # a plain PEFT adapter: trained on the dense base, it names no plan
             raise AdapterMismatchError(
                 f"{directory}: a PEFT LoRA adapter without lisa-hub metadata fits only the dense backbone "
-                f"(backbone='dense'); this backbone shares {len(lm.plan.shared)} layers and drops the attention "
+                f"(attention='dense'); this backbone shares {len(lm.plan.shared)} layers and drops the attention "
                 f"of {len(lm.plan.dropped)}")
         try:
             tensors = load_file(str(Path(directory) / WEIGHTS_NAME))

@@ -15,7 +15,7 @@ from adapters_hub.multi_lora import LoraParts, LoraPartsError
 
 ACTIVATIONS = ("gelu", "silu", "relu", "tanh")
 # "linear": align(z) = W P z, a learned mix over the head axis; it folds into the query side,
-#           so the fast path runs substituted layers as one SDPA call (layer.ScoreFactors).
+#           so the fast path runs substituted layers as one SDPA call (scores.ScoreFactors).
 # "ffn":    align(z) = P z + W2 act(W1 P z), the LiSA paper's head-axis FFN; it needs every
 #           (B, H, Tq, Tk) score materialised (reference path only).
 ALIGNERS = ("linear", "ffn")

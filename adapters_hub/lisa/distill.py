@@ -18,7 +18,7 @@ from typing import Iterator
 
 import torch
 
-from adapters_hub.lisa.layer import DistillCollector
+from adapters_hub.lisa.scores import DistillCollector
 
 
 class AttentionDistiller:

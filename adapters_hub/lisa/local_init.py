@@ -29,7 +29,8 @@ from typing import Callable
 
 import torch
 
-from adapters_hub.lisa.layer import LisaAttention, additive_mask
+from adapters_hub.lisa.layer import LisaAttention
+from adapters_hub.lisa.scores import additive_mask
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,8 @@ from torch import nn
 from adapters_hub import multi_lora
 from adapters_hub.errors import AdapterMismatchError
 from adapters_hub.lisa.config import LisaConfig
-from adapters_hub.lisa.layer import DroppedAttention, LisaAttention, ScoreBus, ScoredAttention
+from adapters_hub.lisa.layer import DroppedAttention, LisaAttention, ScoredAttention
+from adapters_hub.lisa.scores import ScoreBus
 from adapters_hub.lisa.plan import SharingPlan
 
 PREFIX = "lisa_"
@@ -92,8 +93,16 @@ class SharingPatch:
         bus = self.bus
         bus.reset()
         bus.keep = torch.is_grad_enabled() or module.training
-        # The fast path is inference only: training, distillation and analysis read Z itself.
-        bus.fast = self.fast_path and not bus.keep and bus.distill is None and bus.observer is None
+        # The route of the whole pass, chosen here once. The fast path is inference only:
+        # training, distillation and analysis read Z itself.
+        if self.fast_path and not bus.keep and bus.distill is None and bus.observer is None:
+            if bus.kernel != "auto":
+                bus.route = bus.kernel
+            else:  # blocks on CPU (fewer passes in float32), one fused SDPA call elsewhere
+                device = next(module.parameters()).device
+                bus.route = "blocks" if device.type == "cpu" else "fused"
+        else:
+            bus.route = "reference"
 
     def lisa_layers(self) -> dict[int, LisaAttention]:
         return {i: l.self_attn for i, l in enumerate(self.layers) if isinstance(l.self_attn, LisaAttention)}
@@ -202,12 +211,12 @@ class LisaModel(nn.Module):
 
     @property
     def bus(self):
-        """The per-forward side channel of this model's layers (`layer.ScoreBus`)."""
+        """The per-forward side channel of this model's layers (`scores.ScoreBus`)."""
         return self._patch.bus
 
     @property
     def fast_path(self) -> bool:
-        """Inference runs the fused path (see `adapters_hub.lisa.layer`); False forces the
+        """Inference runs the fused path (see `adapters_hub.lisa.scores`); False forces the
         reference path, which materialises every score tensor."""
         return self._patch.fast_path
 

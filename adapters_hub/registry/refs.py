@@ -43,9 +43,9 @@ def check_alias(alias: str) -> str:
     return alias
 
 
-def adapter_model_name(task: str, kind: str, backbone: str = "lisa") -> str:
+def adapter_model_name(task: str, kind: str, attention: str = "lisa") -> str:
     """<task>-<kind>, or <task>-<kind>-dense for adapters of the dense (unmodified) backbone."""
-    name = f"{task}-{kind}" + ("-dense" if backbone == "dense" else "")
+    name = f"{task}-{kind}" + ("-dense" if attention == "dense" else "")
     if not _NAME.match(name):
         raise ValueError(f"registered model name {name!r}: task and kind may use letters, digits, '.', '_', '-'")
     return name

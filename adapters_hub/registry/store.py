@@ -135,7 +135,7 @@ class Registry:
     def register_adapter(self, *, run_id: str, adapter_dir: str | Path, task: str, kind: str, base: str,
                          base_fingerprint: str, plan_hash: str | None, metrics: dict[str, float],
                          main_metric: str, higher_is_better: bool, trainable_params: int,
-                         tie_breaker: tuple[str, bool] | None = None, backbone: str = "lisa",
+                         tie_breaker: tuple[str, bool] | None = None, attention: str = "lisa",
                          artifact_path: str = ADAPTER_ARTIFACT,
                          extra_tags: dict[str, str] | None = None) -> RegisteredAdapter:
         """Log adapter_dir to the run and register it as a new version of "<task>-<kind>"
@@ -148,7 +148,7 @@ class Registry:
         (never another's) and puts back an alias the deletion unset. (Artifacts already
         logged to the run stay there: they belong to the run, not to the registry.)
         """
-        name = adapter_model_name(task, kind, backbone)
+        name = adapter_model_name(task, kind, attention)
         ranking = [(main_metric, higher_is_better)] + ([tie_breaker] if tie_breaker else [])
         for what, (metric, _) in zip(("main_metric", "tie_breaker"), ranking):
             if metric not in metrics:
@@ -157,7 +157,7 @@ class Registry:
         if bad:
             raise ValueError(f"metrics must be finite numbers: {bad}")
         tags = {
-            "task": task, "kind": kind, "backbone": backbone, "base_model": base, "base_fingerprint": base_fingerprint,
+            "task": task, "kind": kind, "attention": attention, "base_model": base, "base_fingerprint": base_fingerprint,
             "plan_hash": plan_hash or "", "trainable_params": str(int(trainable_params)),
             "main_metric": main_metric, "higher_is_better": str(bool(higher_is_better)).lower(),
             "tie_breaker": tie_breaker[0] if tie_breaker else "",
