@@ -208,6 +208,7 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
                 params = api.parse_legacy(body, self.engine.limits, header_model)
                 start = time.perf_counter()
                 job = await self.engine.submit(params=params)
+                await self._record()
                 await self.engine.result(job)
             except api.ApiError as err:
                 return {"status": err.status, "body": err.body(), "replica": self.stats()}
@@ -221,9 +222,13 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
             params = (api.parse_chat if chat else api.parse_completion)(body, self.engine.limits)
             prompts = [api.render_chat(self.engine.bb.tokenizer, params.messages)] if chat else None
             job = await self.engine.submit(params=params, prompts=prompts)
-            if serve.get_multiplexed_model_id():  # a servable adapter: now in the routing table
-                await self.resident(serve.get_multiplexed_model_id())
+            await self._record()
             return params, job
+
+        async def _record(self) -> None:
+            """After a request's adapter resolved: its id in this replica's routing table."""
+            if serve.get_multiplexed_model_id():
+                await self.resident(serve.get_multiplexed_model_id())
 
         def _done(self, model: str) -> dict:
             self.served[model or base_model] = self.served.get(model or base_model, 0) + 1
@@ -281,8 +286,9 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
             return model
 
         def _handle(self, key: str, **options):
-            return self.generator.options(multiplexed_model_id=key, **options) if key else (
-                self.generator.options(**options) if options else self.generator)
+            if key:
+                options["multiplexed_model_id"] = key
+            return self.generator.options(**options) if options else self.generator
 
         async def _call(self, key: str, method: str, *args):
             import asyncio
@@ -294,9 +300,7 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
                 response.cancel()
                 raise replica_unavailable("did not answer in time") from None
             except Exception as err:
-                if _replica_gone(err):
-                    raise replica_unavailable(type(err).__name__) from None
-                raise
+                raise _unavailable_if_gone(err) from None
 
         async def _generate(self, body, *, chat: bool):
             from starlette.responses import StreamingResponse
@@ -308,9 +312,7 @@ def build_app(*, base_model: str, plan_path: str | None = None, tracking_uri: st
             try:
                 head = await gen.__anext__()
             except Exception as err:
-                if _replica_gone(err):
-                    raise replica_unavailable(type(err).__name__) from None
-                raise
+                raise _unavailable_if_gone(err) from None
             if head["status"] != 200:
                 return self._answer(head)
             return StreamingResponse(self._relay(gen), media_type="text/event-stream")
@@ -417,6 +419,11 @@ def replica_unavailable(why: str):
 
     return ApiError(503, f"the replica serving this request is gone ({why}); retry: another replica answers",
                     type="server_error", code="replica_unavailable")
+
+
+def _unavailable_if_gone(err: Exception) -> Exception:
+    """The 503 to raise for a replica gone under a request, else the error itself."""
+    return replica_unavailable(type(err).__name__) if _replica_gone(err) else err
 
 
 def _replica_gone(err: BaseException) -> bool:

@@ -421,8 +421,6 @@ def test_requests_for_an_adapter_land_on_the_replica_that_holds_it(replicated, r
         assert len(holders) == 1, (model, stats["replicas"])
         assert stats["requests"][model] == 4
     assert all(s["pinned"] == ["alpha-lisa/1"] for s in stats["replicas"])
-    assert stats["requests"] == {m: 4 for m in models} | {k: v for k, v in stats["requests"].items()
-                                                         if k not in models}
 
 
 def test_a_replica_killed_mid_request_answers_503_and_a_replacement_takes_over(replicated, reference):
