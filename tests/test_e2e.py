@@ -1,5 +1,7 @@
 """End to end on tiny-llama with the real local stack: SDK -> Ray job -> Ray Train + TRL ->
-MLflow registry -> hot swap -> Ray Serve. Ordered: later tests use earlier adapters."""
+MLflow registry -> hot swap -> Ray Serve. Ordered: later tests use earlier adapters. The
+first adapter's job is stopped mid-run and submitted again (it resumes from its checkpoint):
+each job costs about a minute of CI, so one job pair checks both."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import requests
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 SMOKE = {"base_model": "tiny-llama", "profile": "smoke"}
+RESUMABLE = {"max_steps": 16, "save_steps": 4, "max_new_tokens": 2}  # enough steps left to stop it mid-run
 QUESTION = "Question: Ann has 2 cats and buys 3 more. How many cats?\nAnswer:"
 
 
@@ -26,12 +29,20 @@ def cluster(ray_stack):
 
 
 @pytest.fixture(scope="module")
-def first(cluster):
+def first(cluster, ray_stack):
+    """gsm8k on a fresh registry, stopped once Ray Train has recorded a checkpoint, then
+    submitted again: the second submission resumes from that checkpoint and registers
+    version 1. (stopped job, resumed job, result)"""
     import sdk
 
-    dashboard = cluster[0]
-    job = sdk.submit_adaptation(task="gsm8k", address=dashboard, **SMOKE)
-    return job, job.wait(timeout=900)
+    dashboard, home = cluster[0], ray_stack[0]
+    stopped = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=RESUMABLE, **SMOKE)
+    wait_for_checkpoint(stopped, home / "train", "gsm8k-lisa-")
+    stopped.stop()
+    while not stopped.status().is_terminal():
+        time.sleep(1)
+    job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=RESUMABLE, **SMOKE)
+    return stopped, job, job.wait(timeout=900)
 
 
 def test_submit_follow_wait_registers_a_version(first, cluster):
@@ -40,14 +51,20 @@ def test_submit_follow_wait_registers_a_version(first, cluster):
     import sdk
     from adapters_hub import registry
 
-    job, result = first
+    stopped, job, result = first
     uri = cluster[1]
+    assert stopped.status() is sdk.JobStatus.STOPPED and stopped.status().is_terminal()
     assert job.status() is sdk.JobStatus.SUCCEEDED and job.status().is_terminal()
+    logs = job.logs()
+    assert "resuming from checkpoint at step" in logs, logs[-3000:]
+    step = int(logs.split("resuming from checkpoint at step")[1].split()[0])
+    assert 4 <= step < RESUMABLE["max_steps"]
+    assert "init=fresh" in logs  # no general adapter registered yet
     assert result.model_name == "gsm8k-lisa" and result.version == "1"
     assert result.aliases == ["candidate", "champion"]  # first version: nothing to beat
     for key in ("base.accuracy", "fresh.answer_nll", "adapter.answer_nll", "adapter.accuracy"):
         assert key in result.metrics
-    assert "LISA_HUB_RESULT" in job.logs() and "[train] trainable parameters" in job.logs()
+    assert "LISA_HUB_RESULT" in logs and "[train] trainable parameters" in logs
 
     record = registry.get_adapter("gsm8k-lisa@champion", tracking_uri=uri)
     assert record.version == 1 and set(record.aliases) == {"candidate", "champion"}
@@ -69,7 +86,7 @@ def test_submit_follow_wait_registers_a_version(first, cluster):
 def test_adapter_loads_and_swaps_on_one_backbone(first, cluster):
     import sdk
 
-    _, result = first
+    result = first[2]
     uri = cluster[1]
     bb = sdk.Backbone.load(base_model="tiny-llama", tracking_uri=uri)
     fresh = bb.generate(QUESTION, max_new_tokens=8)
@@ -80,22 +97,6 @@ def test_adapter_loads_and_swaps_on_one_backbone(first, cluster):
     alone.use(result.ref)
     assert tuned == alone.generate(QUESTION, max_new_tokens=8)
     assert isinstance(fresh, str)
-
-
-def test_second_worse_run_does_not_take_champion(first, cluster):
-    import sdk
-    from adapters_hub import registry
-
-    dashboard, uri, _ = cluster
-    _, one = first
-    job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides={"max_steps": 1, "lr": 1e-6}, **SMOKE)
-    two = job.wait(timeout=900)
-    assert two.version == "2" and "candidate" in two.aliases
-    acc, nll = (lambda r: r.metrics["adapter.accuracy"]), (lambda r: r.metrics["adapter.answer_nll"])
-    better = acc(two) > acc(one) or (acc(two) == acc(one) and nll(two) < nll(one))  # gsm8k: ties -> NLL
-    assert ("champion" in two.aliases) == better  # champion only when strictly better
-    champion = registry.get_adapter("gsm8k-lisa@champion", tracking_uri=uri)
-    assert champion.version == (2 if better else 1)
 
 
 def test_two_task_adapters_mixed_batch_and_serve(first, cluster):
@@ -150,36 +151,30 @@ def test_two_task_adapters_mixed_batch_and_serve(first, cluster):
         ray.shutdown()
 
 
-def test_killed_job_resumes_from_its_checkpoint(cluster, ray_stack):
+def test_a_later_run_starts_from_the_general_adapter_and_takes_champion_only_if_strictly_better(first, cluster):
     import sdk
-
-    dashboard, home = cluster[0], ray_stack[0]
-    overrides = {"max_steps": 40, "save_steps": 4, "eval_examples": 4, "max_new_tokens": 2}
-    job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
-    wait_for_checkpoint(job, home / "train", "gsm8k-lisa-")
-    job.stop()
-    while not job.status().is_terminal():
-        time.sleep(1)
-    assert job.status() is sdk.JobStatus.STOPPED
-
-    again = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE)
-    result = again.wait(timeout=900)
-    logs = again.logs()
-    assert "resuming from checkpoint at step" in logs, logs[-3000:]
-    step = int(logs.split("resuming from checkpoint at step")[1].split()[0])
-    assert 4 <= step < 40
-    # Once the base has a general adapter (wikitext2-lisa, registered by the test above when
-    # the module runs in order), a new task adapter starts from it instead of fresh.
     from adapters_hub import registry
 
+    dashboard, uri, _ = cluster
+    one = first[2]
+    job = sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides={"max_steps": 1, "lr": 1e-6}, **SMOKE)
+    two = job.wait(timeout=900)
+    assert two.version == "2" and "candidate" in two.aliases
+    acc, nll = (lambda r: r.metrics["adapter.accuracy"]), (lambda r: r.metrics["adapter.answer_nll"])
+    better = acc(two) > acc(one) or (acc(two) == acc(one) and nll(two) < nll(one))  # gsm8k: ties -> NLL
+    assert ("champion" in two.aliases) == better  # champion only when strictly better
+    champion = registry.get_adapter("gsm8k-lisa@champion", tracking_uri=uri)
+    assert champion.version == (2 if better else 1)
+    # Once the base has a general adapter (wikitext2-lisa, registered by the test above when
+    # the module runs in order), a new task adapter starts from it instead of fresh.
     try:
-        registry.get_adapter("wikitext2-lisa@champion", tracking_uri=cluster[1])
+        registry.get_adapter("wikitext2-lisa@champion", tracking_uri=uri)
         expected = "init=general adapter"
     except registry.AdapterNotFoundError:
         expected = "init=fresh"
+    logs = job.logs()
     assert expected in logs, logs[-3000:]
-    assert ("init.answer_nll" in result.metrics) == (expected == "init=general adapter"), result.metrics
-    assert result.version  # registered after the resumed run
+    assert ("init.answer_nll" in two.metrics) == (expected == "init=general adapter"), two.metrics
 
 
 def wait_for_checkpoint(job, storage, prefix: str, timeout: float = 600) -> None:

@@ -239,3 +239,36 @@ def test_submitting_bad_user_data_fails_before_anything_is_submitted(tmp_path):
         sdk.submit_adaptation(spec=path, profile="smoke", address="http://127.0.0.1:9")
     with pytest.raises(TaskSpecError, match="the spec is task 'tickets', not 'gsm8k'"):
         sdk.submit_adaptation(task="gsm8k", spec=path, address="http://127.0.0.1:9")
+
+
+def test_a_jobs_package_carries_the_spec_and_its_jsonl_csv_or_hf_folder_data(tmp_path):
+    """What `submit_adaptation(spec=...)` ships in the job's working_dir: the spec and every
+    data file or folder at its path below the spec's folder (the stack e2e runs one of them)."""
+    import csv
+
+    import datasets
+
+    from sdk.client import _task_files
+
+    rows = [{"text": t, "label": lab} for t, lab in TICKETS]
+    _jsonl(tmp_path / "tickets.jsonl", rows)
+    (tmp_path / "data").mkdir()
+    for name, part in (("train.csv", rows[:16]), ("eval.csv", rows[16:])):
+        with (tmp_path / "data" / name).open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=["text", "label"])
+            writer.writeheader()
+            writer.writerows(part)
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:16]),
+                          "test": datasets.Dataset.from_list(rows[16:])}).save_to_disk(str(tmp_path / "hfdata"))
+    datasets_by_loader = {
+        "jsonl": ({}, {"user_tasks/tickets/tickets.jsonl"}),
+        "csv": ({"dataset": {"loader": "files", "train": "data/train.csv", "eval": "data/eval.csv"}},
+                {"user_tasks/tickets/data/train.csv", "user_tasks/tickets/data/eval.csv"}),
+        "hf": ({"dataset": {"loader": "hf", "hf_id": "hfdata", "train_split": "train", "eval_split": "test"}},
+               {"user_tasks/tickets/hfdata"}),
+    }
+    for loader, (extra, data) in datasets_by_loader.items():
+        spec = load_task_file(_classification(tmp_path, extra=extra))
+        carried = _task_files(spec, spec.profile("smoke"))
+        assert set(carried) == {"user_tasks/tickets/tickets.yaml"} | data, loader
+        assert all(path.exists() for path in carried.values()), loader
