@@ -64,11 +64,16 @@ class AdapterSFTTrainer(SFTTrainer):
         self._metrics["train" if model.training else "eval"]["distill_kl"].append(float(kl.detach()))
         return loss + self.distill_beta * kl
 
-    def _save(self, output_dir=None, state_dict=None):
-        out = Path(output_dir or self.args.output_dir)
-        self.adapter_kind.save(self.lisa_model, self.adapter_name, out)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """The adapter alone, in its kind's format (the public hook; HF's checkpoints call it too).
+        Every rank writes its own checkpoint folder, as before: Ray Train takes rank 0's."""
+        self.adapter_kind.save(self.lisa_model, self.adapter_name, Path(output_dir or self.args.output_dir))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        # The one private hook left: HF resumes a model that is not a PeftModel only from a full
+        # state dict (model.safetensors), and our checkpoints hold the adapter alone (a few MB,
+        # not the 135M base). `train(resume_from_checkpoint=...)` calls this before it restores
+        # the optimizer, scheduler and trainer state, which stay HF's own.
         from safetensors.torch import load_file
 
         tensors = load_file(str(Path(resume_from_checkpoint) / "adapter_model.safetensors"))

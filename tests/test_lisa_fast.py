@@ -136,7 +136,8 @@ def test_prefill_in_chunks_through_the_cache_equals_one_prefill(tiny, attn):
 def test_blockwise_and_fused_attention_over_factors_agree_with_materialised_scores(per_row):
     """ScoreFactors.attend (CPU: query blocks, root mixed in score space) and attend_fused
     (GPU: one SDPA over per-kv-head queries) both equal softmax(materialize() + mask) V."""
-    from adapters_hub.lisa.scores import ScoreFactors, additive_mask, gqa_apply
+    from adapters_hub.lisa.factors import ScoreFactors
+    from adapters_hub.lisa.scores import additive_mask, gqa_apply
 
     g = torch.Generator().manual_seed(0)
     b, h, j, t, d, r = 2, 6, 3, 37, 8, 2
@@ -169,3 +170,32 @@ def test_disabled_adapters_on_the_fast_path_give_the_dense_model(tiny):
         fast, ref = both_paths(lm, lambda: lm(input_ids=ids).logits)
         base = tiny[0](input_ids=ids).logits
     assert (fast - base).abs().max() < 1e-4 and (ref - base).abs().max() < 1e-4
+
+
+def test_the_route_is_bound_by_train_eval_and_distillation_not_chosen_per_call(tiny):
+    from adapters_hub.lisa.distill import distillation
+
+    lm = make(tiny)
+    routes = lambda: {a.route for a in lm._patch.wrapped()}  # noqa: E731
+    lm.eval()
+    assert routes() == {"blocks"}  # CPU: "auto" binds the query-block kernel
+    with torch.enable_grad():  # a pass with grad on does not change the binding
+        lm(input_ids=torch.randint(3, 259, (1, 5)))
+    assert routes() == {"blocks"}
+    lm.train()
+    assert routes() == {"reference"}
+    lm.eval()
+    lm.fast_kernel = "fused"
+    assert routes() == {"fused"}
+    with distillation(lm):  # the collector reads Z: reference while it is on
+        assert routes() == {"reference"}
+    assert routes() == {"fused"}
+    lm.fast_path = False
+    assert routes() == {"reference"}
+    lm.fast_path = True
+    lm.bus.observer = lambda layer, probs, mask: None  # set behind the layers' back: refused, not silently wrong
+    with pytest.raises(RuntimeError, match="fast route"):
+        with torch.no_grad():
+            lm(input_ids=torch.randint(3, 259, (1, 5)))
+    lm.bind_routes()
+    assert routes() == {"reference"}

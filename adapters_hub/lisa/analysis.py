@@ -236,6 +236,7 @@ def analyze_attention(
     empty = SharingPlan(n_layers, n_heads, head_dim)
     patch = SharingPatch(model, empty, score_all=True)
     patch.bus.observer = acc
+    patch.bind_routes()  # the observer reads every layer's probabilities: the reference route
     n_texts = n_tokens = 0
     was_training = model.training
     model.eval()

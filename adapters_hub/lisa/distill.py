@@ -45,7 +45,9 @@ def distillation(lisa_model) -> Iterator[AttentionDistiller]:
     if bus.distill is not None:
         raise RuntimeError("distillation: already active on this model")
     bus.distill = DistillCollector()
+    lisa_model.bind_routes()  # the collector reads Z: every layer on the reference route
     try:
         yield AttentionDistiller(bus.distill)
     finally:
         bus.distill = None
+        lisa_model.bind_routes()

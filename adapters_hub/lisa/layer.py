@@ -16,8 +16,8 @@ Sharing scheme, for a plan substituting layers 3 and 4 (donors 2 and 3):
 A plan may also drop a layer's attention (`DroppedAttention`: adds nothing, caches nothing);
 a shared layer above it takes the nearest kept-or-shared layer below as its donor.
 
-The scores' side channel (`ScoreBus`), the score factors of the fast path and the
-attention math both paths share are `adapters_hub.lisa.scores`.
+The scores' side channel (`ScoreBus`) and the attention math both routes share are
+`adapters_hub.lisa.scores`; the fast route's score factors and kernels `adapters_hub.lisa.factors`.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from adapters_hub.lisa.plan import SharedLayer
-from adapters_hub.lisa.scores import (ScoreBus, ScoreFactors, apply_rope, apply_rope_lowrank, gqa_apply, gqa_scores,
+from adapters_hub.lisa.factors import ScoreFactors
+from adapters_hub.lisa.scores import (ScoreBus, apply_rope, apply_rope_lowrank, gqa_apply, gqa_scores,
                                       rope_frequencies, sdpa_mask, softmax_fp32)
 
 _ACT = {"gelu": F.gelu, "silu": F.silu, "relu": F.relu, "tanh": torch.tanh}
@@ -112,10 +113,34 @@ class _AttentionBase(nn.Module):
                                              enable_gqa=self.num_key_value_groups > 1)
         return self._project(out, x)
 
+    # ---- the forward route: bound when the model is prepared, never chosen per call ----
+    # "reference" (Z materialised: training, distillation, analysis), or the fast path's
+    # kernel, "blocks" (query blocks, CPU) or "fused" (one SDPA call over mixed queries, GPU).
+    route = "reference"
+
+    def train(self, mode: bool = True):
+        """`model.train()` / `model.eval()` reach every layer (nn.Module recurses): that is
+        where the route is bound, as dropout binds its behaviour."""
+        super().train(mode)
+        self.bind_route()
+        return self
+
+    def bind_route(self) -> None:
+        """Training, or something that reads Z (a distillation collector, an analysis
+        observer), or the fast path switched off -> reference; else the bus's kernel,
+        "auto" meaning blocks on CPU and fused elsewhere (resolved here, on this layer's device)."""
+        bus = self._bus
+        if self.training or not bus.fast or bus.distill is not None or bus.observer is not None:
+            self.route = "reference"
+        elif bus.kernel == "auto":
+            self.route = "blocks" if self.v_proj.weight.device.type == "cpu" else "fused"
+        else:
+            self.route = bus.kernel
+
     def _fast(self, x: torch.Tensor) -> bool:
-        """The fast path runs for prefill-like steps (Tq > 1); a decode step's scores are
+        """The fast route runs for prefill-like steps (Tq > 1); a decode step's scores are
         (B, H, 1, Tk), small enough that materialising them is the cheaper way."""
-        return self._bus.route != "reference" and x.shape[1] > 1
+        return self.route != "reference" and x.shape[1] > 1
 
 
 class ScoredAttention(_AttentionBase):
@@ -357,7 +382,7 @@ class LisaAttention(_AttentionBase):
         factors = donor.mix(self._mix_matrix(names)).plus_lowrank(q_r, k_r, 1 / math.sqrt(self.rank))
         self._bus.put(self.layer, factors)
         mask, causal = sdpa_mask(attention_mask, q_r.shape[2], k_r.shape[2], x.dtype, x.device)
-        if self._bus.route == "blocks":
+        if self.route == "blocks":
             out = factors.attend(v, mask, causal)                                 # (B, H, Tq, d)
         else:
             out = factors.attend_fused(v, mask, causal)

@@ -63,7 +63,6 @@ class SharingPatch:
             warnings.warn(f"LiSA: attention implementation {impl!r} replaced by 'sdpa'", stacklevel=3)
             model.set_attn_implementation("sdpa")
         self.model, self.plan = model, plan
-        self.fast_path = True  # False: every layer on the reference path (tests compare the two)
         consumers: dict[int, int] = {}
         for s in plan.shared:
             consumers[s.donor] = consumers.get(s.donor, 0) + 1
@@ -85,6 +84,7 @@ class SharingPatch:
                                else ScoredAttention(layer.self_attn, self.bus))
             if dropped and hasattr(layer, "input_layernorm"):
                 _gate_norm(layer.input_layernorm, layer.self_attn)
+            layer.self_attn.train(self.originals[i].training)  # the model's mode, and with it the route
         # Reset the bus at the start of every decoder pass (not per layer: checkpoint recomputation
         # of a layer during backward must still find its donor's scores).
         self._hook = decoder.register_forward_pre_hook(self._on_forward)
@@ -93,16 +93,21 @@ class SharingPatch:
         bus = self.bus
         bus.reset()
         bus.keep = torch.is_grad_enabled() or module.training
-        # The route of the whole pass, chosen here once. The fast path is inference only:
-        # training, distillation and analysis read Z itself.
-        if self.fast_path and not bus.keep and bus.distill is None and bus.observer is None:
-            if bus.kernel != "auto":
-                bus.route = bus.kernel
-            else:  # blocks on CPU (fewer passes in float32), one fused SDPA call elsewhere
-                device = next(module.parameters()).device
-                bus.route = "blocks" if device.type == "cpu" else "fused"
-        else:
-            bus.route = "reference"
+        if (bus.distill is not None or bus.observer is not None) and any(
+                a.route != "reference" for a in self.wrapped()):
+            raise RuntimeError("LiSA: a distillation collector or observer reads the score tensors, but layers are "
+                               "bound to the fast route; set it through `distillation(...)` or call "
+                               "`bind_routes()` after setting it")
+
+    def wrapped(self) -> list[ScoredAttention | LisaAttention | DroppedAttention]:
+        return [l.self_attn for l in self.layers if isinstance(l.self_attn, ScoredAttention | LisaAttention)]
+
+    def bind_routes(self) -> None:
+        """Bind every wrapped layer's forward route again (`layer._AttentionBase.bind_route`):
+        after the bus's fast/kernel settings or its distillation collector changed. Mode
+        changes (`train()`, `eval()`) bind by themselves."""
+        for attn in self.wrapped():
+            attn.bind_route()
 
     def lisa_layers(self) -> dict[int, LisaAttention]:
         return {i: l.self_attn for i, l in enumerate(self.layers) if isinstance(l.self_attn, LisaAttention)}
@@ -216,13 +221,14 @@ class LisaModel(nn.Module):
 
     @property
     def fast_path(self) -> bool:
-        """Inference runs the fused path (see `adapters_hub.lisa.scores`); False forces the
-        reference path, which materialises every score tensor."""
-        return self._patch.fast_path
+        """Inference (eval mode) runs the fast path (see `adapters_hub.lisa.scores`); False
+        binds the reference path, which materialises every score tensor, in eval mode too."""
+        return self._patch.bus.fast
 
     @fast_path.setter
     def fast_path(self, value: bool) -> None:
-        self._patch.fast_path = bool(value)
+        self._patch.bus.fast = bool(value)
+        self._patch.bind_routes()
         self._router.route = "gather" if value else "loop"
 
     @property
@@ -237,6 +243,13 @@ class LisaModel(nn.Module):
         if value not in ("auto", "blocks", "fused"):
             raise ValueError(f"fast_kernel: {value!r} is not one of auto, blocks, fused")
         self._patch.bus.kernel = value
+        self._patch.bind_routes()
+
+    def bind_routes(self) -> None:
+        """Bind every LiSA layer's forward route again from the mode and the bus settings
+        (what `train()`, `eval()`, `fast_path` and `fast_kernel` do themselves): after moving
+        the model to another device, whose kind "auto" resolves by."""
+        self._patch.bind_routes()
 
     @property
     def active_adapter(self) -> str | None:
