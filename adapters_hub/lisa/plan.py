@@ -325,6 +325,21 @@ class SharingPlan:
                 f"hash {self.hash})")
 
 
+def layers_by_position(num_layers: int, fraction: float) -> list[int]:
+    """The layers a plan fixed before training shares (`lisa-hub pretrain`: no trained
+    attention to analyse): round(fraction x num_layers) of layers 1..L-1 (at least one),
+    spread evenly, so that shared and dense layers alternate up to half the layers shared.
+
+    >>> layers_by_position(6, 0.5), layers_by_position(6, 0.3)
+    ([1, 3, 5], [2, 4])
+    """
+    if not 0 < fraction < 1:
+        raise PlanError(f"fraction: must be in (0, 1), got {fraction}")
+    candidates = num_layers - 1  # layer 0 has no layer below to read
+    n = max(1, min(candidates, round(fraction * num_layers)))
+    return sorted({1 + min(candidates - 1, int((k + 0.5) * candidates / n)) for k in range(n)})
+
+
 def nearest_donor(layer: int, dropped: Iterable[int]) -> int:
     """The donor a shared `layer` takes by default: the nearest layer below it that keeps
     or shares its attention (a dropped layer has no scores to give)."""

@@ -10,6 +10,7 @@ what `Backbone.use("gsm8k")` loads). Stages are deprecated in MLflow and never u
     reg.resolve("gsm8k-lisa@champion") -> Path        # verified local copy (cache)
     reg.list_adapters("gsm8k"), reg.get_adapter("gsm8k-lisa/3"), reg.promote("gsm8k-lisa", 3, "champion")
     reg.register_backbone("smollm2-135m", plan_dir) ; reg.get_backbone("smollm2-135m") -> Path | None
+    reg.register_base("bytes-6l-lisa50", hf_dir, ...) ; reg.get_base("bytes-6l-lisa50") -> Path | None  # pre-trained
 
 The module-level functions of the same names use one cached Registry per tracking URI
 (settings.mlflow_uri() by default).
@@ -33,7 +34,8 @@ from adapters_hub.registry.errors import (
     RegistryUnavailableError,
 )
 from adapters_hub.registry.manifest import MANIFEST, build_manifest, manifest_digest, verify_folder
-from adapters_hub.registry.refs import CANDIDATE, CHAMPION, adapter_model_name, backbone_model_name, parse_ref
+from adapters_hub.registry.refs import (CANDIDATE, CHAMPION, adapter_model_name, backbone_model_name,
+                                       base_model_name, parse_ref)
 from adapters_hub.registry.store import (
     ADAPTER_ARTIFACT,
     BACKBONE_ARTIFACT,
@@ -46,8 +48,9 @@ from adapters_hub.registry.store import (
 __all__ = [
     "ADAPTER_ARTIFACT", "BACKBONE_ARTIFACT", "CANDIDATE", "CHAMPION", "MANIFEST", "TOLERANCE", "TYPE_TAG",
     "AdapterNotFoundError", "AdapterRecord", "ChecksumError", "PlanExistsError", "RegisteredAdapter", "Registry",
-    "RegistryError", "RegistryUnavailableError", "adapter_model_name", "backbone_model_name", "beats",
-    "build_manifest", "for_uri", "get_adapter", "get_backbone", "list_adapters", "manifest_digest", "parse_ref",
+    "RegistryError", "RegistryUnavailableError", "adapter_model_name", "backbone_model_name", "base_model_name",
+    "beats",
+    "build_manifest", "for_uri", "get_adapter", "get_backbone", "get_base", "list_adapters", "manifest_digest", "parse_ref",
     "pick_champion", "promote", "register_adapter", "register_backbone", "resolve", "verify_folder",
 ]
 
@@ -90,3 +93,7 @@ def register_backbone(base: str, plan_dir: str | Path, *, tracking_uri: str | No
 
 def get_backbone(base: str, *, tracking_uri: str | None = None) -> Path | None:
     return for_uri(tracking_uri).get_backbone(base)
+
+
+def get_base(base: str, *, tracking_uri: str | None = None) -> Path | None:
+    return for_uri(tracking_uri).get_base(base)

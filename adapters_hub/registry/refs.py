@@ -51,6 +51,11 @@ def adapter_model_name(task: str, kind: str, attention: str = "lisa") -> str:
     return name
 
 
+def base_model_name(base: str) -> str:
+    """base-<name>: a base model lisa-hub trained itself (`lisa-hub pretrain`), stored whole."""
+    return "base-" + backbone_model_name(base).removeprefix("backbone-")
+
+
 def backbone_model_name(base: str) -> str:
     """backbone-<base>, with base made MLflow-safe; a short hash keeps sanitised names distinct."""
     safe = re.sub(r"[^A-Za-z0-9._-]+", "-", base).strip("-._") or "base"

@@ -46,6 +46,7 @@ from adapters_hub.registry.refs import (
     CHAMPION,
     adapter_model_name,
     backbone_model_name,
+    base_model_name,
     check_alias,
     parse_ref,
 )
@@ -60,6 +61,7 @@ ADAPTER_ARTIFACT = "adapter"          # artifact path of an adapter version (an 
 MODEL_ADAPTER = "artifacts/adapter"   # the adapter folder inside that MLflow model (registry/mlflow_model.py)
 BACKBONE_ARTIFACT = "backbone_plan"
 BACKBONE_EXPERIMENT = "lisa-hub-backbones"
+BASE_ARTIFACT = "base_model"  # a pre-trained base's HF folder
 TYPE_TAG = "lisa_hub.type"            # registered-model tag: "adapter" | "backbone"
 FLOOR_TAG = "lisa_hub.champion_floor"  # registered-model tag: versions <= it no longer contend (manual promote)
 PLAN_WAIT_S = 60.0                    # how long a racing plan registration waits for the winner's plan
@@ -287,6 +289,27 @@ class Registry:
     def get_backbone(self, base: str) -> Path | None:
         """The verified local plan folder of `base`, or None when no plan is registered yet."""
         name = backbone_model_name(base)
+        if self._alias_version(name, CHAMPION) is None:
+            return None
+        return self.resolve(f"{name}@{CHAMPION}")
+
+    def register_base(self, base: str, folder: str | Path, *, run_id: str,
+                      base_fingerprint: str) -> RegisteredAdapter:
+        """Store a base model lisa-hub trained itself (an HF folder) as registered model
+        base-<base>, a new version with alias champion: what `load_base(base)` downloads on a
+        node that does not have the folder."""
+        name = base_model_name(base)
+        description = (f"lisa-hub base model {base}, pre-trained by `lisa-hub pretrain`; alias champion = the "
+                       f"weights `load_base({base!r})` loads. Its backbone is {backbone_model_name(base)}.")
+        return self._register(name, Path(folder), run_id=run_id, artifact_path=BASE_ARTIFACT,
+                              tags={"base_model": base, "base_fingerprint": base_fingerprint}, type_="base",
+                              model_description=description, version_description=f"weights of {base}",
+                              ranking=None, candidate=False)
+
+    def get_base(self, base: str) -> Path | None:
+        """The verified local folder of a registered base's champion, or None when `base` is
+        not registered."""
+        name = base_model_name(base)
         if self._alias_version(name, CHAMPION) is None:
             return None
         return self.resolve(f"{name}@{CHAMPION}")
