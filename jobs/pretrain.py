@@ -213,12 +213,14 @@ def main(spec: PretrainSpec) -> dict:
         print(f"[eval] {k} = {v:.4f}", flush=True)
     (folder / "backbone" / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     (folder / "history.json").write_text(json.dumps(state["history"]) + "\n")
+    _plot_losses(state["history"], metrics, folder / "loss_curve.png")
+    print(f"[pretrain] {folder}: base/, backbone/, loss_curve.png", flush=True)
 
     # 5. registration ---------------------------------------------------------------------
     out = {"base": name, "plan_hash": plan.hash, "layers": list(plan.layers), "metrics": metrics,
            "folder": str(folder), "seconds": round(time.perf_counter() - t0, 1)}
     if uri:
-        out.update(_register(uri, run_id, name, folder, plan, fp, metrics, state["history"]))
+        out.update(_register(uri, run_id, name, folder, plan, fp, metrics))
     runtime.delete_run(run_key, "[pretrain]")  # done: a later run of this spec starts fresh
     runtime.print_result(out)
     return out
@@ -389,28 +391,40 @@ def _start_run(uri: str, spec: PretrainSpec, name: str, plan) -> str:
     return run.info.run_id
 
 
-def _register(uri: str, run_id: str, name: str, folder: Path, plan, fp: str, metrics: dict, history) -> dict:
+def _plot_losses(history: list[dict], metrics: dict, path: Path) -> None:
+    """Training loss of both models against the step (a running mean over 20 steps), with
+    their evaluation perplexities in the legend."""
     import matplotlib
-    import mlflow
-
-    from adapters_hub import registry
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    client = mlflow.MlflowClient(uri)
-    for key, value in metrics.items():
-        client.log_metric(run_id, key, float(value))
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key in ("lisa", "dense"):
         if history and key in history[0]:
-            ax.plot([h["step"] for h in history], [h[key] for h in history], label=key)
-    ax.set(xlabel="step", ylabel="training loss (nats / token)")
+            values = [h[key] for h in history]
+            smooth = [sum(values[max(0, i - 19): i + 1]) / len(values[max(0, i - 19): i + 1])
+                      for i in range(len(values))]
+            ppl = metrics.get(f"{key}.perplexity")
+            ax.plot([h["step"] for h in history], smooth,
+                    label=key + (f" (eval perplexity {ppl:.2f})" if ppl else ""))
+    ax.set(xlabel="step", ylabel="training loss (nats / token)", title="from scratch, same batches")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    client.log_figure(run_id, fig, "loss_curve.png")
+    fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _register(uri: str, run_id: str, name: str, folder: Path, plan, fp: str, metrics: dict) -> dict:
+    import mlflow
+
+    from adapters_hub import registry
+
+    client = mlflow.MlflowClient(uri)
+    for key, value in metrics.items():
+        client.log_metric(run_id, key, float(value))
+    client.log_artifact(run_id, str(folder / "loss_curve.png"))
     reg = registry.Registry(tracking_uri=uri)
     base = reg.register_base(name, folder / "base", run_id=run_id, base_fingerprint=fp)
     backbone = reg.register_backbone(name, folder / "backbone", run_id=run_id, plan_hash=plan.hash,
