@@ -42,6 +42,12 @@ def backbone_plan(base: str, *, create: bool = True, tracking_uri: str | None = 
         return SharingPlan.load(Path(folder) / "plan.json")
     if not create:
         raise LookupError(f"no backbone registered for base {base!r}; run `lisa-hub analyze --base {base} --register`")
+    from adapters_hub.models import pretrained_folder
+
+    if pretrained_folder(base) is not None:  # its plan is part of it: a plan analysed now would be another model
+        raise LookupError(f"base {base!r} was pre-trained with its own plan, and backbone-{base} is not in this "
+                          f"registry ({tracking_uri or 'MLFLOW_TRACKING_URI'}); register it with `lisa-hub pretrain "
+                          f"... --name {base} --register`, or point MLFLOW_TRACKING_URI at the registry that has it")
     log(f"[backbone] no plan registered for {base}: analysing attention ({CALIBRATION}) ...")
     plan, report = analyse_base(base)
     with tempfile.TemporaryDirectory() as tmp:

@@ -183,7 +183,7 @@ def add_nodes(n: int, *, home: Path | None = None, num_cpus: int = 1, timeout: f
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            alive = _alive_nodes(head.extra["gcs_address"], home)
+            alive = _alive_nodes(home)
         except Exception:  # the GCS not answering yet
             alive = 0
         if alive >= want:
@@ -213,20 +213,23 @@ def remove_nodes(*, home: Path | None = None, timeout: float = 60.0) -> list[str
     head = state.get("ray")
     deadline = time.monotonic() + timeout
     while stopped and _alive(head) and time.monotonic() < deadline:
-        if _alive_nodes(head.extra["gcs_address"], home) <= 1:
+        if _alive_nodes(home) <= 1:
             break
         time.sleep(1.0)
     return stopped
 
 
-def _alive_nodes(gcs_address: str, home: Path) -> int:
-    """Alive nodes of the cluster, asked of the GCS through the `ray` CLI's state API."""
-    out = subprocess.run([_bin("ray"), "list", "nodes", "--address", gcs_address, "--format", "json",
-                          "--filter", "state=ALIVE"], capture_output=True, text=True, timeout=60,
-                         env={**os.environ, **ray_client_env(home)})
-    if out.returncode != 0:
-        raise StackError(out.stderr[-300:])
-    return len(json.loads(out.stdout))
+def _alive_nodes(home: Path) -> int:
+    """Alive nodes of the cluster, asked of the dashboard's state API over HTTP (the `ray
+    list nodes` CLI it replaces started a Python process per poll: seconds each)."""
+    import requests
+
+    url = (f"{dashboard_url(home)}/api/v0/nodes?limit=10000&filter_keys=state&filter_predicates=%3D"
+           "&filter_values=ALIVE")
+    resp = requests.get(url, timeout=30, headers=_ray_headers(home))
+    if not resp.ok:
+        raise StackError(f"{url}: HTTP {resp.status_code} {resp.text[:300]}")
+    return len(resp.json()["data"]["result"]["result"])
 
 
 def status(*, home: Path | None = None) -> list[ServiceStatus]:

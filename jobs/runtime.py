@@ -75,8 +75,14 @@ def connect() -> None:
     """ray.init for a driver (a job's, or the Serve CLI's); call it before expensive work."""
     import ray
 
+    from adapters_hub import stack
+
     if not ray.is_initialized():
-        ray.init(address=ray_address(), log_to_driver=True)
+        address = ray_address()
+        # a Ray instance of the driver's own gets the workers' environment the stack gives its
+        # nodes (one print per line); a job on a cluster has it from its runtime_env already
+        extra = {"runtime_env": {"env_vars": dict(stack.WORKER_ENV)}} if address == "local" else {}
+        ray.init(address=address, log_to_driver=True, **extra)
 
 
 def use_all_cores() -> None:

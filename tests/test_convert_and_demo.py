@@ -28,7 +28,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[1]
 # ConvertSpec fields of the test's conversion: the job's flags and the SDK's options say the same
-SPEC = {"fraction": 0.5, "minutes": 10, "max_steps": 60, "save_every": 3, "eval_blocks": 2, "eval_len": 64,
+SPEC = {"fraction": 0.5, "minutes": 10, "max_steps": 24, "save_every": 4, "eval_blocks": 2, "eval_len": 64,
         "calib_blocks": 8, "init_steps": 5, "sensitivity_steps": 3, "batch_size": 2, "seq_len": 64}
 
 

@@ -115,7 +115,8 @@ def _kill_after_checkpoint(argv, env, storage: Path) -> tuple[int, str]:
 def test_a_killed_pretraining_resumes_through_the_sdk_and_registers_a_base_that_loads_by_name(
         ray_stack, own_mlflow, tmp_path, monkeypatch):
     """Killed in-process after its first checkpoint; the same spec submitted through
-    `sdk.submit_pretraining` (the config file travels with the job) resumes from it."""
+    `sdk.submit_pretraining` (the config file travels with the job) resumes from it; the
+    registered base then loads by name elsewhere, and a task adapter is made from it."""
     import sdk
     from adapters_hub import stack
     from adapters_hub.backbone import backbone_folder, load_backbone
@@ -154,3 +155,34 @@ def test_a_killed_pretraining_resumes_through_the_sdk_and_registers_a_base_that_
     lm, _ = load_backbone("tiny-scratch", backbone_folder("tiny-scratch", tracking_uri=own_mlflow))
     split = token_split(tok, eval_blocks=2, eval_len=64, calib_blocks=0, train_len=32)
     assert abs(perplexity(lm.eval(), split.eval, progress=False) - metrics["lisa.perplexity"]) < 1e-3
+
+    # a task adapter trains on it like on any base: the adapt job's own steps, here in-process
+    # (a whole job costs a minute and a half of CI): its plan and general adapter from the
+    # registry (no attention analysis), the adapter made from them, one training step
+    from adapters_hub.backbone import backbone_plan, load_lisa_model
+    from adapters_hub.kinds import get_kind
+    from jobs.adapt import _general_adapter, prepare_adapter
+
+    plan = backbone_plan("tiny-scratch", tracking_uri=own_mlflow, log=pytest.fail)  # a log line = analysing
+    assert plan.hash == result.plan_hash
+    init_from = _general_adapter("gsm8k", "tiny-scratch", plan, own_mlflow)
+    assert init_from is not None
+    task_lm, _ = load_lisa_model("tiny-scratch", plan)
+    assert prepare_adapter(task_lm, get_kind("lisa"), "gsm8k", {}, init_from=init_from) > 0
+    ids = torch.randint(3, 259, (2, 16))
+    task_lm.train()
+    task_lm(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert any(p.grad is not None for p in task_lm.parameters() if p.requires_grad)
+
+def test_a_pretrained_base_without_its_registered_backbone_is_refused_not_reanalysed(tmp_path, monkeypatch):
+    from adapters_hub import stack
+    from adapters_hub.backbone import backbone_plan
+
+    monkeypatch.setenv("LISA_HUB_HOME", str(tmp_path))
+    folder = tmp_path / "pretrained" / "mine" / "base"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    uri = f"http://127.0.0.1:{stack.free_port()}"  # an empty registry would do; none is needed to refuse
+    monkeypatch.setattr("adapters_hub.registry.get_backbone", lambda base, tracking_uri=None: None)
+    with pytest.raises(LookupError, match="pre-trained with its own plan.*--name mine --register"):
+        backbone_plan("mine", tracking_uri=uri, log=lambda line: None)
