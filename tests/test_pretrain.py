@@ -1,22 +1,19 @@
 """`lisa-hub pretrain`: a LiSA model from scratch beside a dense twin. Unit tests of the spec,
 the config file, the plan by position and the two models (seconds); one stack test (real
-Ray head, its own MLflow) kills a run after its first checkpoint, resumes it, and loads the
-registered base and backbone by name."""
+Ray head, its own MLflow) kills a submitted job's worker after its first checkpoint, sees it
+resume, and loads the registered base and backbone by name."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
 TINY = {"description": "tiny, for tests", "tokenizer": "bytes", "lisa": {"rank": 4},
         "model": {"model_type": "llama", "vocab_size": 259, "hidden_size": 32, "intermediate_size": 64,
                   "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8,
@@ -93,50 +90,36 @@ def test_the_twins_start_equal_and_only_the_idle_projections_are_frozen(tmp_path
     assert any("lisa_" in n for n, p in lisa.model.named_parameters() if p.requires_grad)
 
 
-def _kill_after_checkpoint(argv, env, storage: Path) -> tuple[int, str]:
-    from tests.test_e2e import _checkpoint_recorded
-
-    proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-    lines = []
-    deadline = time.monotonic() + 600
-    for line in proc.stdout:
-        lines.append(line)
-        if _checkpoint_recorded(storage, "pretrain-"):
-            os.killpg(proc.pid, signal.SIGKILL)
-            break
-        assert time.monotonic() < deadline, "".join(lines[-40:])
-    proc.wait(timeout=120)
-    return proc.returncode, "".join(lines)
-
-
 @pytest.mark.stack
 @pytest.mark.slow
-def test_a_killed_pretraining_resumes_through_the_sdk_and_registers_a_base_that_loads_by_name(
+def test_a_pretraining_job_survives_a_killed_worker_and_registers_a_base_that_loads_by_name(
         ray_stack, own_mlflow, tmp_path, monkeypatch):
-    """Killed in-process after its first checkpoint; the same spec submitted through
-    `sdk.submit_pretraining` (the config file travels with the job) resumes from it; the
-    registered base then loads by name elsewhere, and a task adapter is made from it."""
+    """Submitted through `sdk.submit_pretraining` (the config file travels with the job); its
+    Ray Train worker is killed after the first checkpoint, and the restarted worker resumes
+    from it (a whole job killed and run again resumes through the same `runtime.fit`:
+    tests/test_convert_and_demo.py, tests/test_e2e.py). The registered base then loads by
+    name elsewhere, and a task adapter is made from it."""
+    import psutil
+
     import sdk
-    from adapters_hub import stack
     from adapters_hub.backbone import backbone_folder, load_backbone
     from adapters_hub.evaluation import perplexity
     from adapters_hub.lisa.convert import token_split
     from adapters_hub.models import load_base
+    from tests.test_e2e import _checkpoint_recorded
 
     storage = tmp_path / "storage"
-    monkeypatch.setenv("LISA_HUB_STORAGE", str(storage))  # where both runs keep checkpoints (the SDK passes it on)
-    env = {**os.environ, "RAY_ADDRESS": stack._load_state(ray_stack[0])["ray"].extra["gcs_address"],
-           "LISA_HUB_HOME": str(tmp_path / "home")}
+    monkeypatch.setenv("LISA_HUB_STORAGE", str(storage))  # the SDK passes it on to the job
     options = {"save_every": 4, "batch_size": 4, "seq_len": 32, "eval_blocks": 2, "eval_len": 64, "warmup_steps": 2}
-    config = _config(tmp_path)
-    argv = [sys.executable, "-m", "jobs.pretrain", "--config", str(config), "--name", "tiny-scratch", "--steps",
-            "24", "--register", *[part for k, v in options.items() for part in (f"--{k.replace('_', '-')}", str(v))]]
-    rc, first = _kill_after_checkpoint(argv, env, storage)
-    assert rc != 0 and "LISA_HUB_RESULT" not in first
-
-    job = sdk.submit_pretraining(config=str(config), plan_fraction=0.5, steps=24, name="tiny-scratch",
+    job = sdk.submit_pretraining(config=str(_config(tmp_path)), plan_fraction=0.5, steps=24, name="tiny-scratch",
                                  options=options, address=ray_stack[1])
+    deadline = time.monotonic() + 600
+    while not _checkpoint_recorded(storage, "pretrain-"):
+        assert not job.status().is_terminal() and time.monotonic() < deadline, job.logs()[-3000:]
+        time.sleep(0.5)
+    workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert len(workers) == 1, [w.info["cmdline"] for w in workers]
+    os.kill(workers[0].pid, signal.SIGKILL)
     result = job.wait(timeout=600)
     logs = job.logs()
     step = int(logs.split("resuming from checkpoint at step")[1].split()[0])

@@ -1,7 +1,8 @@
-"""Reliability on the real local stack (tiny-llama, smoke profile): identical jobs submitted
-together, two jobs racing to register a base's first plan, MLflow stopped mid-job. (A Train
-worker killed mid-run is retried from its checkpoint: tests/test_scale_out.py kills one of
-two workers; tests/test_e2e.py stops a job and resumes it.)
+"""Reliability on the real local stack (tiny-llama, smoke profile): MLflow stopped mid-job.
+(Identical jobs submitted together, racing for a base's first plan: the first fixture of
+tests/test_e2e.py. A Train worker killed mid-run is retried from its checkpoint:
+tests/test_scale_out.py and tests/test_pretrain.py; tests/test_e2e.py stops a job and
+resumes it.)
 
 Each test registers into an MLflow server of its own: the session registry belongs to the
 ordered e2e tests."""
@@ -13,37 +14,6 @@ import pytest
 pytestmark = [pytest.mark.stack, pytest.mark.slow]
 
 SMOKE = {"base_model": "tiny-llama", "profile": "smoke"}
-
-
-def test_identical_jobs_at_once_on_an_empty_registry_end_as_documented(ray_stack, own_mlflow):
-    """Same spec twice at once: each job succeeds or fails with the one-line 'identical job
-    is running' error (never a raw error from the other's files); one plan for the base;
-    one version per succeeded job, its MLflow run tagged with its job id; no folders left."""
-    import mlflow
-
-    import sdk
-    from adapters_hub import registry
-
-    home, dashboard, _ = ray_stack
-    overrides = {"max_steps": 6, "eval_examples": 4, "max_new_tokens": 2}
-    jobs = [sdk.submit_adaptation(task="gsm8k", address=dashboard, overrides=overrides, **SMOKE) for _ in range(2)]
-    results = {}
-    for job in jobs:
-        try:
-            results[job.id] = job.wait(timeout=900)
-        except sdk.JobFailedError:
-            logs = job.logs()
-            assert "an identical job is running" in logs and "FileNotFoundError" not in logs, logs[-3000:]
-    assert results, "neither job succeeded"
-
-    client = mlflow.MlflowClient(own_mlflow)
-    plans = client.search_model_versions(f"name = '{registry.backbone_model_name('tiny-llama')}'")
-    assert len(plans) == 1
-    versions = registry.list_adapters("gsm8k", tracking_uri=own_mlflow)
-    assert len(versions) == len(results)
-    for job_id, result in results.items():
-        assert client.get_run(result.run_id).data.tags["ray_job_id"] == job_id
-    assert not list((home / "train").glob("gsm8k-lisa-*-adapter*")), "per-job adapter folders left behind"
 
 
 def test_mlflow_stopped_mid_job_fails_it_within_a_minute_and_registers_nothing(ray_stack, tmp_path_factory,

@@ -7,7 +7,6 @@ real Ray head (the session's), Ray Serve on a free port.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -128,8 +127,6 @@ def app(ray_stack, registered):
                             adapters=["beta"], max_tokens=100), name="lisa-hub-serve-test", route_prefix="/t")
         serve.run(build_app(base_model="tiny-llama", tracking_uri=registered, num_cpus=0, **TIGHT),
                   name="lisa-hub-serve-tight", route_prefix="/tight")
-        serve.run(build_app(base_model="tiny-llama", tracking_uri=registered, num_cpus=0, api_key=API_KEY),
-                  name="lisa-hub-serve-keyed", route_prefix="/keyed")
         yield f"http://127.0.0.1:{port}", port
     finally:
         serve.shutdown()
@@ -143,24 +140,6 @@ def _client(url, prefix="/t", api_key="none"):
     from openai import OpenAI
 
     return OpenAI(base_url=f"{url}{prefix}/v1", api_key=api_key, max_retries=0, timeout=60)
-
-
-def test_an_api_key_guards_every_route_but_health(app):
-    """`lisa-hub serve --api-key`: the openai client without the key gets 401 with an OpenAI
-    error body, with it 200; /health answers anyone (for load balancers)."""
-    import openai
-    import requests
-
-    url, _ = app
-    with pytest.raises(openai.AuthenticationError) as err:
-        _client(url, "/keyed").completions.create(model="tiny-llama", prompt="Hi", max_tokens=2)
-    assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
-    for path in ("/v1/models", "/stats"):
-        r = requests.get(f"{url}/keyed{path}", timeout=30, headers={"Authorization": "Bearer wrong"})
-        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    assert requests.get(f"{url}/keyed/health", timeout=30).json() == {"status": "ok"}
-    ok = _client(url, "/keyed", api_key=API_KEY).completions.create(model="tiny-llama", prompt="Hi", max_tokens=2)
-    assert ok.choices[0].text is not None and ok.usage.completion_tokens >= 1
 
 
 def test_models_lists_the_registry_and_the_bare_backbone(app):
@@ -375,7 +354,9 @@ def test_overload_answers_503_and_a_time_out_stops_its_generation(app):
     queued.join()
     status, body, seconds = results["long"]
     assert status == 504 and body["error"]["type"] == "timeout_error"
-    assert seconds < TIGHT["timeout_s"] + 1.5
+    # answered at the time-out, long before 1000 tokens (slack for a loaded 2-core machine; that
+    # the generation stopped is what the steps below show)
+    assert seconds < TIGHT["timeout_s"] + 4
     time.sleep(0.2)
     stats = _stats(url)
     assert stats["running_rows"] == 0  # nothing generates for the timed-out request any more
@@ -469,7 +450,12 @@ def test_a_replica_killed_mid_request_answers_503_and_a_replacement_takes_over(r
     assert all("alpha-lisa/1" in s["resident"] for s in _replica_stats(url)["replicas"])
 
 
-def test_cli_serve_stops_cleanly_on_sigterm(app, ray_stack, registered):
+def test_cli_serve_with_an_api_key_guards_every_route_but_health_and_stops_cleanly_on_sigterm(
+        app, ray_stack, registered):
+    """`lisa-hub serve --api-key`: the openai client without the key gets 401 with an OpenAI
+    error body, with it 200; /health answers anyone (for load balancers). SIGTERM deletes the
+    app and exits 0. (One app for both: each deployment costs half a minute of CI.)"""
+    import openai
     from ray import serve
 
     from adapters_hub import stack
@@ -477,21 +463,29 @@ def test_cli_serve_stops_cleanly_on_sigterm(app, ray_stack, registered):
     env = {**os.environ, "RAY_ADDRESS": stack._load_state(ray_stack[0])["ray"].extra["gcs_address"]}
     proc = subprocess.Popen([sys.executable, "-m", "sdk.cli", "serve", "--base", "tiny-llama",
                              "--tracking-uri", registered, "--pin", "alpha", "--port", str(app[1]),
-                             "--num-cpus", "0", "--max-tokens", "32"],
+                             "--num-cpus", "0", "--max-tokens", "32", "--api-key", API_KEY],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = app[0]
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline:
             try:
-                r = requests.get(f"{app[0]}/v1/models", timeout=5)
-                if r.status_code == 200 and r.json()["data"][0]["id"] == "tiny-llama":
+                if requests.get(f"{url}/health", timeout=5).json() == {"status": "ok"}:
                     break
-            except requests.RequestException:
+            except (requests.RequestException, ValueError):
                 pass
             assert proc.poll() is None, proc.stdout.read()
             time.sleep(1)
         else:
             pytest.fail("lisa-hub serve did not come up")
+        with pytest.raises(openai.AuthenticationError) as err:
+            _client(url, "").completions.create(model="tiny-llama", prompt="Hi", max_tokens=2)
+        assert err.value.status_code == 401 and err.value.body["code"] == "invalid_api_key"
+        for path in ("/v1/models", "/stats"):
+            r = requests.get(f"{url}{path}", timeout=30, headers={"Authorization": "Bearer wrong"})
+            assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        ok = _client(url, "", api_key=API_KEY).completions.create(model="tiny-llama", prompt="Hi", max_tokens=2)
+        assert ok.choices[0].text is not None and ok.usage.completion_tokens >= 1
         assert "lisa-hub" in serve.status().applications
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=120)
