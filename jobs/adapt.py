@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 from dataclasses import asdict
@@ -34,7 +33,6 @@ from pydantic import Field, model_validator
 from pathlib import Path
 
 from jobs import runtime
-from jobs.runtime import JobConflictError
 
 
 class AdaptSpec(runtime.JobSpec):
@@ -434,10 +432,4 @@ def spec_from_args(args) -> AdaptSpec:
 
 
 if __name__ == "__main__":
-    from adapters_hub.registry import RegistryError
-
-    try:
-        main(parse_args())
-    except (LookupError, ValueError, ConnectionError, RegistryError, JobConflictError) as err:  # one clear line
-        print(f"[adapt] error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    runtime.run_main(main, parse_args, "adapt")

@@ -28,7 +28,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -640,21 +639,10 @@ def _layer_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated layer indices, got {text!r}") from None
 
 
-def spec_from_args(args) -> ConvertSpec:
-    fields = set(ConvertSpec.model_fields)
-    return ConvertSpec(**{k: v for k, v in vars(args).items() if k in fields})
-
-
 def parse_args(argv: list[str] | None = None) -> ConvertSpec:
     return runtime.parse_spec(argv, prog="python -m jobs.convert", description=__doc__.split("\n")[0],
-                              add_arguments=add_arguments, spec_type=ConvertSpec, from_args=spec_from_args)
+                              add_arguments=add_arguments, spec_type=ConvertSpec)
 
 
 if __name__ == "__main__":
-    from adapters_hub.registry import RegistryError
-
-    try:
-        main(parse_args())
-    except (LookupError, ValueError, ConnectionError, RegistryError) as err:  # known failures: one clear line
-        print(f"[convert] error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    runtime.run_main(main, parse_args, "convert")

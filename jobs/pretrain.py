@@ -35,7 +35,6 @@ import json
 import math
 import re
 import shutil
-import sys
 import tempfile
 import time
 import warnings
@@ -470,22 +469,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fresh-start", action="store_true", help="ignore checkpoints of an interrupted run")
 
 
-def spec_from_args(args) -> PretrainSpec:
-    fields = set(PretrainSpec.model_fields)
-    return PretrainSpec(**{k: v for k, v in vars(args).items() if k in fields})
-
-
 def parse_args(argv: list[str] | None = None) -> PretrainSpec:
     return runtime.parse_spec(argv, prog="python -m jobs.pretrain", description=__doc__.split("\n")[0],
-                              add_arguments=add_arguments, spec_type=PretrainSpec, from_args=spec_from_args)
+                              add_arguments=add_arguments, spec_type=PretrainSpec)
 
 
 if __name__ == "__main__":
-    from adapters_hub.architectures import UnsupportedArchitectureError
-    from adapters_hub.registry import RegistryError
-
-    try:
-        main(parse_args())
-    except (LookupError, ValueError, ConnectionError, RegistryError, UnsupportedArchitectureError) as err:  # known failures: one clear line
-        print(f"[pretrain] error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2)
+    runtime.run_main(main, parse_args, "pretrain")

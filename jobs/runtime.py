@@ -255,9 +255,10 @@ def _first_error(err: "ValidationError") -> str:
 
 
 def parse_spec(argv: list[str] | None, *, prog: str, description: str, add_arguments: Callable, spec_type: type,
-               from_args: Callable):
+               from_args: Callable | None = None):
     """A job's spec from its command line: `--spec-json '{...}'` (what the SDK submits: the
-    validated spec itself) or the job's own flags (`from_args(parsed)`)."""
+    validated spec itself) or the job's own flags (`from_args(parsed)`; by default the flags
+    named like the spec's fields)."""
     import argparse
 
     parser = argparse.ArgumentParser(prog=prog, description=description)
@@ -267,7 +268,29 @@ def parse_spec(argv: list[str] | None, *, prog: str, description: str, add_argum
     args = parser.parse_args(argv)
     if args.spec_json:
         return spec_type(**json.loads(args.spec_json))
-    return from_args(args)
+    return from_args(args) if from_args else spec_from_args(spec_type, args)
+
+
+def spec_from_args(spec_type: type, args) -> Any:
+    """A spec from a job's argparse flags named like its fields (other flags are the CLI's)."""
+    fields = set(spec_type.model_fields)
+    return spec_type(**{k: v for k, v in vars(args).items() if k in fields})
+
+
+def run_main(main: Callable, parse_args: Callable, prefix: str) -> None:
+    """A job's `python -m` entry point: known failures (bad input, a missing model or
+    service, an identical job running) print one clear line and exit 2, not a traceback."""
+    import sys
+
+    from adapters_hub.architectures import UnsupportedArchitectureError
+    from adapters_hub.registry import RegistryError
+
+    try:
+        main(parse_args())
+    except (LookupError, ValueError, ConnectionError, RegistryError, UnsupportedArchitectureError,
+            JobConflictError) as err:
+        print(f"[{prefix}] error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 # ----------------------------------------------------------------------------- the result line

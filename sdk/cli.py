@@ -211,9 +211,9 @@ def add_commands(sub) -> None:
 
 
 def _pretrain(args) -> int:
-    from jobs import pretrain
+    from jobs import pretrain, runtime
 
-    spec = pretrain.spec_from_args(args)
+    spec = runtime.spec_from_args(pretrain.PretrainSpec, args)
     if not args.submit:
         pretrain.main(spec)
         return 0
@@ -235,9 +235,9 @@ def _pretrain(args) -> int:
 
 
 def _convert(args) -> int:
-    from jobs import convert
+    from jobs import convert, runtime
 
-    spec = convert.spec_from_args(args)
+    spec = runtime.spec_from_args(convert.ConvertSpec, args)
     if not args.submit:
         convert.main(spec)
         return 0

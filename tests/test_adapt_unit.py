@@ -146,9 +146,13 @@ def test_a_job_spec_travels_as_json_and_comes_back_equal():
     from jobs.convert import ConvertSpec
     from jobs.runtime import parse_spec
 
+    from jobs.pretrain import PretrainSpec
+
     for spec, module in ((AdaptSpec(task="gsm8k", overrides={"max_steps": 3}), "adapt"),
-                         (ConvertSpec(kv_budget=0.5, drop_attention=True), "convert")):
+                         (ConvertSpec(kv_budget=0.5, drop_attention=True), "convert"),
+                         (PretrainSpec(plan_fraction=0.3, steps=7), "pretrain")):
         mod = __import__(f"jobs.{module}", fromlist=["x"])
         again = parse_spec(["--spec-json", json.dumps(spec.model_dump())], prog="x", description="x",
-                           add_arguments=mod.add_arguments, spec_type=type(spec), from_args=mod.spec_from_args)
+                           add_arguments=mod.add_arguments, spec_type=type(spec))
         assert again == spec
+        assert mod.parse_args(["--spec-json", json.dumps(spec.model_dump())]) == spec  # the job's own entry

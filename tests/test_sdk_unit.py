@@ -114,9 +114,9 @@ def test_conversion_cli_arguments_map_to_the_spec():
 
     parser = argparse.ArgumentParser()
     convert.add_arguments(parser)
-    spec = convert.spec_from_args(parser.parse_args(["--base", "tiny-llama", "--layers", "2,3,5", "--minutes", "2"]))
+    spec = convert.parse_args(["--base", "tiny-llama", "--layers", "2,3,5", "--minutes", "2"])
     assert spec.layers == [2, 3, 5] and spec.fraction is None and spec.minutes == 2
-    assert convert.spec_from_args(parser.parse_args([])).fraction == 0.6  # the default plan
+    assert convert.parse_args([]).fraction == 0.6  # the default plan
     with pytest.raises(SystemExit):
         parser.parse_args(["--fraction", "0.5", "--max-ppl-increase", "0.1"])
 
