@@ -326,7 +326,7 @@ def _models(cfg, plan, spec: PretrainSpec) -> dict:
     base = _fresh_model(cfg, spec.seed)
     models = {"dense": copy.deepcopy(base)} if spec.dense else {}
     lm = LisaModel(base, LisaConfig(plan=plan), adapter_name=GENERAL)
-    idle = tuple(f"layers.{i}.self_attn.{proj}." for i, proj in lm.idle_projections())
+    idle = _idle_names(lm)
     for name, p in lm.model.named_parameters():
         p.requires_grad_(not any(part in name for part in idle))
     return {"lisa": lm, **models}
@@ -335,7 +335,18 @@ def _models(cfg, plan, spec: PretrainSpec) -> dict:
 def _hf(model):
     """The HF model inside (a LisaModel's state dict keys gain `model.`; its HF model's hold
     the lisa_ tensors under the base's own names)."""
-    return model.model if hasattr(model, "lisa_layers") else model
+    from adapters_hub.lisa import LisaModel
+
+    return model.model if isinstance(model, LisaModel) else model
+
+
+def _idle_names(model) -> tuple[str, ...]:
+    """Parameter-name parts of the projections a LiSA model stores but never runs (none for a dense one)."""
+    from adapters_hub.lisa import LisaModel
+
+    if not isinstance(model, LisaModel):
+        return ()
+    return tuple(f"layers.{i}.self_attn.{proj}." for i, proj in model.idle_projections())
 
 
 def _weights(model) -> dict[str, int]:
@@ -343,7 +354,7 @@ def _weights(model) -> dict[str, int]:
     are stored, never run; of its adapters only the active one counts (a loaded backbone
     also holds the identity-initialised "fresh" one that new task adapters start from)."""
     hf, active = _hf(model), getattr(model, "active_adapter", None)
-    idle = tuple(f"layers.{i}.self_attn.{proj}." for i, proj in getattr(model, "idle_projections", set)())
+    idle = _idle_names(model)
     sizes = {n: p.numel() for n, p in hf.named_parameters() if "lisa_" not in n or f".{active}." in n}
     return {"total": sum(sizes.values()), "run": sum(v for n, v in sizes.items() if not any(i in n for i in idle))}
 
