@@ -12,7 +12,7 @@ import torch
 
 from adapters_hub import architectures
 from adapters_hub.lisa import LisaConfig, LisaModel, SharingPlan
-from adapters_hub.lisa.plan import PlanError
+from adapters_hub.lisa.plan import PlanError, attention_kinds, shareable_layers
 from tests.test_lisa_fast import both_paths, prefill_and_decode
 from tests.test_lisa_model import padded_batch, randomize
 
@@ -30,20 +30,20 @@ FAMILIES = {  # model_type -> (config class, model class, what differs from LLaM
 }
 
 
-def tiny(family: str):
+def tiny(family: str, **overrides):
     import transformers
 
     config_cls, model_cls, extra = FAMILIES[family]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**COMMON, **extra})).eval()
+        config = getattr(transformers, config_cls)(**{**COMMON, **extra, **overrides})
+        return getattr(transformers, model_cls)(config).eval()
 
 
 def lisa(base, layers=None):
     """A LiSA model of `base`, three layers shared (each with the donor below of its own kind)."""
     model = copy.deepcopy(base)
-    types = getattr(model.config, "layer_types", None) or ["full_attention"] * model.config.num_hidden_layers
-    layers = layers or [i for i in range(1, len(types)) if types[i] == types[i - 1]][:3]
+    layers = layers or shareable_layers(model.config.num_hidden_layers, attention_kinds(model.config))[:3]
     lm = LisaModel(model, LisaConfig(plan=SharingPlan.for_model(model, list(layers))))
     lm.eval()
     randomize(lm)
@@ -135,3 +135,23 @@ def test_every_trainable_kind_mixes_per_row_on_every_family(family):
                 bare = lm(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1],
                           adapter_names=[lm.active_adapter]).logits
                 assert (alone - bare).abs().max() > 1e-3, name
+
+
+def test_analysis_and_scan_never_offer_a_layer_whose_predecessor_has_another_attention_kind():
+    """Gemma 3 mixes sliding and full layers: with 8 layers, 0-4 and 6-7 slide and 5 is full,
+    so 5 (donor 4 slides) and 6 (donor 5 is full) cannot share their predecessor's scores."""
+    from adapters_hub.lisa.analysis import AttentionReport, analyze_attention, layer_sensitivity
+
+    model = tiny("gemma3_text", num_hidden_layers=8)
+    kinds = attention_kinds(model.config)
+    assert kinds[5] == "full_attention" and kinds.count("full_attention") == 1
+    assert shareable_layers(8, kinds) == [1, 2, 3, 4, 7]
+    assert attention_kinds(tiny("llama").config) is None and shareable_layers(4) == [1, 2, 3]
+    blocks = torch.randint(3, 259, (2, 12), generator=torch.Generator().manual_seed(3))
+    report = analyze_attention(model, blocks, progress=False)
+    assert AttentionReport.from_dict(report.to_dict()).layer_types == kinds  # the plan choice survives a reload
+    plan = SharingPlan.from_report(report, fraction=0.6, protect_first=1)  # 4 of the 5 shareable layers
+    assert len(plan.layers) == 4 and not set(plan.layers) & {5, 6}
+    plan.check_model(model)
+    _, sens = layer_sensitivity(model, report, blocks, progress=False)
+    assert sorted(sens) == [1, 2, 3, 4, 7]

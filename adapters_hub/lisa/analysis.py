@@ -42,6 +42,7 @@ class AttentionReport:
     sensitivity: dict[int, float] | None = None  # layer -> ppl(layer l shared alone) - base ppl
     base_ppl: float | None = None
     drop_sensitivity: dict[int, float] | None = None  # layer -> ppl(layer l's attention dropped alone) - base ppl
+    layer_types: list[str] | None = None   # per-layer attention kinds where the model mixes them (plan.attention_kinds)
     perm: list[list[int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +97,7 @@ class AttentionReport:
                 "num_heads": self.num_heads, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
                 "n_texts": self.n_texts, "n_tokens": self.n_tokens, "base_ppl": self.base_ppl,
                 "divergence": "Jensen-Shannon, natural log (max ln 2 = 0.693), mean over query positions",
+                "layer_types": self.layer_types,
                 "raw_mean": clean(self.raw_mean), "aligned_mean": clean(self.aligned_mean), "layers": layers}
 
     @classmethod
@@ -111,7 +113,7 @@ class AttentionReport:
                 drop[entry["layer"]] = entry["drop_sensitivity_dppl"]
         return cls(data["num_layers"], h, data["num_kv_heads"], data["head_dim"], pair, data["n_texts"],
                    data["n_tokens"], data.get("base"), data.get("fingerprint"), sens or None, data.get("base_ppl"),
-                   drop or None)
+                   drop or None, data.get("layer_types"))
 
     def save(self, directory: str | Path) -> Path:
         directory = Path(directory)
@@ -224,7 +226,7 @@ def analyze_attention(
     from tqdm.auto import tqdm
 
     from adapters_hub.lisa.model import SharingPatch
-    from adapters_hub.lisa.plan import SharingPlan
+    from adapters_hub.lisa.plan import SharingPlan, attention_kinds
     from adapters_hub.models import fingerprint
 
     cfg = model.config
@@ -261,7 +263,8 @@ def analyze_attention(
     pair = acc.sums / np.maximum(acc.weight, 1e-9)[:, None, None]
     pair[0] = np.nan
     report = AttentionReport(n_layers, n_heads, cfg.num_key_value_heads, head_dim, pair, n_texts, n_tokens,
-                             base=base or getattr(cfg, "lisa_hub_base", None), fingerprint=fp)
+                             base=base or getattr(cfg, "lisa_hub_base", None), fingerprint=fp,
+                             layer_types=attention_kinds(cfg))
     if sensitivity:
         blocks = sensitivity_blocks if sensitivity_blocks is not None else batches
         if not isinstance(blocks, torch.Tensor):
@@ -275,9 +278,9 @@ def layer_sensitivity(model, report: AttentionReport, blocks, *, progress: bool 
                       fingerprint: str | None = None, fit_blocks=None, fit_steps: int = 0,
                       aligner: str = "linear") -> tuple[float, dict[int, float]]:
     """Perplexity change on `blocks` when layer l alone is substituted (donor l - 1, the
-    report's head permutation): with the fresh adapter (aligned direct sharing), or, with
+    report's head permutation; every `shareable_layers` l): with the fresh adapter (aligned direct sharing), or, with
     `fit_blocks` and `fit_steps`, after local initialisation of that layer on `fit_blocks`."""
-    from adapters_hub.lisa.plan import SharingPlan
+    from adapters_hub.lisa.plan import SharingPlan, attention_kinds, shareable_layers
 
     def prepare(lm) -> None:
         if fit_steps:
@@ -285,7 +288,8 @@ def layer_sensitivity(model, report: AttentionReport, blocks, *, progress: bool 
 
             local_init(lm, fit_blocks, steps=fit_steps, log=None)
 
-    plans = {l: SharingPlan.for_model(model, [l], perms={l: report.perm[l]}) for l in range(1, report.num_layers)}
+    layers = shareable_layers(report.num_layers, attention_kinds(model.config))  # the rest are never candidates
+    plans = {l: SharingPlan.for_model(model, [l], perms={l: report.perm[l]}) for l in layers}
     return _one_layer_scan(model, blocks, plans, desc="layer sensitivity", progress=progress, aligner=aligner,
                            fingerprint=fingerprint, prepare=prepare)
 

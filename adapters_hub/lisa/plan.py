@@ -131,7 +131,8 @@ class SharingPlan:
         aligned: bool = True,
     ) -> "SharingPlan":
         """Substitute the floor(fraction * L) layers with the lowest aligned divergence to their
-        predecessor, never one of the first `protect_first` layers (and never layer 0).
+        predecessor, never one of the first `protect_first` layers (and never layer 0), and
+        only `shareable_layers` (the predecessor has the same attention kind).
         `aligned=False` keeps identity permutations ("unaligned direct sharing")."""
         if not 0.0 <= fraction < 1.0:
             raise PlanError(f"fraction: must be in [0, 1), got {fraction}")
@@ -139,7 +140,7 @@ class SharingPlan:
             raise PlanError(f"protect_first: must be >= 1 (layer 0 has no donor), got {protect_first}")
         n_layers = report.num_layers
         count = math.floor(fraction * n_layers)
-        candidates = [l for l in range(max(1, protect_first), n_layers)]
+        candidates = [l for l in shareable_layers(n_layers, report.layer_types) if l >= protect_first]
         if count > len(candidates):
             raise PlanError(
                 f"fraction: {fraction} asks for {count} of {n_layers} layers but only {len(candidates)} "
@@ -222,11 +223,12 @@ class SharingPlan:
                 if layer in firsts:
                     raise PlanError(f"dropped: layer {layer} is the first {firsts[layer]} layer; transformers reads "
                                     "that kind's mask sizes from its KV-cache slot, so it cannot be dropped")
-        if types is not None and getattr(cfg, "sliding_window", None):
+        kinds = attention_kinds(cfg)
+        if kinds is not None:
             for shared in self.shared:
-                if types[shared.layer] != types[shared.donor]:
-                    raise PlanError(f"shared: layer {shared.layer} ({types[shared.layer]}) cannot take the scores of "
-                                    f"layer {shared.donor} ({types[shared.donor]}): their KV caches span different "
+                if kinds[shared.layer] != kinds[shared.donor]:
+                    raise PlanError(f"shared: layer {shared.layer} ({kinds[shared.layer]}) cannot take the scores of "
+                                    f"layer {shared.donor} ({kinds[shared.donor]}): their KV caches span different "
                                     "tokens; share within one attention kind")
         made_for = self.meta.get("model_type")
         if made_for and getattr(cfg, "model_type", None) and made_for != cfg.model_type:
@@ -338,6 +340,24 @@ def layers_by_position(num_layers: int, fraction: float) -> list[int]:
     candidates = num_layers - 1  # layer 0 has no layer below to read
     n = max(1, min(candidates, round(fraction * num_layers)))
     return sorted({1 + min(candidates - 1, int((k + 0.5) * candidates / n)) for k in range(n)})
+
+
+def attention_kinds(cfg) -> list[str] | None:
+    """Each layer's attention kind ("sliding_attention", "full_attention") where a model mixes
+    windows (Gemma 3: five sliding layers to one full), else None (every layer alike)."""
+    types = getattr(cfg, "layer_types", None)
+    if types is None or not getattr(cfg, "sliding_window", None) or len(set(types)) < 2:
+        return None
+    return list(types)
+
+
+def shareable_layers(num_layers: int, kinds: list[str] | None = None) -> list[int]:
+    """The layers that may share their predecessor's attention: every layer but 0, less, in a
+    model that mixes attention kinds, each layer whose predecessor is of another kind (their
+    KV caches span different tokens). Gemma 3 270M: 13 of 18 (not 5, 6, 11, 12, 17)."""
+    if kinds is None:
+        return list(range(1, num_layers))
+    return [l for l in range(1, num_layers) if kinds[l] == kinds[l - 1]]
 
 
 def nearest_donor(layer: int, dropped: Iterable[int]) -> int:
@@ -498,4 +518,4 @@ def choose_hybrid(share: dict[int, float], drop: dict[int, float], *, num_layers
 
 
 __all__ = ["PlanError", "SharedLayer", "SharingPlan", "choose_hybrid", "choose_layers", "default_rank",
-           "hybrid_steps", "nearest_donor", "predicted_converted_ppl", "ranks_by_sensitivity"]
+           "attention_kinds", "hybrid_steps", "nearest_donor", "shareable_layers", "predicted_converted_ppl", "ranks_by_sensitivity"]
