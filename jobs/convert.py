@@ -574,8 +574,10 @@ def train_loop(cfg: dict) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from adapters_hub.models import BASE_MODELS
+
     d = ConvertSpec()
-    parser.add_argument("--base", default=d.base, help="base model (smollm2-135m, tiny-llama or a HF id)")
+    parser.add_argument("--base", default=d.base, help=f"base model ({', '.join(BASE_MODELS)} or a HF id)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--fraction", type=float, default=None, help="share this fraction of the layers (default 0.6)")
     group.add_argument("--max-ppl-increase", type=float, default=None,

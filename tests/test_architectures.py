@@ -155,3 +155,25 @@ def test_analysis_and_scan_never_offer_a_layer_whose_predecessor_has_another_att
     plan.check_model(model)
     _, sens = layer_sensitivity(model, report, blocks, progress=False)
     assert sorted(sens) == [1, 2, 3, 4, 7]
+
+
+def test_local_init_masks_each_layer_as_the_model_does():
+    """Local initialisation fits a layer to its own attention: the mask it uses (causal, plus
+    the window of a sliding layer) is the one transformers hands that layer."""
+    from adapters_hub.lisa.local_init import _window, _windowed
+    from adapters_hub.lisa.scores import additive_mask
+
+    model = tiny("gemma3_text", attn_implementation="eager")  # eager: every layer gets its explicit mask
+    seen = {}
+    layers = model.model.layers
+    handles = [layers[l].self_attn.register_forward_pre_hook(
+        lambda m, a, kw, l=l: seen.update({l: kw["attention_mask"]}), with_kwargs=True) for l in (0, 5)]
+    with torch.no_grad():
+        model(input_ids=torch.randint(3, 259, (1, 16), generator=torch.Generator().manual_seed(0)))
+    for h in handles:
+        h.remove()
+    causal = additive_mask(None, 16, 16, "cpu")
+    assert _window(model.config, 0) == 6 and _window(model.config, 5) is None
+    for l in (0, 5):
+        ours = _windowed(causal, _window(model.config, l)) > torch.finfo(torch.float32).min / 2
+        assert torch.equal(ours[0, 0], seen[l][0, 0] > torch.finfo(seen[l].dtype).min / 2), l

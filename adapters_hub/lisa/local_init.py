@@ -7,6 +7,7 @@ attention, one layer at a time, without any end-to-end backward pass.
 For every substituted layer l (in layer order) and calibration block:
     x_l        the input of layer l's attention in the *dense* model (captured once)
     teacher    A_l = softmax(Q_l K_l^T / sqrt(d) + mask), the layer's own frozen W_q/W_k
+               (mask: causal, and the layer's sliding window if it has one)
     student    softmax(align(P Z_donor) + q_r k_r^T / sqrt(r) + mask) on the same x_l
 where Z_donor is the donor's dense scores, or, when the donor is itself substituted, the
 donor's already-fitted LiSA scores (so a chain is fitted in order, each layer against what
@@ -68,8 +69,8 @@ def local_init(lm, blocks: torch.Tensor, *, adapter_name: str | None = None, ste
     if unknown:
         raise ValueError(f"layers: {sorted(unknown)} are not substituted in this plan")
 
-    inputs, rope = _dense_attention_inputs(lm, blocks)
-    mask = additive_mask(None, blocks.shape[1], blocks.shape[1], blocks.device)  # (1, 1, T, T) causal
+    inputs, ropes = _dense_attention_inputs(lm, blocks)
+    causal = additive_mask(None, blocks.shape[1], blocks.shape[1], blocks.device)  # (1, 1, T, T)
     fit_rows, test_rows = list(range(n - heldout)), list(range(n - heldout, n))
     scores: dict[int, torch.Tensor] = {}  # layer -> Z (N, H, T, T), no grad: what consumers will read
     consumers = {l: [s for s in lisa if lisa[s].donor == l] for l in range(lm.plan.num_layers)}
@@ -78,9 +79,10 @@ def local_init(lm, blocks: torch.Tensor, *, adapter_name: str | None = None, ste
     lm.eval()
     for l in sorted(lisa):
         module = lisa[l]
-        donor_z = _scores_of(module.donor, lm, lisa, inputs, rope, scores, name)
+        donor_z = _scores_of(module.donor, lm, lisa, inputs, ropes[module.donor], scores, name)
         if l in todo:
-            fits.append(_fit_layer(module, name, inputs[l], rope, donor_z, mask, fit_rows, test_rows,
+            mask = _windowed(causal, _window(lm.model.config, l))
+            fits.append(_fit_layer(module, name, inputs[l], ropes[l], donor_z, mask, fit_rows, test_rows,
                                    steps=steps, lr=lr, batch_size=batch_size))
             if log:
                 f = fits[-1]
@@ -88,7 +90,7 @@ def local_init(lm, blocks: torch.Tensor, *, adapter_name: str | None = None, ste
                     f"{f.kl_after:.4f} ({f.seconds:.1f}s)")
         if consumers[l]:
             with torch.no_grad():
-                scores[l] = torch.cat([module.scores(name, inputs[l][i : i + 1], *rope, donor_z[i : i + 1])[0]
+                scores[l] = torch.cat([module.scores(name, inputs[l][i : i + 1], *ropes[l], donor_z[i : i + 1])[0]
                                        for i in range(n)])
         if all(c < l for c in consumers[module.donor]):
             scores.pop(module.donor, None)  # every consumer of the donor is done
@@ -96,18 +98,38 @@ def local_init(lm, blocks: torch.Tensor, *, adapter_name: str | None = None, ste
     return fits
 
 
+def _window(cfg, layer: int) -> int | None:
+    """Layer `layer`'s sliding window (it attends to the last `window` positions), or None."""
+    window = getattr(cfg, "sliding_window", None)
+    types = getattr(cfg, "layer_types", None)
+    if not window or (types is not None and types[layer] != "sliding_attention"):
+        return None
+    return int(window)
+
+
+def _windowed(causal: torch.Tensor, window: int | None) -> torch.Tensor:
+    """The causal mask (1, 1, T, T) of a layer that also masks keys `window` or more
+    positions back (HF's rule: key k is visible from query q when q - window < k <= q)."""
+    if window is None or window >= causal.shape[-1]:
+        return causal
+    t = torch.arange(causal.shape[-1], device=causal.device)
+    too_old = (t[:, None] - t[None, :]) >= window  # (Tq, Tk)
+    return causal.masked_fill(too_old, torch.finfo(torch.float32).min)
+
+
 def _dense_attention_inputs(lm, blocks):
-    """{layer: attention input (N, T, hidden)} of the dense model (adapters disabled) for
-    every substituted layer and donor, and the RoPE (cos, sin) of a block."""
+    """({layer: attention input (N, T, hidden)} of the dense model (adapters disabled),
+    {layer: the RoPE (cos, sin) of a block}) for every substituted layer and donor. RoPE is
+    per layer: Gemma 3's sliding and full layers rotate with different bases."""
     wanted = set(lm.lisa_layers) | {s.donor for s in lm.plan.shared}
     layers = lm.model.get_decoder().layers
     inputs: dict[int, list[torch.Tensor]] = {l: [] for l in wanted}
-    rope: list = []
+    ropes: dict[int, tuple] = {}
 
     def hook(module, args, kwargs, layer):
         inputs[layer].append(kwargs["hidden_states"].detach())
-        if not rope:
-            rope.extend(t.detach() for t in kwargs["position_embeddings"])
+        if layer not in ropes:
+            ropes[layer] = tuple(t.detach() for t in kwargs["position_embeddings"])
 
     handles = [layers[l].self_attn.register_forward_pre_hook(
         lambda m, a, kw, layer=l: hook(m, a, kw, layer), with_kwargs=True) for l in wanted]
@@ -118,7 +140,7 @@ def _dense_attention_inputs(lm, blocks):
     finally:
         for h in handles:
             h.remove()
-    return {l: torch.cat(xs) for l, xs in inputs.items()}, tuple(rope)
+    return {l: torch.cat(xs) for l, xs in inputs.items()}, ropes
 
 
 def _scores_of(layer: int, lm, lisa, inputs, rope, scores, name) -> torch.Tensor:

@@ -354,7 +354,7 @@ def attention_kinds(cfg) -> list[str] | None:
 def shareable_layers(num_layers: int, kinds: list[str] | None = None) -> list[int]:
     """The layers that may share their predecessor's attention: every layer but 0, less, in a
     model that mixes attention kinds, each layer whose predecessor is of another kind (their
-    KV caches span different tokens). Gemma 3 270M: 13 of 18 (not 5, 6, 11, 12, 17)."""
+    KV caches span different tokens). Gemma 3 270M: 12 of 18 (not 0, 5, 6, 11, 12, 17)."""
     if kinds is None:
         return list(range(1, num_layers))
     return [l for l in range(1, num_layers) if kinds[l] == kinds[l - 1]]
