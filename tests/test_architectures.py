@@ -177,3 +177,98 @@ def test_local_init_masks_each_layer_as_the_model_does():
     for l in (0, 5):
         ours = _windowed(causal, _window(model.config, l)) > torch.finfo(torch.float32).min / 2
         assert torch.equal(ours[0, 0], seen[l][0, 0] > torch.finfo(seen[l].dtype).min / 2), l
+
+
+@pytest.mark.slow  # ~5-20 s a family: 300 local-init steps and 24 distillation steps each
+@pytest.mark.parametrize("family", FAMILIES)
+def test_conversion_fits_heals_and_merges_on_every_family(family, tmp_path):
+    """The conversion's steps on each family: local initialisation lowers every fitted layer's
+    attention KL, self-distillation with healing lowers the KD loss, and the served backbone
+    (healing merged into a fresh copy of the base, W_q/W_k pruned) gives the trained logits."""
+    from adapters_hub.lisa import healing
+    from adapters_hub.lisa.convert import self_distill, self_distillation_loss
+    from adapters_hub.lisa.local_init import local_init
+
+    base = tiny(family)
+    layers = shareable_layers(6, attention_kinds(base.config))[:3]
+    lm = LisaModel(copy.deepcopy(base), LisaConfig(plan=SharingPlan.for_model(base, layers)))
+    blocks = torch.randint(3, 259, (32, 16), generator=torch.Generator().manual_seed(5))  # longer than the windows
+    torch.manual_seed(0)  # the rank-r keys start random
+    fits = local_init(lm, blocks, steps=100, lr=1e-2, log=None)
+    assert sorted(f.layer for f in fits) == sorted(layers)
+    assert all(f.kl_after < f.kl_before for f in fits), fits
+    healing.attach(lm.model, healing.HealingConfig(rank=2), shared_layers=lm.plan.layers)
+    with torch.no_grad():
+        before = self_distillation_loss(lm, blocks)[1]["kd"]
+    torch.manual_seed(0)
+    self_distill(lm, blocks, minutes=5, max_steps=24, batch_size=4, lr=2e-3, heal_lr=1e-3)
+    with torch.no_grad():
+        after = self_distillation_loss(lm, blocks)[1]["kd"]
+    assert after < before, (before, after)
+
+    lm.save_adapter(tmp_path / "adapter")
+    folder = healing.save(lm.model, tmp_path / "healing")
+    _, ids, mask = padded_batch([12, 7])
+    lm.eval()
+    with torch.no_grad():
+        want = lm(input_ids=ids, attention_mask=mask).logits
+    served = copy.deepcopy(base)
+    healing.merge(served, folder)
+    slm = LisaModel(served, LisaConfig(plan=lm.plan), adapter_name="fresh", fingerprint=lm.base_fingerprint)
+    slm.load_adapter(tmp_path / "adapter", "general", activate=True)
+    slm.prune_qk()
+    slm.eval()
+    for fast in (False, True):
+        slm.fast_path = fast
+        with torch.no_grad():
+            got = slm(input_ids=ids, attention_mask=mask).logits
+        assert (got - want)[mask.bool()].abs().max() < 1e-4, fast
+
+
+# Attention drop skips a layer's whole attention branch and renumbers the kept layers' cache
+# slots: sound only for x + attn(norm(x)); h + mlp(norm(h)) layers whose caches are all of one kind.
+DROP_REFUSED = {"gemma3_text": "post_feedforward_layernorm",  # extra norms around each branch
+                "qwen2": "mixes"}                                # sliding and full layers in this config
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_attention_drop_on_every_family_or_a_refusal_before_any_change(family):
+    """Where the attn_drop kind applies, a dropped layer's attention is exactly an attention with
+    no output (o_proj zeroed), cached decoding equals the full forward and restore is exact;
+    where it does not (DROP_REFUSED), it is refused with the reason and the model is left
+    untouched, and a hybrid plan's dropped layer decodes with its cache instead."""
+    from adapters_hub.drop import DropPlan, active_plan, apply_drop, restore
+
+    model = tiny(family)
+    plan = DropPlan(num_layers=6, target="attn", attn=(2,))
+    ids = torch.randint(3, 259, (2, 20), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    if family in DROP_REFUSED:
+        with pytest.raises(NotImplementedError, match=DROP_REFUSED[family]):
+            apply_drop(model, plan)
+        assert active_plan(model) is None and "forward" not in model.model.layers[2].__dict__
+        # there, a hybrid plan's dropped layer drops attention instead: cache slots stay put
+        lm = LisaModel(copy.deepcopy(model), LisaConfig(plan=SharingPlan.for_model(model, [], dropped=[4])))
+        model = lm.eval()
+    else:
+        reference = copy.deepcopy(model)
+        with torch.no_grad():
+            reference.model.layers[2].self_attn.o_proj.weight.zero_()
+        apply_drop(model, plan)
+        with torch.no_grad():
+            assert torch.allclose(model(input_ids=ids).logits, reference(input_ids=ids).logits, atol=1e-5)
+    with torch.no_grad():
+        full = model(input_ids=ids).logits
+        assert (full - dense).abs().max() > 1e-3  # the dropped attention really is gone
+        out = model(input_ids=ids[:, :12], use_cache=True)
+        steps, cache = [out.logits], out.past_key_values
+        for t in range(12, ids.shape[1]):
+            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+        assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+    if family in DROP_REFUSED:
+        return
+    restore(model)
+    with torch.no_grad():
+        assert torch.allclose(model(input_ids=ids).logits, dense, atol=1e-6)
