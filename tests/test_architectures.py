@@ -179,7 +179,6 @@ def test_local_init_masks_each_layer_as_the_model_does():
         assert torch.equal(ours[0, 0], seen[l][0, 0] > torch.finfo(seen[l].dtype).min / 2), l
 
 
-@pytest.mark.slow  # ~5-20 s a family: 300 local-init steps and 24 distillation steps each
 @pytest.mark.parametrize("family", FAMILIES)
 def test_conversion_fits_heals_and_merges_on_every_family(family, tmp_path):
     """The conversion's steps on each family: local initialisation lowers every fitted layer's
