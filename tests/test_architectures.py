@@ -237,6 +237,7 @@ def test_attention_drop_on_every_family_or_a_refusal_before_any_change(family):
     where it does not (DROP_REFUSED), it is refused with the reason and the model is left
     untouched, and a hybrid plan's dropped layer decodes with its cache instead."""
     from adapters_hub.drop import DropPlan, active_plan, apply_drop, restore
+    from tests.test_drop_model import _cached_logits
 
     model = tiny(family)
     plan = DropPlan(num_layers=6, target="attn", attn=(2,))
@@ -260,12 +261,7 @@ def test_attention_drop_on_every_family_or_a_refusal_before_any_change(family):
     with torch.no_grad():
         full = model(input_ids=ids).logits
         assert (full - dense).abs().max() > 1e-3  # the dropped attention really is gone
-        out = model(input_ids=ids[:, :12], use_cache=True)
-        steps, cache = [out.logits], out.past_key_values
-        for t in range(12, ids.shape[1]):
-            out = model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
-            steps.append(out.logits)
-        assert torch.allclose(torch.cat(steps, dim=1), full, atol=1e-5)
+        assert torch.allclose(_cached_logits(model, ids, prefill=12), full, atol=1e-5)
     if family in DROP_REFUSED:
         return
     restore(model)
