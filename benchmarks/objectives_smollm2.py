@@ -2,6 +2,7 @@
 
     LISA_HUB_DATA_DIR=../shared/data .venv/bin/python benchmarks/objectives_smollm2.py \
         [--fraction 0.6] [--minutes 3] [--sensitivity-cache runs/sensitivity-smollm2.json]
+        [--choose-by analysis] [--heal-lrs 2e-4,1e-3,4e-3]
 
 Same plan (the --fraction least sensitive layers after local initialisation), same local
 initialisation, same wall-clock budget for every row; rows differ only in what trains
@@ -35,7 +36,12 @@ def main() -> None:
     ap.add_argument("--minutes", type=float, default=3.0)
     ap.add_argument("--combos", default=",".join(str(i) for i in range(len(COMBOS))), help="indices into COMBOS")
     ap.add_argument("--heal-rank", type=int, default=8)
-    ap.add_argument("--heal-lr", type=float, default=2e-4)
+    ap.add_argument("--heal-lr", type=float, default=4e-3)
+    ap.add_argument("--heal-lrs", default=None,
+                    help="comma-separated healing learning rates: every healed combo runs once per rate")
+    ap.add_argument("--choose-by", default="sensitivity", choices=("sensitivity", "analysis"),
+                    help="the plan's layers: least sensitive after local init (a ~9 CPU-min scan unless "
+                         "cached) or by attention analysis (seconds)")
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--sensitivity-cache", default=None)
     args = ap.parse_args()
@@ -55,8 +61,14 @@ def main() -> None:
     fp = fingerprint(model)
     split = token_split(tok)
     dev = split.calib[8:]
-    report, calib_ppl, sens = sensitivities(model, split, args.base, cache=args.sensitivity_cache)
-    layers = choose_layers(sens, num_layers=report.num_layers, fraction=args.fraction)
+    if args.choose_by == "analysis":
+        from adapters_hub.lisa import analyze_attention
+
+        report = analyze_attention(model, [split.calib[i : i + 1] for i in range(4)], progress=False, base=args.base)
+        layers = list(SharingPlan.from_report(report, fraction=args.fraction).layers)
+    else:
+        report, calib_ppl, sens = sensitivities(model, split, args.base, cache=args.sensitivity_cache)
+        layers = choose_layers(sens, num_layers=report.num_layers, fraction=args.fraction)
     plan = SharingPlan.from_layers(report, layers)
     base_dev, base_eval = perplexity(model, dev, progress=False), perplexity(model, split.eval, progress=False)
     print(f"plan {layers}; base dev {base_dev:.2f}, eval {base_eval:.2f}", flush=True)
@@ -66,9 +78,13 @@ def main() -> None:
     init_dev, init_eval = perplexity(lm, dev, progress=False), perplexity(lm, split.eval, progress=False)
     rows = [("local init only", 0, init_dev, init_eval, 0)]
     names = list(COMBOS)
-    for i in [int(c) for c in args.combos.split(",")]:
-        name = names[i]
+    heal_lrs = [float(x) for x in args.heal_lrs.split(",")] if args.heal_lrs else [args.heal_lr]
+    runs = [(names[int(c)], lr) for c in args.combos.split(",")
+            for lr in (heal_lrs if COMBOS[names[int(c)]][0] else [None])]
+    for name, heal_lr in runs:
         heal, fields, (batch, seq) = COMBOS[name]
+        if heal and len(heal_lrs) > 1:
+            name = f"{name}, heal lr {heal_lr:g}"
         with torch.no_grad():
             for k, v in lm.adapter_state_dict().items():
                 v.copy_(init_state[k])
@@ -76,7 +92,7 @@ def main() -> None:
         if heal:
             healing.attach(lm.model, healing.HealingConfig(rank=args.heal_rank), shared_layers=plan.layers)
         train = split.train if seq == split.train.shape[1] else token_split(tok, train_len=seq).train
-        state = self_distill(lm, train, minutes=args.minutes, lr=args.lr, heal_lr=args.heal_lr, batch_size=batch,
+        state = self_distill(lm, train, minutes=args.minutes, lr=args.lr, heal_lr=heal_lr or args.heal_lr, batch_size=batch,
                              objective=Objective(**fields))
         dev_ppl, eval_ppl = perplexity(lm, dev, progress=False), perplexity(lm, split.eval, progress=False)
         if heal:
@@ -86,7 +102,7 @@ def main() -> None:
               f"({eval_ppl / base_eval:.3f}x)", flush=True)
     best = min(rows[1:], key=lambda r: r[2])
     print(f"\n{'=' * 90}\n{args.base}, {len(layers)}/{report.num_layers} layers shared ({args.fraction:.0%}), "
-          f"{args.minutes:g} CPU-min each, lr {args.lr}, heal rank {args.heal_rank} lr {args.heal_lr}; "
+          f"{args.minutes:g} CPU-min each, lr {args.lr}, heal rank {args.heal_rank} lr {','.join(f'{x:g}' for x in heal_lrs)}; "
           f"{time.perf_counter() - t0:.0f}s total")
     print("| objective | steps | dev ppl / base | eval ppl / base |\n|---|---|---|---|")
     print(f"| base | | {base_dev:.2f} | {base_eval:.2f} |")

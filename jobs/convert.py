@@ -92,7 +92,7 @@ class ConvertSpec(runtime.JobSpec):
     heal_rank: int = 8
     heal_alpha: float = 16.0
     heal_norms: bool = True                # RMSNorm scales too
-    heal_lr: float = 2e-4
+    heal_lr: float = 4e-3                  # benchmarks/objectives_smollm2.py --heal-lrs: best of 2e-4, 1e-3, 4e-3 on dev
     init_steps: int = 150                  # Adam steps of local initialisation per layer
     sensitivity_steps: int = 50            # the same, for each one-layer plan of the sensitivity scan
     aligner: str = "linear"

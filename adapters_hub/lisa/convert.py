@@ -135,7 +135,8 @@ def self_distillation_loss(lm, ids: torch.Tensor, objective: Objective = Objecti
 
 def distill_optimizer(lm, *, lr: float, heal_lr: float) -> torch.optim.Optimizer:
     """AdamW over what requires grad: the LiSA tensors at `lr`, healing updates at `heal_lr`
-    (they move weights the whole model reads, so they take smaller steps)."""
+    (a group of their own: the right rate for B A updates of frozen weights differs from the
+    aligner's; see the objectives benchmark)."""
     from adapters_hub.lisa import healing
 
     heal = {id(p) for p in healing.parameters(lm.model)}
@@ -156,7 +157,7 @@ class DistillState:
 
 
 def self_distill(lm, train: torch.Tensor, *, minutes: float, max_steps: int = 100_000, batch_size: int = 4,
-                 lr: float = 2e-3, heal_lr: float = 2e-4, objective: Objective = Objective(),
+                 lr: float = 2e-3, heal_lr: float = 4e-3, objective: Objective = Objective(),
                  amp_dtype: torch.dtype | None = None, optimizer: torch.optim.Optimizer | None = None, state: DistillState | None = None,
                  on_step: Callable[[DistillState, dict], None] | None = None) -> DistillState:
     """Train what requires grad in `lm` (the active adapter, and healing when attached) by
