@@ -8,7 +8,8 @@ into blocks of each length (16 x 256, 4 x 1024, ...); the same plan (the --fract
 the attention analysis picks); local initialisation on each; optionally --heal-steps fixed
 steps of the default healing (4 x 256 training rows, so only the initialisation differs).
 Each model is scored on the first 8,192 eval tokens as 32 x 256 and as 8 x 1024 blocks.
-The held-out tail of WikiText-2 is never read.
+The held-out tail of WikiText-2 is never read. The held-out attention KL is a sum over each
+query's keys, so it grows with the block length: compare it within a length, not across.
 """
 
 from __future__ import annotations
