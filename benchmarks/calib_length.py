@@ -1,10 +1,12 @@
 """Does local initialisation on longer calibration blocks keep far context? One run, one table.
 
     LISA_HUB_DATA_DIR=../shared/data .venv/bin/python -m benchmarks.calib_length \
-        [--fraction 0.6] [--lengths 256,1024] [--heal-steps 0]
+        [--fraction 0.6] [--rows 16x256,4x1024] [--heal-steps 0]
 
-The same calibration tokens (WikiText-2 test right after the eval slice, 4,096 tokens) cut
-into blocks of each length (16 x 256, 4 x 1024, ...); the same plan (the --fraction layers
+Calibration blocks (WikiText-2 test right after the eval slice) of each row: N x L blocks of
+L tokens; a trailing "s" (4x1024s) samples each step's KL on queries_for(L) query positions,
+so that a step costs what a 256-token one does. 16x256 and 4x1024 are the same 4,096 tokens;
+16x1024 reads 16,384 (the job's `--calib-len 1024`). The same plan (the --fraction layers
 the attention analysis picks); local initialisation on each; optionally --heal-steps fixed
 steps of the default healing (4 x 256 training rows, so only the initialisation differs).
 Each model is scored on the first 8,192 eval tokens as 32 x 256 and as 8 x 1024 blocks.
@@ -22,7 +24,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", default="smollm2-135m")
     ap.add_argument("--fraction", type=float, default=0.6)
-    ap.add_argument("--lengths", default="256,1024", help="calibration block lengths (each divides 4096)")
+    ap.add_argument("--rows", default="16x256,4x1024", help="calibration blocks per row: NxL, NxLs = sampled queries")
     ap.add_argument("--init-steps", type=int, default=150)
     ap.add_argument("--heal-steps", type=int, default=0, help="fixed healing steps after local init (0: none)")
     args = ap.parse_args()
@@ -32,7 +34,7 @@ def main() -> None:
     from adapters_hub.evaluation import perplexity
     from adapters_hub.lisa import LisaConfig, LisaModel, SharingPlan, analyze_attention, healing
     from adapters_hub.lisa.convert import self_distill, token_split
-    from adapters_hub.lisa.local_init import local_init
+    from adapters_hub.lisa.local_init import local_init, queries_for
     from adapters_hub.models import fingerprint, load_base
 
     t0 = time.perf_counter()
@@ -47,14 +49,17 @@ def main() -> None:
     lm = LisaModel(model, LisaConfig(plan=plan), fingerprint=fp)
     fresh = {k: v.clone() for k, v in lm.adapter_state_dict().items()}
     rows = []
-    for length in [int(x) for x in args.lengths.split(",")]:
+    for row in args.rows.split(","):
+        n, length = (int(v) for v in row.rstrip("s").split("x"))
+        queries = queries_for(length) if row.endswith("s") else None
         with torch.no_grad():
             for k, v in lm.adapter_state_dict().items():
                 v.copy_(fresh[k])
-        calib = split.calib.reshape(-1, length)  # the same calibration tokens, other block length
+        calib = token_split(tok, calib_blocks=n, calib_len=length).calib  # (n, length), right after the eval slice
         t = time.perf_counter()
         torch.manual_seed(0)
-        fits = local_init(lm, calib, steps=args.init_steps, batch_size=max(1, 512 // length), log=None)
+        batch = 2 if queries else max(1, 512 // length)  # a step of 2 x 256 x 256 (query, key) pairs
+        fits = local_init(lm, calib, steps=args.init_steps, batch_size=batch, queries=queries, log=None)
         init_s = time.perf_counter() - t
         kl = sum(f.kl_after for f in fits) / len(fits)
         steps = 0
@@ -65,8 +70,9 @@ def main() -> None:
         s, l = perplexity(lm, short, progress=False), perplexity(lm, long, progress=False)
         if args.heal_steps:
             healing.detach(lm.model)
-        rows.append((f"{calib.shape[0]} x {length}", init_s, kl, steps, s, l))
-        print(f"calibration {calib.shape[0]} x {length}: local init {init_s:.0f}s, mean held-out attention KL "
+        name = f"{n} x {length}" + (f", {queries} sampled queries" if queries else "")
+        rows.append((name, init_s, kl, steps, s, l))
+        print(f"calibration {name}: local init {init_s:.0f}s, mean held-out attention KL "
               f"{kl:.4f}, {steps} healing steps: {s:.2f} @256 ({s / base_s:.3f}x), {l:.2f} @1024 "
               f"({l / base_l:.3f}x)", flush=True)
     print(f"\n{args.base}, {len(plan.layers)}/{report.num_layers} layers shared ({args.fraction:.0%}); "

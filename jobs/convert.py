@@ -99,6 +99,8 @@ class ConvertSpec(runtime.JobSpec):
     eval_blocks: int = 8
     eval_len: int = 1024
     calib_blocks: int = 16
+    calib_len: int = 256                   # tokens per calibration block; past 256 local initialisation samples
+                                           # 256 x 256 / calib_len queries a step (same cost, far distances fitted)
     save_every: int = 25                   # checkpoint every N steps
     out: str | None = None
     register: bool = False
@@ -141,7 +143,8 @@ class ConvertSpec(runtime.JobSpec):
         for name in ("minutes", "lr"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: must be > 0, got {getattr(self, name)}")
-        for name in ("max_steps", "batch_size", "seq_len", "init_steps", "eval_blocks", "eval_len", "save_every"):
+        for name in ("max_steps", "batch_size", "seq_len", "init_steps", "eval_blocks", "eval_len", "calib_len",
+                     "save_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a positive integer, got {value!r}")
@@ -203,7 +206,7 @@ def main(spec: ConvertSpec) -> dict:
     from adapters_hub.evaluation import perplexity
     from adapters_hub.lisa import LisaConfig, LisaModel, analyze_attention
     from adapters_hub.lisa.convert import token_split
-    from adapters_hub.lisa.local_init import local_init
+    from adapters_hub.lisa.local_init import local_init, queries_for
     from adapters_hub.models import fingerprint, load_base
 
     t0 = time.perf_counter()
@@ -221,7 +224,7 @@ def main(spec: ConvertSpec) -> dict:
     fp = fingerprint(model)
     model.to(_device(spec.device))
     split = token_split(tok, eval_blocks=spec.eval_blocks, eval_len=spec.eval_len,
-                        calib_blocks=spec.calib_blocks, train_len=spec.seq_len)
+                        calib_blocks=spec.calib_blocks, calib_len=spec.calib_len, train_len=spec.seq_len)
     print(f"[convert] tokens: eval {tuple(split.eval.shape)}, calibration {tuple(split.calib.shape)}, "
           f"training {tuple(split.train.shape)}", flush=True)
 
@@ -233,7 +236,7 @@ def main(spec: ConvertSpec) -> dict:
     # 4. local initialisation --------------------------------------------------------------
     lm = LisaModel(model, LisaConfig(plan=plan, aligner=spec.aligner), adapter_name=GENERAL, fingerprint=fp)
     t = time.perf_counter()
-    fits = local_init(lm, split.calib, steps=spec.init_steps)
+    fits = local_init(lm, split.calib, steps=spec.init_steps, queries=queries_for(spec.calib_len))
     init_seconds = time.perf_counter() - t
     work = Path(tempfile.mkdtemp(prefix="lisa-convert-"))
     lm.save_adapter(work / "init", GENERAL)
@@ -289,7 +292,7 @@ def _choose_plan(spec: ConvertSpec, model, report, calib, fp):
     from adapters_hub.evaluation import perplexity
     from adapters_hub.lisa import LisaConfig, LisaModel
     from adapters_hub.lisa.analysis import layer_sensitivity
-    from adapters_hub.lisa.local_init import local_init
+    from adapters_hub.lisa.local_init import local_init, queries_for
     from adapters_hub.lisa.plan import SharingPlan, choose_layers, predicted_converted_ppl
 
     if spec.layers is not None:
@@ -305,8 +308,9 @@ def _choose_plan(spec: ConvertSpec, model, report, calib, fp):
     half = len(calib) // 2  # fit on the first half, measure on the second
     fit, measure = calib[:half], calib[half:]
     t = time.perf_counter()
+    queries = queries_for(spec.calib_len)
     base_ppl, sensitivity = layer_sensitivity(model, report, measure, fit_blocks=fit, fit_steps=spec.sensitivity_steps,
-                                              aligner=spec.aligner, fingerprint=fp, progress=True)
+                                              fit_queries=queries, aligner=spec.aligner, fingerprint=fp, progress=True)
     report.base_ppl, report.sensitivity = base_ppl, sensitivity
     print(f"[convert] sensitivities of {len(sensitivity)} layers after local init ({time.perf_counter() - t:.0f}s); "
           f"base calibration perplexity {base_ppl:.2f}", flush=True)
@@ -316,7 +320,7 @@ def _choose_plan(spec: ConvertSpec, model, report, calib, fp):
                                        dropped=dropped)
         lm = LisaModel(model, LisaConfig(plan=plan, aligner=spec.aligner), fingerprint=fp)
         try:
-            local_init(lm, fit, steps=spec.sensitivity_steps, log=None)
+            local_init(lm, fit, steps=spec.sensitivity_steps, queries=queries, log=None)
             ppl = perplexity(lm, measure, progress=False)
         finally:
             lm.unload()
@@ -531,6 +535,7 @@ def train_loop(cfg: dict) -> None:
             opt.load_state_dict(torch.load(resume / "optimizer.pt", weights_only=True))
             print(f"[train] resuming from checkpoint at step {state.step}", flush=True)
     train = token_split(tok, eval_blocks=spec.eval_blocks, eval_len=spec.eval_len, calib_blocks=spec.calib_blocks,
+                        calib_len=spec.calib_len,
                         train_len=spec.seq_len).train
     minutes, max_steps = spec.budget()
     print(f"[train] {sum(p.numel() for p in lm.parameters() if p.requires_grad):,} trainable parameters "
@@ -624,6 +629,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-blocks", type=int, default=d.eval_blocks)
     parser.add_argument("--eval-len", type=int, default=d.eval_len)
     parser.add_argument("--calib-blocks", type=int, default=d.calib_blocks)
+    parser.add_argument("--calib-len", type=int, default=d.calib_len,
+                        help="tokens per calibration block (1024: local init fits far distances, same cost)")
     parser.add_argument("--save-every", type=int, default=d.save_every)
     parser.add_argument("--out", default=None, help="write the backbone folder here (plan.json, adapter/, ...)")
     parser.add_argument("--register", action="store_true", help="register it as backbone-<base> in MLflow")

@@ -45,6 +45,42 @@ def test_a_chain_is_fitted_against_the_donors_fitted_scores(tiny):
     assert again.kl_before == pytest.approx(fits[1].kl_after, rel=1e-4)
 
 
+def test_scores_at_sampled_queries_are_those_rows_of_the_full_scores(tiny):
+    """Local init's sampled KL reads Z only at Q query positions; those rows must be exactly
+    the rows of the full (B, H, T, T) scores, or the sample would not estimate the full KL."""
+    torch.manual_seed(0)
+    lm = make(tiny)
+    lm.eval()
+    module = lm.lisa_layers[3]
+    cfg = lm.model.config
+    x = torch.randn(2, 24, cfg.hidden_size)
+    cos, sin = lm.model.model.rotary_emb(x, torch.arange(24)[None].expand(2, -1))
+    donor = torch.randn(2, cfg.num_attention_heads, 24, 24)
+    q = torch.tensor([0, 5, 6, 23])
+    with torch.no_grad():
+        full, _ = module.scores("default", x, cos, sin, donor)
+        some, _ = module.scores("default", x, cos, sin, donor[:, :, q], queries=q)
+    assert some.shape == (2, cfg.num_attention_heads, 4, 24)
+    torch.testing.assert_close(some, full[:, :, q], rtol=1e-5, atol=1e-6)
+
+
+def test_local_init_on_sampled_queries_lowers_every_layers_heldout_attention_kl(tiny):
+    torch.manual_seed(0)
+    lm = make(tiny)
+    fits = local_init(lm, calib(32, 32), steps=100, lr=1e-2, queries=8, log=None)
+    for f in fits:
+        assert f.kl_after < 0.9 * f.kl_before, f
+    with pytest.raises(ValueError, match="queries"):
+        local_init(lm, calib(8, 32), steps=1, queries=33, log=None)
+
+
+def test_queries_for_keeps_a_long_blocks_step_at_the_cost_of_a_256_token_one():
+    from adapters_hub.lisa.local_init import queries_for
+
+    assert queries_for(256) is None and queries_for(128) is None
+    assert queries_for(1024) == 64 and queries_for(1024) * 1024 == 256 * 256
+
+
 def test_local_init_refuses_a_pruned_backbone(tiny):
     lm = make(tiny)
     lm.prune_qk()

@@ -117,6 +117,9 @@ def test_conversion_cli_arguments_map_to_the_spec():
     spec = convert.parse_args(["--base", "tiny-llama", "--layers", "2,3,5", "--minutes", "2"])
     assert spec.layers == [2, 3, 5] and spec.fraction is None and spec.minutes == 2
     assert convert.parse_args([]).fraction == 0.6  # the default plan
+    assert convert.parse_args(["--calib-len", "1024"]).calib_len == 1024
+    with pytest.raises(ValueError, match="calib_len"):
+        convert.ConvertSpec(calib_len=0)
     with pytest.raises(SystemExit):
         parser.parse_args(["--fraction", "0.5", "--max-ppl-increase", "0.1"])
 

@@ -276,6 +276,7 @@ def analyze_attention(
 
 def layer_sensitivity(model, report: AttentionReport, blocks, *, progress: bool = True,
                       fingerprint: str | None = None, fit_blocks=None, fit_steps: int = 0,
+                      fit_queries: int | None = None,
                       aligner: str = "linear") -> tuple[float, dict[int, float]]:
     """Perplexity change on `blocks` when layer l alone is substituted (donor l - 1, the
     report's head permutation; every `shareable_layers` l): with the fresh adapter (aligned direct sharing), or, with
@@ -286,7 +287,7 @@ def layer_sensitivity(model, report: AttentionReport, blocks, *, progress: bool 
         if fit_steps:
             from adapters_hub.lisa.local_init import local_init
 
-            local_init(lm, fit_blocks, steps=fit_steps, log=None)
+            local_init(lm, fit_blocks, steps=fit_steps, queries=fit_queries, log=None)
 
     layers = shareable_layers(report.num_layers, attention_kinds(model.config))  # the rest are never candidates
     plans = {l: SharingPlan.for_model(model, [l], perms={l: report.perm[l]}) for l in layers}

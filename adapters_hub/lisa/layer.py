@@ -341,10 +341,14 @@ class LisaAttention(_AttentionBase):
             bus.observer(self.layer, probs, mask)
         return self._output(probs, v, x), probs
 
-    def scores(self, names, x, cos, sin, z_donor, past_key_values=None):
+    def scores(self, names, x, cos, sin, z_donor, past_key_values=None, queries=None):
         """Reference path: Z (B, H, Tq, Tk) = align(P Z_donor) + q_r k_r^T / sqrt(r), and the
-        values (B, KVH, Tk, d); caches k_r and V."""
+        values (B, KVH, Tk, d); caches k_r and V. With `queries` (Q,) query positions, only
+        those rows of Z: z_donor is then (B, H, Q, Tk), already taken at them, and Z is
+        (B, H, Q, Tk) (local initialisation's sampled KL on long blocks)."""
         q_r, k_r, v = self._lowrank_qkv(names, x, cos, sin, past_key_values)
+        if queries is not None:
+            q_r = q_r.index_select(2, queries)                                    # (B, H, Q, r)
         diff = gqa_scores(q_r, k_r)                                               # (B, H, Tq, Tk)
         if self._all_linear(names):  # W P z as one matmul over the flattened scores, (B,) H x H per row if mixed
             b, h, tq, tk = z_donor.shape

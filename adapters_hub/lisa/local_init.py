@@ -49,10 +49,16 @@ class LayerFit:
 
 def local_init(lm, blocks: torch.Tensor, *, adapter_name: str | None = None, steps: int = 150,
                lr: float = 1e-2, batch_size: int = 2, heldout: int | None = None,
-               layers: list[int] | None = None, log: Callable[[str], None] | None = print) -> list[LayerFit]:
+               layers: list[int] | None = None, queries: int | None = None,
+               log: Callable[[str], None] | None = print) -> list[LayerFit]:
     """Fit the substituted layers of `lm` (all, or `layers`) in place; returns one LayerFit
     per fitted layer. `blocks` (N, T) are calibration token ids; the last `heldout` of them
-    (default: a quarter, at least one) only measure the KL before and after."""
+    (default: a quarter, at least one) only measure the KL before and after.
+
+    `queries`: each step's KL on that many query positions drawn at random per step (all
+    T when None). The KL is a mean over queries, so a sample is an unbiased estimate, and a
+    step then costs Q x T instead of T x T: long blocks (1024 tokens, so that the rank-r Q/K
+    see distances past 255) at the price of short ones (`queries_for`)."""
     if getattr(lm, "pruned", False):
         raise RuntimeError("local_init: W_q/W_k of the substituted layers were pruned (prune_qk); "
                            "the original attention is the target, fit before pruning")
@@ -63,6 +69,8 @@ def local_init(lm, blocks: torch.Tensor, *, adapter_name: str | None = None, ste
     heldout = max(1, n // 4) if heldout is None else heldout
     if not 0 < heldout < n:
         raise ValueError(f"heldout: need 0 < heldout < {n} calibration blocks, got {heldout}")
+    if queries is not None and not 0 < queries <= blocks.shape[1]:
+        raise ValueError(f"queries: need 0 < queries <= {blocks.shape[1]} (the block length), got {queries}")
     lisa = lm.lisa_layers
     todo = sorted(lisa) if layers is None else sorted(layers)
     unknown = set(todo) - set(lisa)
@@ -83,7 +91,7 @@ def local_init(lm, blocks: torch.Tensor, *, adapter_name: str | None = None, ste
         if l in todo:
             mask = _windowed(causal, _window(lm.model.config, l))
             fits.append(_fit_layer(module, name, inputs[l], ropes[l], donor_z, mask, fit_rows, test_rows,
-                                   steps=steps, lr=lr, batch_size=batch_size))
+                                   steps=steps, lr=lr, batch_size=batch_size, queries=queries))
             if log:
                 f = fits[-1]
                 log(f"[local-init] layer {l:3d} <- {module.donor:3d}: attention KL {f.kl_before:.4f} -> "
@@ -96,6 +104,12 @@ def local_init(lm, blocks: torch.Tensor, *, adapter_name: str | None = None, ste
             scores.pop(module.donor, None)  # every consumer of the donor is done
     lm.train(was_training)
     return fits
+
+
+def queries_for(block_len: int, *, like: int = 256) -> int | None:
+    """The query sample that makes a local-init step on `block_len`-token blocks cost what
+    one on `like`-token blocks costs (Q x T = like x like); None (all) when blocks are short."""
+    return None if block_len <= like else max(1, like * like // block_len)
 
 
 def _window(cfg, layer: int) -> int | None:
@@ -166,7 +180,7 @@ def _kl(teacher_logp: torch.Tensor, z: torch.Tensor, mask: torch.Tensor) -> torc
 
 
 def _fit_layer(module: LisaAttention, name, x, rope, donor_z, mask, fit_rows, test_rows, *,
-               steps, lr, batch_size) -> LayerFit:
+               steps, lr, batch_size, queries=None) -> LayerFit:
     t0 = time.perf_counter()
     with torch.no_grad():  # teacher log-probabilities of the layer's own dense attention
         teacher = torch.cat([torch.log_softmax(module.dense_scores(x[i : i + 1], *rope, None)[0].float() + mask, -1)
@@ -191,8 +205,14 @@ def _fit_layer(module: LisaAttention, name, x, rope, donor_z, mask, fit_rows, te
         for group in opt.param_groups:  # cosine decay to 10%
             group["lr"] = lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, steps))))
         rows = torch.tensor(fit_rows)[torch.randperm(len(fit_rows), generator=g)[:batch_size]]
-        z, _ = module.scores(name, x[rows], *rope, donor_z[rows])
-        loss = _kl(teacher[rows], z, mask)
+        if queries is None:
+            z, _ = module.scores(name, x[rows], *rope, donor_z[rows])
+            loss = _kl(teacher[rows], z, mask)
+        else:  # the same KL on a random sample of query positions: (B, H, Q, T) instead of (B, H, T, T)
+            q = torch.randperm(x.shape[1], generator=g)[:queries].sort().values.to(x.device)
+            z, _ = module.scores(name, x[rows], *rope, torch.stack([donor_z[r, :, q] for r in rows.tolist()]),
+                                 queries=q)
+            loss = _kl(torch.stack([teacher[r, :, q] for r in rows.tolist()]), z, mask[:, :, q])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
