@@ -8,7 +8,7 @@ import torch
 
 from adapters_hub.lisa.local_init import local_init
 from adapters_hub.lisa.plan import PlanError, choose_layers
-from tests.test_lisa_model import make
+from tests.test_lisa_model import make, randomize
 
 
 def calib(n=8, t=24, seed=0):
@@ -50,6 +50,7 @@ def test_scores_at_sampled_queries_are_those_rows_of_the_full_scores(tiny):
     the rows of the full (B, H, T, T) scores, or the sample would not estimate the full KL."""
     torch.manual_seed(0)
     lm = make(tiny)
+    randomize(lm)  # a fresh q_r is zero: its rows must carry something for the check to bite
     lm.eval()
     module = lm.lisa_layers[3]
     cfg = lm.model.config
