@@ -84,7 +84,7 @@ def main() -> None:
     ap.add_argument("--sensitivity-cache", default=None)
     ap.add_argument("--max-ppl-increase", type=float, default=0.05)
     ap.add_argument("--device", default="cpu", help="cuda: a GPU conversion (scripts/gpu_check.sh)")
-    ap.add_argument("--dtype", default="float32", help="bfloat16: autocast in training (GPU)")
+    ap.add_argument("--dtype", default="auto", help="the job's --dtype: auto (bf16 autocast where native), float32, bfloat16")
     ap.add_argument("--batch-size", type=int, default=None, help="default: the job's (4 x 256 tokens)")
     ap.add_argument("--tokens", type=int, default=None,
                     help="token budget of each conversion instead of its minutes (the minutes then only label it)")
@@ -101,6 +101,7 @@ def main() -> None:
     from adapters_hub.lisa.local_init import local_init
     from adapters_hub.lisa.plan import choose_layers, predicted_converted_ppl
     from adapters_hub.models import fingerprint, load_base
+    from jobs import runtime
     from jobs.convert import ConvertSpec
 
     spec = ConvertSpec()  # the job's defaults: objective, healing, learning rates
@@ -110,7 +111,7 @@ def main() -> None:
     fp = fingerprint(model)
     model.to(args.device)
     batch_size = args.batch_size or spec.batch_size
-    amp = torch.bfloat16 if args.dtype == "bfloat16" else None
+    amp = runtime.amp_dtype(args.dtype, args.device)
     kvh = model.config.num_key_value_heads
     split = token_split(tok)
     fit, measure = split.calib[:8], split.calib[8:]

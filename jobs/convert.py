@@ -74,7 +74,8 @@ class ConvertSpec(runtime.JobSpec):
     max_steps: int = 100_000
     tokens: int | None = None              # a token budget instead of minutes: steps = tokens / (batch x seq_len)
     device: str = "cpu"                    # "cuda": the driver and the Train worker on the GPU
-    dtype: str = "float32"                 # "bfloat16": autocast in training (GPU)
+    dtype: str = "auto"                    # autocast of the distillation step: "bfloat16", "float32", or "auto"
+                                           # (bf16 where its matmuls are native: runtime.amp_dtype)
     batch_size: int = 4
     seq_len: int = 256
     lr: float = 2e-3                       # LiSA tensors (aligner, rank-r Q/K)
@@ -152,8 +153,8 @@ class ConvertSpec(runtime.JobSpec):
             raise ValueError(f"calib_blocks: need at least 4 calibration blocks, got {self.calib_blocks}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"device: {self.device!r} is not one of cpu, cuda")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"dtype: {self.dtype!r} is not one of float32, bfloat16")
+        if self.dtype not in runtime.DTYPES:
+            raise ValueError(f"dtype: {self.dtype!r} is not one of {', '.join(runtime.DTYPES)}")
         if self.tokens is not None and not (isinstance(self.tokens, int) and self.tokens >= self.batch_size * self.seq_len):
             raise ValueError(f"tokens: must be an integer >= batch_size x seq_len = {self.batch_size * self.seq_len}, "
                              f"got {self.tokens!r}")
@@ -538,10 +539,12 @@ def train_loop(cfg: dict) -> None:
                         calib_len=spec.calib_len,
                         train_len=spec.seq_len).train
     minutes, max_steps = spec.budget()
+    amp = runtime.amp_dtype(spec.dtype, spec.device)  # resolved here: the worker's hardware decides
     print(f"[train] {sum(p.numel() for p in lm.parameters() if p.requires_grad):,} trainable parameters "
           f"({'healing ' + str(heal_cfg) if heal_cfg else 'no healing'}); {len(train)} training blocks of "
           f"{spec.seq_len}; budget " + (f"{spec.tokens:,} tokens ({max_steps} steps)" if spec.tokens else
-                                         f"{minutes:g} min or {max_steps} steps") + f" on {spec.device}", flush=True)
+                                         f"{minutes:g} min or {max_steps} steps")
+          + f" on {spec.device} ({torch.get_num_threads()} threads, {'bf16 autocast' if amp else 'fp32'})", flush=True)
     client = None
     if cfg["tracking_uri"] and cfg["run_id"]:
         import mlflow
@@ -568,7 +571,7 @@ def train_loop(cfg: dict) -> None:
             save(state)
 
     state = self_distill(lm, train, minutes=minutes, max_steps=max_steps, batch_size=spec.batch_size,
-                         amp_dtype=torch.bfloat16 if spec.dtype == "bfloat16" else None,
+                         amp_dtype=amp,
                          lr=spec.lr, heal_lr=spec.heal_lr, objective=spec.objective(), optimizer=opt, state=state,
                          on_step=on_step)
     if state.step % spec.save_every:  # the last step's checkpoint is the result
@@ -607,7 +610,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-steps", type=int, default=d.max_steps)
     parser.add_argument("--tokens", type=int, default=None, help="token budget of the distillation (instead of --minutes)")
     parser.add_argument("--device", default=d.device, choices=("cpu", "cuda"))
-    parser.add_argument("--dtype", default=d.dtype, choices=("float32", "bfloat16"))
+    parser.add_argument("--dtype", default=d.dtype, choices=runtime.DTYPES,
+                        help="the distillation step's precision; auto: bf16 autocast where bf16 is native")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--seq-len", type=int, default=d.seq_len)
     parser.add_argument("--lr", type=float, default=d.lr, help="learning rate of the LiSA tensors")

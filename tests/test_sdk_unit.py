@@ -122,6 +122,28 @@ def test_conversion_cli_arguments_map_to_the_spec():
         convert.ConvertSpec(calib_len=0)
     with pytest.raises(SystemExit):
         parser.parse_args(["--fraction", "0.5", "--max-ppl-increase", "0.1"])
+    assert convert.parse_args([]).dtype == "auto" and convert.parse_args(["--dtype", "float32"]).dtype == "float32"
+    with pytest.raises(ValueError, match="dtype: 'float16'"):
+        convert.ConvertSpec(dtype="float16")
+
+
+def test_auto_dtype_is_bf16_only_where_the_cpu_multiplies_bf16_natively(monkeypatch):
+    import torch
+
+    from jobs import runtime
+
+    epyc = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512vl\n"
+    older = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f avx512vl\n"  # AVX-512 without BF16
+    arm = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+    assert runtime.cpu_has_bf16(epyc) and runtime.cpu_has_bf16(arm) and not runtime.cpu_has_bf16(older)
+    assert not runtime.cpu_has_bf16("")
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda cpuinfo=None: False)
+    assert runtime.amp_dtype("auto", "cpu") is None  # emulated bf16 would be slower than fp32
+    assert runtime.amp_dtype("bfloat16", "cpu") is torch.bfloat16  # asked for: given
+    monkeypatch.setattr(runtime, "cpu_has_bf16", lambda cpuinfo=None: True)
+    assert runtime.amp_dtype("auto", "cpu") is torch.bfloat16 and runtime.amp_dtype("float32", "cpu") is None
+    with pytest.raises(ValueError, match="dtype: 'fp16'"):
+        runtime.amp_dtype("fp16", "cpu")
 
 
 def test_each_submission_ships_a_fresh_code_package():
