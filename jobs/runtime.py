@@ -113,7 +113,7 @@ def amp_dtype(dtype: str, device: str):
     """The autocast dtype of a training step: torch.bfloat16, or None for plain fp32.
     "auto" is bf16 where bf16 matmuls are native (a CUDA GPU that supports them; a CPU with
     `cpu_has_bf16`: on the project's 2-core EPYC 2.4x the fp32 matmul rate, a SmolLM2
-    distillation step 1.4x faster) and fp32 elsewhere. Weights, optimizer state and every
+    distillation step 1.47x faster) and fp32 elsewhere. Weights, optimizer state and every
     evaluation stay fp32; only the step's forward and backward run in bf16."""
     import torch
 

@@ -114,7 +114,7 @@ def self_distillation_loss(lm, ids: torch.Tensor, objective: Objective = Objecti
     parts: dict[str, float] = {}
     if o.kd_weight:
         temp = o.kd_temperature
-        # (B*T, V); no division at T = 1: a pass over B x T x V logits is ~0.3 s a step on 2 cores
+        # (B*T, V); no division at T = 1: it would be two more passes over the B x T x V logits
         t_logits, s_logits = (t_out.logits.float(), out.logits.float()) if temp == 1 else \
             (t_out.logits.float() / temp, out.logits.float() / temp)
         teacher = torch.log_softmax(t_logits, dim=-1).flatten(0, 1)
