@@ -114,10 +114,10 @@ def self_distillation_loss(lm, ids: torch.Tensor, objective: Objective = Objecti
     parts: dict[str, float] = {}
     if o.kd_weight:
         temp = o.kd_temperature
-        # (B*T, V); no division at T = 1: it would be two more passes over the B x T x V logits
-        t_logits, s_logits = (t_out.logits.float(), out.logits.float()) if temp == 1 else \
-            (t_out.logits.float() / temp, out.logits.float() / temp)
-        teacher = torch.log_softmax(t_logits, dim=-1).flatten(0, 1)
+        t_logits, s_logits = t_out.logits.float(), out.logits.float()  # (B, T, V)
+        if temp != 1:  # at T = 1 the division would be two more passes over B x T x V
+            t_logits, s_logits = t_logits / temp, s_logits / temp
+        teacher = torch.log_softmax(t_logits, dim=-1).flatten(0, 1)  # (B*T, V)
         student = torch.log_softmax(s_logits, dim=-1).flatten(0, 1)
         kd = F.kl_div(student, teacher, log_target=True, reduction="batchmean") * temp**2
         loss = loss + o.kd_weight * kd
